@@ -1,0 +1,242 @@
+"""The `gateway` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from gateway import __version__
+from gateway.config import GatewayConfig, check_config, load_config, sample_config
+from gateway.errors import ConfigError, FieldgateError
+from gateway.units import format_size
+
+DEFAULT_CONFIG = "/etc/fieldgate/gateway.yaml"
+_config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar="FIELDGATE_CONFIG", default=DEFAULT_CONFIG, show_default=True,
+    help="Config file (YAML); also $FIELDGATE_CONFIG.",
+)
+
+
+def _load(path: Path) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        for line in err.problems:
+            click.echo(f"{path}: {line}", err=True)
+        raise SystemExit(2) from None
+
+
+def _fail(err: Exception, code: int = 1) -> None:
+    click.echo(f"error: {err}", err=True)
+    raise SystemExit(code)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gateway")
+def main() -> None:
+    """Fieldgate: site MQTT -> durable log -> cloud MQTT.
+
+    \b
+    Example:
+      gateway config sample > gateway.yaml   # edit it
+      gateway check -c gateway.yaml
+      gateway run -c gateway.yaml
+    """
+
+
+@main.command()
+@_config_option
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def run(config_path: Path, log_level: str) -> None:
+    """Run the gateway until SIGTERM or Ctrl-C.
+
+    \b
+    Example:
+      gateway run -c /etc/fieldgate/gateway.yaml
+    """
+    from gateway.daemon import Gateway  # the wiring imports paho etc.; keep --help fast
+
+    cfg = _load(config_path)
+    problems = check_config(cfg)
+    if problems:
+        for line in problems:
+            click.echo(f"{config_path}: {line}", err=True)
+        raise SystemExit(2)
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        gw = Gateway(cfg)
+    except FieldgateError as err:
+        _fail(err)
+    gw.install_signal_handlers()
+    raise SystemExit(gw.run())
+
+
+@main.command()
+@_config_option
+def check(config_path: Path) -> None:
+    """Validate a config file without touching the network; prints "ok" or one line per problem.
+
+    \b
+    Example:
+      gateway check -c gateway.yaml
+    """
+    cfg = _load(config_path)
+    problems = check_config(cfg)
+    for line in problems:
+        click.echo(f"{config_path}: {line}", err=True)
+    if problems:
+        raise SystemExit(2)
+    click.echo("ok")
+
+
+@main.group()
+def config() -> None:
+    """Config file helpers."""
+
+
+@config.command("sample")
+def config_sample() -> None:
+    """Print a commented sample config built from the config models.
+
+    \b
+    Example:
+      gateway config sample > /etc/fieldgate/gateway.yaml
+    """
+    click.echo(sample_config(), nl=False)
+
+
+@main.group("log")
+def log_group() -> None:
+    """Inspect the durable log: stats, dead letters, replay."""
+
+
+def _open_log(cfg: GatewayConfig, *, write: bool = False) -> Any:
+    from gateway.log.schema import connect
+
+    try:
+        return connect(cfg.log.path, readonly=not write) if not write else \
+            connect(cfg.log.path, synchronous="NORMAL")
+    except FieldgateError as err:
+        _fail(err)
+
+
+@log_group.command("stats")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def log_stats_cmd(config_path: Path, as_json: bool) -> None:
+    """Depth, bytes and oldest record per sink, dead-letter counts, drop counters.
+
+    \b
+    Example:
+      gateway log stats -c gateway.yaml
+    """
+    from gateway.log.stats import log_stats
+
+    cfg = _load(config_path)
+    stats = log_stats(_open_log(cfg))
+    if as_json:
+        click.echo(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"log        {cfg.log.path}")
+    click.echo(f"records    {stats['records']} rows, {stats['readings']} readings, "
+               f"{format_size(stats['bytes'])} of {format_size(cfg.log.max_bytes)}")
+    click.echo(f"oldest     {_when(stats['oldest'])}")
+    for sink, info in stats["sinks"].items():
+        click.echo(f"sink       {sink}: {info['undelivered']} undelivered, oldest "
+                   f"{_when(info['oldest_undelivered'])}, next seq {info['next_seq']}")
+    dlq = stats["dead_letters"]
+    click.echo(f"dead       {sum(dlq.values())} "
+               + (f"({', '.join(f'{k} {v}' for k, v in sorted(dlq.items()))})" if dlq else ""))
+    for name, value in stats["counters"].items():
+        if not name.startswith("dead_letters."):
+            click.echo(f"counter    {name} {value}")
+
+
+@log_group.command("dlq")
+@_config_option
+@click.option("--reason", help="Only this reason (e.g. bad_json, too_large).")
+@click.option("--limit", default=50, show_default=True, help="Most entries to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines (payload as text).")
+def log_dlq(config_path: Path, reason: str | None, limit: int, as_json: bool) -> None:
+    """List dead letters: id, time, reason, topic, detail.
+
+    \b
+    Example:
+      gateway log dlq -c gateway.yaml --reason bad_json
+    """
+    from gateway import dlq
+
+    cfg = _load(config_path)
+    rows = dlq.select(_open_log(cfg), reason=reason, limit=limit)
+    for row in rows:
+        if as_json:
+            click.echo(orjson.dumps({
+                "id": row.id, "ts": row.ts, "topic": row.topic, "reason": row.reason,
+                "detail": row.detail, "size": row.size, "replayed": row.replayed,
+                "payload": row.payload.decode("utf-8", "backslashreplace"),
+            }).decode())
+        else:
+            flag = " (replayed)" if row.replayed else ""
+            click.echo(f"{row.id:>6}  {_when(row.ts)}  {row.reason:<18} {row.topic}  "
+                       f"{row.detail}{flag}")
+    if not rows and not as_json:
+        click.echo("no dead letters")
+
+
+@log_group.command("replay")
+@_config_option
+@click.option("--id", "ids", type=int, multiple=True, help="Dead letter id (repeatable).")
+@click.option("--reason", help="All dead letters with this reason.")
+@click.option("--since", type=float, help="Only those received at or after this epoch time.")
+@click.option("--again", is_flag=True, help="Include entries that were replayed before.")
+@click.option("--dry-run", is_flag=True, help="List what would be replayed.")
+def log_replay(config_path: Path, ids: tuple[int, ...], reason: str | None,
+               since: float | None, again: bool, dry_run: bool) -> None:
+    """Send selected dead letters to the site broker again, after a fix.
+
+    They go through ingest like new messages: accepted now, or back in the dead-letter
+    table with their reason. Truncated payloads (over log.dlq_max_payload) are skipped.
+
+    \b
+    Example:
+      gateway log replay -c gateway.yaml --reason unknown_topic
+    """
+    from gateway import dlq
+
+    cfg = _load(config_path)
+    if not ids and not reason and since is None:
+        _fail(ValueError("say what to replay: --id N, --reason R or --since T"), 2)
+    conn = _open_log(cfg, write=True)
+    rows = dlq.select(conn, ids=ids, reason=reason, since=since, include_replayed=again)
+    whole = [r for r in rows if not r.truncated]
+    for row in rows:
+        if row.truncated:
+            click.echo(f"skip {row.id}: payload was truncated ({row.size} bytes)", err=True)
+    if dry_run:
+        for row in whole:
+            click.echo(f"would replay {row.id} {row.topic}")
+        return
+    try:
+        sent = dlq.replay(cfg, conn, whole)
+    except FieldgateError as err:
+        _fail(err)
+    click.echo(f"replayed {sent} of {len(whole)}")
+    if sent < len(whole):
+        raise SystemExit(1)
+
+

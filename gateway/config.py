@@ -1,0 +1,446 @@
+"""The gateway's configuration: pydantic models, loading, checking and the sample file.
+
+One section per part. Every field has a description (it becomes a comment in the sample
+config) and a default that is safe on a Raspberry Pi. Secrets are never inline: they come
+from a file (``*_file``) or an environment variable (``*_env``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError, SecretError
+from gateway.units import ByteSize, Duration
+
+_SECRET_FIELDS = {"password", "secret", "key", "token"}
+_TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in data:
+                if name in _SECRET_FIELDS:
+                    raise ValueError(
+                        f"inline secret {name!r} is not accepted; use {name}_file (a path) "
+                        f"or {name}_env (an environment variable name)"
+                    )
+        return data
+
+
+class Link(_Section):
+    """Connection to an MQTT broker."""
+
+    url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="Broker URL: mqtt://host:port (plain) or mqtts://host:port (TLS)",
+    )
+    client_id: str | None = Field(
+        None, description="MQTT client id; default fieldgate-<gateway_id> (site) or "
+        "fieldgate-<gateway_id>-cloud (cloud)"
+    )
+    username: str | None = Field(None, description="User name, if the broker wants one")
+    password_file: Path | None = Field(None, description="File holding the password")
+    password_env: str | None = Field(None, description="Environment variable holding the password")
+    ca_file: Path | None = Field(
+        None, description="CA bundle to verify the broker's certificate (mqtts); "
+        "default: the system trust store"
+    )
+    cert_file: Path | None = Field(None, description="Client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="Client private key (mutual TLS)")
+    keepalive: Duration = Field(30.0, description="MQTT keepalive interval")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"{value!r} has no host; write e.g. mqtt://127.0.0.1:1883")
+        try:
+            _ = parts.port
+        except ValueError as err:
+            raise ValueError(f"{value!r} has a bad port") from err
+        if parts.username or parts.password:
+            raise ValueError(
+                "credentials in the URL are not accepted; use username and password_file"
+            )
+        return value
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    def password(self) -> str | None:
+        """Read the password from its file or variable (never stored on the model)."""
+        return read_secret(self.password_file, self.password_env, "password")
+
+
+class SiteLink(Link):
+    """The site broker that sensors publish to."""
+
+    session_expiry: Duration = Field(
+        7 * 86400.0,
+        description="How long the site broker keeps our session (and queues readings) "
+        "while the gateway is down",
+    )
+    receive_maximum: int = Field(
+        1000, ge=10, le=65535,
+        description="Unacknowledged QoS 1 messages the broker may send at once; readings are "
+        "acknowledged after they are durable, so this bounds memory and must exceed "
+        "rate x commit interval",
+    )
+
+
+class CloudLink(Link):
+    """The cloud broker readings and events are forwarded to."""
+
+    url: str = Field(
+        "mqtts://broker.example.com:8883",
+        description="Cloud broker URL; mqtts:// (TLS) unless the broker is on this machine",
+    )
+    allow_plaintext: bool = Field(
+        False, description="Allow mqtt:// (no TLS) to a host that is not loopback; "
+        "readings then cross the network unencrypted"
+    )
+
+    @model_validator(mode="after")
+    def _tls_when_remote(self) -> CloudLink:
+        if not self.tls and not self.allow_plaintext and not _is_loopback(self.host):
+            raise ValueError(
+                f"url {self.url!r} sends data unencrypted to a remote host; use mqtts:// "
+                "or set allow_plaintext: true"
+            )
+        return self
+
+
+class PayloadFormat(StrEnum):
+    JSON = "json"
+    NUMBER = "number"
+
+
+class Subscription(_Section):
+    """A topic template on the site broker."""
+
+    topic: str = Field(description="Topic template with {device} and optional {metric}")
+    format: PayloadFormat = Field(
+        PayloadFormat.JSON,
+        description="json: an object or array of objects; number: a bare number per metric",
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        parts = value.split("/")
+        names = [p for p in parts if p.startswith("{")]
+        for part in parts:
+            if "+" in part or "#" in part:
+                raise ValueError(f"{value!r}: use {{device}}/{{metric}} placeholders, not + or #")
+            if "{" in part and not _TEMPLATE_PART.match(part):
+                raise ValueError(f"{value!r}: a placeholder must fill a whole level, "
+                                 "e.g. sensors/{device}/telemetry")
+        if names.count("{device}") != 1:
+            raise ValueError(f"{value!r} needs exactly one {{device}} placeholder")
+        if names.count("{metric}") > 1:
+            raise ValueError(f"{value!r} has more than one {{metric}} placeholder")
+        return value
+
+    @model_validator(mode="after")
+    def _metric_for_numbers(self) -> Subscription:
+        if self.format is PayloadFormat.NUMBER and "{metric}" not in self.topic:
+            raise ValueError(f"topic {self.topic!r}: format number needs a {{metric}} placeholder")
+        return self
+
+
+class Ingest(_Section):
+    """Decoding and validation of inbound payloads; what fails goes to the dead-letter table."""
+
+    max_payload: ByteSize = Field(64 * 1024, description="Largest accepted payload")
+    max_metrics: int = Field(64, ge=1, description="Most metrics in one reading")
+    max_readings: int = Field(1000, ge=1, description="Most readings in one JSON array")
+    max_past: Duration = Field(
+        30 * 86400.0, description="Readings timestamped further in the past are rejected"
+    )
+    max_future: Duration = Field(
+        300.0, description="Readings timestamped further in the future are rejected"
+    )
+    commit_interval: Duration = Field(
+        0.005,
+        description="Group commit: how often received readings are made durable and "
+        "acknowledged; longer costs latency, shorter costs CPU per reading",
+    )
+
+
+class WhenFull(StrEnum):
+    DROP_OLDEST = "drop_oldest"
+    REFUSE = "refuse"
+
+
+class Sync(StrEnum):
+    NORMAL = "normal"
+    FULL = "full"
+
+
+class LogSection(_Section):
+    """The durable local log (SQLite, WAL)."""
+
+    path: Path = Field(Path("/var/lib/fieldgate/log.db"), description="Log database file")
+    max_bytes: ByteSize = Field(
+        1024**3, ge=64 * 1024,
+        description="Cap on stored record bytes; delivered records go first",
+    )
+    max_age: Duration = Field(7 * 86400.0, description="Records older than this are removed")
+    when_full: WhenFull = Field(
+        WhenFull.DROP_OLDEST,
+        description="At the cap with undelivered records: drop_oldest (counted) or refuse "
+        "(stop acknowledging the site broker, which then holds readings: backpressure)",
+    )
+    synchronous: Sync = Field(
+        Sync.FULL,
+        description="full: fsync every group commit (survives power loss); normal: survives "
+        "a crash of the gateway, may lose the last commits on power loss",
+    )
+    dlq_max_rows: int = Field(100_000, ge=1, description="Cap on dead letters kept (oldest go)")
+    dlq_max_payload: ByteSize = Field(
+        4096, description="Raw bytes kept per dead letter (longer payloads are truncated)"
+    )
+
+
+class Uplink(_Section):
+    """Forwarding to the cloud broker under fieldgate/<gateway_id>/."""
+
+    batch_max_readings: int = Field(500, ge=1, description="Most readings in one message")
+    batch_max_bytes: ByteSize = Field(256 * 1024, description="Largest message payload")
+    batch_max_delay: Duration = Field(
+        0.2, description="Longest a reading waits for its batch to fill"
+    )
+    max_inflight: int = Field(
+        16, ge=1, le=1000,
+        description="Batches published and not yet acknowledged (PUBACK); more hides "
+        "latency, costs memory and duplicates after a reconnect",
+    )
+    gzip: bool = Field(False, description="Compress batches (flagged in a user property)")
+    backoff_min: Duration = Field(1.0, description="First reconnect delay")
+    backoff_max: Duration = Field(60.0, description="Longest reconnect delay (with jitter)")
+    status_interval: Duration = Field(60.0, description="How often the status message is renewed")
+
+
+class Metrics(_Section):
+    """Prometheus /metrics endpoint."""
+
+    listen: str | None = Field(
+        "127.0.0.1:9108", description="host:port for /metrics; null turns it off"
+    )
+
+
+class GatewayConfig(_Section):
+    """Fieldgate gateway configuration."""
+
+    gateway_id: Annotated[str, Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Unique id of this gateway; names uplink topics and every record",
+        examples=["gh-site-1"],
+    )]
+    site: SiteLink = Field(default_factory=SiteLink, description="Site broker")
+    cloud: CloudLink | None = Field(
+        None, description="Cloud broker; leave out to keep readings in the local log only",
+        examples=[{"url": "mqtts://broker.example.com:8883", "username": "gw1",
+                   "password_file": "/etc/fieldgate/cloud.pw"}],
+    )
+    subscriptions: list[Subscription] = Field(
+        default_factory=lambda: [
+            Subscription(topic="sensors/{device}/telemetry", format=PayloadFormat.JSON),
+            Subscription(topic="sensors/{device}/{metric}", format=PayloadFormat.NUMBER),
+        ],
+        min_length=1,
+        description="Topic templates to subscribe to on the site broker",
+    )
+    ingest: Ingest = Field(default_factory=Ingest, description="Payload checks")
+    log: LogSection = Field(default_factory=LogSection, description="Durable log")
+    uplink: Uplink = Field(default_factory=Uplink, description="Cloud forwarding")
+    metrics: Metrics = Field(default_factory=Metrics, description="Metrics endpoint")
+
+    @model_validator(mode="after")
+    def _distinct_filters(self) -> GatewayConfig:
+        seen: dict[str, str] = {}
+        for sub in self.subscriptions:
+            key = "/".join("+" if p.startswith("{") else p for p in sub.topic.split("/"))
+            if key in seen:
+                raise ValueError(f"subscriptions: {sub.topic!r} and {seen[key]!r} subscribe to "
+                                 f"the same filter {key!r}; keep one")
+            seen[key] = sub.topic
+        return self
+
+    @property
+    def site_client_id(self) -> str:
+        return self.site.client_id or f"fieldgate-{self.gateway_id}"
+
+    @property
+    def cloud_client_id(self) -> str:
+        assert self.cloud is not None
+        return self.cloud.client_id or f"fieldgate-{self.gateway_id}-cloud"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_secret(path: Path | None, env: str | None, what: str) -> str | None:
+    """Read a secret from a file (first line, stripped) or an environment variable."""
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, IndexError) as err:
+            raise SecretError(f"cannot read {what} from {str(path)!r}: "
+                              f"{getattr(err, 'strerror', None) or 'empty file'}") from err
+    if env is not None:
+        value = os.environ.get(env)
+        if value is None:
+            raise SecretError(f"environment variable {env!r} for the {what} is not set")
+        return value
+    return None
+
+
+def _problems(err: ValidationError) -> list[str]:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling against `gateway config sample`"
+        elif item["type"] == "missing":
+            msg = "required; see `gateway config sample`"
+        lines.append(f"{where}: {msg}")
+    return lines
+
+
+def parse_config(data: object) -> GatewayConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of sections, e.g. gateway_id: ..."])
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_problems(err)) from None
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Load and validate a YAML config file; raises ConfigError with one line per problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read the file ({err.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError([f"{where}not valid YAML ({getattr(err, 'problem', err)})"]) from None
+    return parse_config(data)
+
+
+def check_config(cfg: GatewayConfig) -> list[str]:
+    """Checks beyond the schema that need the file system but never the network."""
+    problems: list[str] = []
+    links: list[tuple[str, Link]] = [("site", cfg.site)]
+    if cfg.cloud is not None:
+        links.append(("cloud", cfg.cloud))
+    for name, link in links:
+        try:
+            link.password()
+        except SecretError as err:
+            problems.append(f"{name}.password: {err}")
+        if link.password_file is not None and link.password_env is not None:
+            problems.append(f"{name}: set password_file or password_env, not both")
+        for field in ("ca_file", "cert_file", "key_file"):
+            value = getattr(link, field)
+            if value is not None and not Path(value).is_file():
+                problems.append(f"{name}.{field}: {str(value)!r} does not exist")
+        if (link.cert_file is None) != (link.key_file is None):
+            problems.append(f"{name}: set both cert_file and key_file for mutual TLS")
+    parent = cfg.log.path.parent
+    if not parent.exists():
+        problems.append(f"log.path: directory {str(parent)!r} does not exist; create it "
+                        "or choose another path")
+    elif not os.access(parent, os.W_OK):
+        problems.append(f"log.path: directory {str(parent)!r} is not writable by this user")
+    return problems
+
+
+# -- sample config ------------------------------------------------------------------------
+
+def _yaml_value(value: Any) -> str:
+    text: str = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1000)
+    return text.strip().removesuffix("...").strip()
+
+
+def _render(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
+    pad = "  " * indent
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        value = values.get(name)
+        sub = _submodel(field.annotation)
+        if sub is not None and isinstance(value, dict):
+            lines.append(f"{pad}{name}:")
+            lines.extend(_render(sub, value, indent + 1))
+        elif isinstance(value, list) and value:
+            lines.append(f"{pad}{name}:")
+            lines.extend(f"{pad}  - {_yaml_value(item)}" for item in value)
+        else:
+            lines.append(f"{pad}{name}: {_yaml_value(value)}")
+    return lines
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    candidates = getattr(annotation, "__args__", None) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def sample_config() -> str:
+    """A commented sample config built from the models (deploy/gateway.example.yaml)."""
+    example = GatewayConfig.model_validate(
+        {
+            name: field.examples[0]
+            for name, field in GatewayConfig.model_fields.items()
+            if field.examples
+        }
+    )
+    values = example.model_dump(mode="json")
+    header = [
+        "# Fieldgate gateway configuration (generated by `gateway config sample`).",
+        "# Sizes take B/KiB/MiB/GiB, durations ms/s/m/h/d. Secrets come from *_file or *_env.",
+        "",
+    ]
+    return "\n".join(header + _render(GatewayConfig, values, 0)) + "\n"
+

@@ -1,0 +1,99 @@
+"""Topic templates such as ``sensors/{device}/{metric}``: subscription filters and matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import PayloadFormat, Subscription
+
+# Topics seen recently map straight to their match: a site has a bounded set of devices, so
+# this is nearly always a hit. The cap bounds memory against a flood of random topics; when
+# it is reached the cache is cleared (cheap, and refilled at once by live devices).
+_CACHE_MAX = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class TopicMatch:
+    device: str
+    metric: str | None
+    format: PayloadFormat
+    sub_id: int  # MQTT v5 subscription identifier of the template (1-based)
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    levels: tuple[str, ...]
+    format: PayloadFormat
+    sub_id: int
+    device_at: int
+    metric_at: int | None
+
+    @property
+    def literal_count(self) -> int:
+        return sum(1 for level in self.levels if not level.startswith("{"))
+
+
+class TopicTemplates:
+    """Matches concrete topics against the configured templates.
+
+    When several templates match a topic, the one with more literal levels wins, so
+    ``sensors/{device}/telemetry`` takes ``sensors/gh-1/telemetry`` before
+    ``sensors/{device}/{metric}`` does.
+    """
+
+    def __init__(self, subscriptions: list[Subscription]) -> None:
+        templates = []
+        for index, sub in enumerate(subscriptions):
+            levels = tuple(sub.topic.split("/"))
+            templates.append(
+                _Template(
+                    levels=levels,
+                    format=sub.format,
+                    sub_id=index + 1,
+                    device_at=levels.index("{device}"),
+                    metric_at=levels.index("{metric}") if "{metric}" in levels else None,
+                )
+            )
+        self._templates = sorted(templates, key=lambda t: -t.literal_count)
+        self._cache: dict[str, TopicMatch | None] = {}
+
+    @property
+    def filters(self) -> list[tuple[str, int]]:
+        """(MQTT filter, subscription identifier) per template; placeholders become ``+``.
+
+        Overlapping filters make the broker send one copy per matching subscription; the
+        identifier tells which copy belongs to the template that ``match`` picks.
+        """
+        return sorted((filter_of(t.levels), t.sub_id) for t in self._templates)
+
+    def match(self, topic: str) -> TopicMatch | None:
+        try:
+            return self._cache[topic]
+        except KeyError:
+            pass
+        found = self._match(topic)
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[topic] = found
+        return found
+
+    def _match(self, topic: str) -> TopicMatch | None:
+        levels = topic.split("/")
+        for template in self._templates:
+            if len(levels) != len(template.levels):
+                continue
+            if all(
+                t.startswith("{") or t == level
+                for t, level in zip(template.levels, levels, strict=True)
+            ):
+                device = levels[template.device_at]
+                metric = levels[template.metric_at] if template.metric_at is not None else None
+                if not device or metric == "":
+                    return None
+                return TopicMatch(device=device, metric=metric, format=template.format,
+                                  sub_id=template.sub_id)
+        return None
+
+
+def filter_of(levels: tuple[str, ...] | list[str]) -> str:
+    return "/".join("+" if level.startswith("{") else level for level in levels)

@@ -1,0 +1,6 @@
+"""The durable local log: every record is appended here before any sink sees it."""
+
+from gateway.log.reader import LogReader, Row
+from gateway.log.store import AppendResult, LogStore, Message
+
+__all__ = ["AppendResult", "LogReader", "LogStore", "Message", "Row"]

@@ -1,0 +1,79 @@
+"""SQLite schema of the durable log and opening a connection with the right pragmas."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from gateway.errors import LogCorruptError, LogError
+
+SCHEMA_VERSION = 1
+
+# Records cost a little more than their body on disk (row header, rowid, index entries); this
+# estimate makes the byte cap track the file's real growth closely enough.
+ROW_OVERHEAD = 40
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq      INTEGER PRIMARY KEY,  -- sequence number of the first reading in the row
+    n        INTEGER NOT NULL,     -- readings in the row (seq .. seq+n-1)
+    kind     INTEGER NOT NULL,     -- 0 telemetry
+    created  REAL    NOT NULL,     -- when the row was appended (epoch seconds)
+    msg_key  INTEGER NOT NULL,     -- crc32 of topic and payload: spots site redeliveries
+    body     BLOB    NOT NULL      -- readings as comma-joined JSON objects, each with its seq
+);
+CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id       INTEGER PRIMARY KEY,
+    ts       REAL    NOT NULL,
+    topic    TEXT    NOT NULL,
+    reason   TEXT    NOT NULL,
+    detail   TEXT    NOT NULL,
+    size     INTEGER NOT NULL,     -- size of the payload as received
+    payload  BLOB    NOT NULL,     -- the payload, truncated to log.dlq_max_payload
+    replayed REAL                  -- when `gateway log replay` sent it again
+);
+"""
+
+
+def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
+    """Open the log database, creating it when missing (unless readonly)."""
+    if readonly and not path.exists():
+        raise LogError(f"Log file {str(path)!r} does not exist; check log.path in the config")
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.executescript(SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise LogError(
+                    f"Log file {str(path)!r} has schema {row[0]}, this gateway reads "
+                    f"{SCHEMA_VERSION}; drain it with the older version or move it aside"
+                )
+        else:
+            conn.execute("SELECT count(*) FROM meta").fetchone()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise LogError(f"Log file {str(path)!r} is locked by another process; is another "
+                           "gateway running with the same log.path?") from None
+        if "unable to open" in str(err) or "readonly" in str(err):
+            raise LogError(f"Log file {str(path)!r} cannot be opened for writing ({err}); "
+                           "check log.path and the user the gateway runs as") from None
+        raise LogCorruptError(str(path), str(err)) from None
+    except sqlite3.DatabaseError as err:
+        raise LogCorruptError(str(path), str(err)) from None
+    except PermissionError as err:
+        raise LogError(f"Log file {str(path)!r}: {err.strerror}; check log.path and "
+                       "the user the gateway runs as") from None
+    return conn

@@ -1,0 +1,358 @@
+"""The log's writer: group-committed appends, dead letters, sink cursors, caps and retention.
+
+One thread writes (the ingest loop). Sinks read with their own connection (``LogReader``)
+and report progress with ``ack``, which only touches memory under a lock; the writer makes
+cursors durable with its next commit. A crash can therefore make a sink resend a little:
+delivery is at-least-once and every reading carries its ``seq`` for de-duplication.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from gateway.config import LogSection, WhenFull
+from gateway.errors import LogError
+from gateway.ingest.decode import DeadLetter, Reading
+from gateway.log.schema import ROW_OVERHEAD, connect
+
+log = logging.getLogger(__name__)
+
+KIND_TELEMETRY = 0
+
+# When the cap is hit, trim to this fraction of it so that trimming is not paid on every
+# following commit; a lower value frees more at once but throws away more history.
+_TRIM_TO = 0.9
+# How often expired records are removed and cursors/counters are made durable when idle.
+_HOUSEKEEPING_EVERY = 1.0
+
+
+@dataclass(slots=True)
+class Message:
+    """One site message on its way into the log."""
+
+    topic: str
+    payload: bytes
+    key: int            # crc32 of topic + payload
+    outcome: list[Reading] | DeadLetter
+    received: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    accepted: int       # messages made durable (a prefix of those offered)
+    readings: int       # readings among them
+    dead_letters: int
+
+
+def message_key(topic: str, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(topic.encode()))
+
+
+class LogStore:
+    """Append-only durable log of readings with one cursor per sink."""
+
+    def __init__(self, cfg: LogSection, gateway_id: str) -> None:
+        self._cfg = cfg
+        self._path: Path = cfg.path
+        self._conn = connect(cfg.path, synchronous=cfg.synchronous.value.upper())
+        self._claim(gateway_id)
+        self._lock = threading.Lock()
+        row = self._conn.execute(
+            "SELECT COALESCE(MAX(seq + n), 1), COALESCE(SUM(length(body)), 0), count(*) "
+            "FROM records"
+        ).fetchone()
+        self.next_seq: int = row[0]
+        self.bytes: int = row[1] + row[2] * ROW_OVERHEAD
+        self._cursors: dict[str, int] = dict(self._conn.execute("SELECT sink, next_seq FROM cursors"))
+        self._cursors_dirty = False
+        self.counters: Counter[str] = Counter(dict(self._conn.execute("SELECT name, value FROM counters")))
+        self._counters_saved = Counter(self.counters)
+        self._full = False
+        self._recent_keys: Counter[int] = Counter()
+        self._last_housekeeping = 0.0
+        self._dlq_count: int = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def full(self) -> bool:
+        """True while the log is at its cap and refusing new readings."""
+        return self._full
+
+    def _claim(self, gateway_id: str) -> None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key='gateway_id'").fetchone()
+        if row is None:
+            self._conn.execute("INSERT INTO meta VALUES ('gateway_id', ?)", (gateway_id,))
+        elif row[0] != gateway_id:
+            raise LogError(
+                f"Log file {str(self._path)!r} belongs to gateway {row[0]!r}, not "
+                f"{gateway_id!r}; point log.path elsewhere or fix gateway_id"
+            )
+
+    # -- sinks ------------------------------------------------------------------------------
+
+    def cursor(self, sink: str) -> int:
+        """The next seq the sink has not had acknowledged; new sinks start at the log's tail."""
+        with self._lock:
+            if sink not in self._cursors:
+                self._cursors[sink] = self.oldest_seq()
+                self._cursors_dirty = True
+            return self._cursors[sink]
+
+    def ack(self, sink: str, next_seq: int) -> None:
+        """Everything below ``next_seq`` was acknowledged by the sink's destination."""
+        with self._lock:
+            if next_seq > self._cursors.get(sink, 0):
+                self._cursors[sink] = next_seq
+                self._cursors_dirty = True
+
+    def cursors(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._cursors)
+
+    def counter_snapshot(self) -> dict[str, int]:
+        """A copy of the persisted counters, safe to take from another thread."""
+        for _ in range(10):
+            try:
+                return dict(self.counters)
+            except RuntimeError:  # the writer added a key while we copied; try again
+                continue
+        return {}
+
+    def oldest_seq(self) -> int:
+        row = self._conn.execute("SELECT MIN(seq) FROM records").fetchone()
+        return int(row[0]) if row[0] is not None else self.next_seq
+
+    def _delivered_below(self) -> int:
+        with self._lock:
+            return min(self._cursors.values(), default=self.next_seq)
+
+    # -- redeliveries -------------------------------------------------------------------------
+
+    def remember_tail(self, rows: int) -> None:
+        """Load the keys of the last ``rows`` messages, to recognise site redeliveries.
+
+        Called on every (re)connect to the site broker: the broker redelivers (DUP flag) only
+        messages it sent in the last session and had no PUBACK for, and those are at most
+        receive_maximum messages, all among the last ones we appended.
+        """
+        keys = self._conn.execute(
+            "SELECT msg_key FROM records ORDER BY seq DESC LIMIT ?", (rows,)
+        ).fetchall()
+        self._recent_keys = Counter(k for (k,) in keys)
+
+    def is_redelivery(self, key: int) -> bool:
+        if self._recent_keys[key] > 0:
+            self._recent_keys[key] -= 1
+            return True
+        return False
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def append(self, messages: Sequence[Message], now: float | None = None) -> AppendResult:
+        """Make messages durable in one transaction; returns how many were accepted.
+
+        Under ``when_full: refuse`` a full log accepts only the prefix that fits; the caller
+        keeps the rest unacknowledged, so the site broker holds them.
+        """
+        now = time.time() if now is None else now
+        rows: list[tuple[int, int, int, float, int, bytes]] = []
+        dead: list[tuple[float, str, str, str, int, bytes]] = []
+        seq = self.next_seq
+        added = 0
+        readings = 0
+        accepted = 0
+        limit = self._cfg.max_bytes
+        dlq_cap = self._cfg.dlq_max_payload
+        for msg in messages:
+            outcome = msg.outcome
+            if isinstance(outcome, DeadLetter):
+                dead.append((msg.received, msg.topic, outcome.reason.value, outcome.detail,
+                             len(msg.payload), msg.payload[:dlq_cap]))
+                accepted += 1
+                continue
+            body = b",".join(
+                [orjson.dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
+                 for i, (dev, ts, metrics) in enumerate(outcome)]
+            )
+            size = len(body) + ROW_OVERHEAD
+            if self.bytes + added + size > limit and not self._make_room(added + size):
+                break
+            rows.append((seq, len(outcome), KIND_TELEMETRY, now, msg.key, body))
+            seq += len(outcome)
+            readings += len(outcome)
+            added += size
+            accepted += 1
+        if not rows and not dead:
+            return AppendResult(0, 0, 0)
+        try:
+            self._conn.execute("BEGIN")
+            if rows:
+                self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+            if dead:
+                self._conn.executemany(
+                    "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
+                    "VALUES (?,?,?,?,?,?)", dead,
+                )
+                self._dlq_count += len(dead)
+                if self._dlq_count > self._cfg.dlq_max_rows:
+                    self._trim_dead_letters()
+            for entry in dead:
+                self.counters[f"dead_letters.{entry[2]}"] += 1
+            self.counters["readings"] += readings
+            self._save_state()
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._rollback()
+            if _is_disk_full(err):
+                self._enter_full("disk is full")
+                return AppendResult(0, 0, 0)
+            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+        self.next_seq = seq
+        self.bytes += added
+        self._leave_full()
+        return AppendResult(accepted, readings, len(dead))
+
+    def _make_room(self, incoming: int) -> bool:
+        """Trim so that ``incoming`` more bytes fit; False when the policy says refuse."""
+        target = int(self._cfg.max_bytes * _TRIM_TO) - incoming
+        self._delete_oldest(target, below=self._delivered_below(), reason=None)
+        if self.bytes <= target or self.bytes + incoming <= self._cfg.max_bytes:
+            return True
+        if self._cfg.when_full is WhenFull.REFUSE:
+            self._enter_full(f"log.max_bytes {self._cfg.max_bytes} reached")
+            return False
+        self._delete_oldest(target, below=None, reason="cap")
+        return True
+
+    def _delete_oldest(self, target: int, below: int | None, reason: str | None) -> None:
+        """Delete the oldest rows until ``bytes <= target`` (only rows with seq < below)."""
+        while self.bytes > target:
+            rows = self._conn.execute(
+                "SELECT seq, n, length(body) FROM records ORDER BY seq LIMIT 1000"
+            ).fetchall()
+            last = None
+            freed = 0
+            dropped = 0
+            for seq, n, size in rows:
+                if below is not None and seq + n > below:
+                    break
+                last = seq
+                freed += size + ROW_OVERHEAD
+                dropped += n
+                if self.bytes - freed <= target:
+                    break
+            if last is None:
+                return
+            self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
+            self.bytes -= freed
+            if reason is not None:
+                self._count_drop(reason, dropped)
+
+    def _count_drop(self, reason: str, readings: int) -> None:
+        if readings <= 0:
+            return
+        key = f"dropped.{reason}"
+        if self.counters[key] == self._counters_saved[key]:
+            log.warning("Log dropping undelivered readings (%s); see `gateway log stats`", reason)
+        self.counters[key] += readings
+
+    def _enter_full(self, why: str) -> None:
+        if not self._full:
+            log.warning("Log full (%s): refusing new readings until sinks catch up", why)
+            self._full = True
+            self.counters["full_episodes"] += 1
+
+    def _leave_full(self) -> None:
+        if self._full:
+            log.info("Log accepting readings again")
+            self._full = False
+
+    def _trim_dead_letters(self) -> None:
+        excess = self._dlq_count - self._cfg.dlq_max_rows
+        self._conn.execute(
+            "DELETE FROM dead_letters WHERE id IN "
+            "(SELECT id FROM dead_letters ORDER BY id LIMIT ?)", (excess,)
+        )
+        self.counters["dead_letters_evicted"] += excess
+        self._dlq_count -= excess
+
+    def _save_state(self) -> None:
+        """Write cursors and changed counters; called inside a transaction."""
+        with self._lock:
+            if self._cursors_dirty:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO cursors VALUES (?, ?)", self._cursors.items()
+                )
+                self._cursors_dirty = False
+        changed = [(k, v) for k, v in self.counters.items() if self._counters_saved[k] != v]
+        if changed:
+            self._conn.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?)", changed)
+            for k, v in changed:
+                self._counters_saved[k] = v
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.debug("Rollback after a failed commit failed too", exc_info=True)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def housekeeping(self, now: float | None = None, *, force: bool = False) -> None:
+        """Expire old records and persist cursors; cheap to call on every loop turn."""
+        now = time.time() if now is None else now
+        if not force and now - self._last_housekeeping < _HOUSEKEEPING_EVERY:
+            return
+        self._last_housekeeping = now
+        try:
+            self._conn.execute("BEGIN")
+            self._expire(now - self._cfg.max_age)
+            self._save_state()
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._rollback()
+            if _is_disk_full(err):
+                self._enter_full("disk is full")
+                return
+            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+        if self._full and self.bytes < self._cfg.max_bytes * _TRIM_TO:
+            self._leave_full()
+
+    def _expire(self, cutoff: float) -> None:
+        row = self._conn.execute(
+            "SELECT MAX(seq), SUM(n), SUM(length(body)), count(*) FROM records WHERE created < ?",
+            (cutoff,),
+        ).fetchone()
+        if row[0] is None:
+            return
+        delivered = self._delivered_below()
+        undelivered = self._conn.execute(
+            "SELECT COALESCE(SUM(n), 0) FROM records WHERE created < ? AND seq >= ?",
+            (cutoff, delivered),
+        ).fetchone()[0]
+        self._conn.execute("DELETE FROM records WHERE seq <= ?", (row[0],))
+        self.bytes -= row[2] + row[3] * ROW_OVERHEAD
+        self._count_drop("age", undelivered)
+
+    def close(self) -> None:
+        try:
+            self.housekeeping(force=True)
+        finally:
+            self._conn.close()
+
+
+def _is_disk_full(err: sqlite3.Error) -> bool:
+    return getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(err)

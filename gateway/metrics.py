@@ -1,0 +1,78 @@
+"""Counters and gauges on /metrics (Prometheus text format, via prometheus-client).
+
+Nothing is dropped silently: every drop, rejection and retry has a counter here. Counters
+that must survive restarts (dead letters, drops) live in the log and are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class _PersistedCounters(Collector):
+    """Exposes the log's persisted counters (``dead_letters.<reason>``, ``dropped.<reason>``)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._source()
+        dead = CounterMetricFamily("fieldgate_dead_letters", "Messages sent to the dead-letter "
+                                   "table, by reason", labels=["reason"])
+        dropped = CounterMetricFamily("fieldgate_log_dropped_readings", "Undelivered readings "
+                                      "removed from the log, by reason (cap, age)",
+                                      labels=["reason"])
+        for name, value in sorted(values.items()):
+            kind, _, label = name.partition(".")
+            if kind == "dead_letters" and label:
+                dead.add_metric([label], value)
+            elif kind == "dropped" and label:
+                dropped.add_metric([label], value)
+        yield dead
+        yield dropped
+        yield CounterMetricFamily("fieldgate_log_full_episodes", "Times the log refused "
+                                  "readings because it was full",
+                                  value=values.get("full_episodes", 0))
+        yield CounterMetricFamily("fieldgate_dead_letters_evicted", "Dead letters removed at "
+                                  "log.dlq_max_rows", value=values.get("dead_letters_evicted", 0))
+
+
+class GatewayMetrics:
+    """The gateway's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.site_messages = Counter("fieldgate_site_messages", "Messages received from the "
+                                     "site broker", registry=r)
+        self.readings = Counter("fieldgate_readings", "Valid readings made durable", registry=r)
+        self.redeliveries = Counter("fieldgate_site_redeliveries", "Site messages redelivered "
+                                    "(DUP) that were already in the log, skipped", registry=r)
+        self.commits = Counter("fieldgate_log_commits", "Group commits of the log", registry=r)
+        self.pending = Gauge("fieldgate_ingest_pending", "Messages received and not yet "
+                             "durable (unacknowledged)", registry=r)
+        self.log_bytes = Gauge("fieldgate_log_bytes", "Record bytes in the log", registry=r)
+        self.log_full = Gauge("fieldgate_log_full", "1 while the log refuses readings", registry=r)
+        self.depth = Gauge("fieldgate_log_undelivered_readings", "Readings waiting for a sink",
+                           ["sink"], registry=r)
+        self.link_up = Gauge("fieldgate_link_connected", "1 while connected", ["link"], registry=r)
+        self.connect_failures = Counter("fieldgate_link_connect_failures", "Failed connection "
+                                        "attempts (retried with backoff)", ["link"], registry=r)
+        self.uplink_batches = Counter("fieldgate_uplink_batches", "Batches acknowledged by the "
+                                      "cloud broker", registry=r)
+        self.uplink_readings = Counter("fieldgate_uplink_readings", "Readings acknowledged by "
+                                       "the cloud broker", registry=r)
+        self.uplink_rejected = Counter("fieldgate_uplink_rejected", "Batches the cloud broker "
+                                       "refused (negative PUBACK), retried", registry=r)
+        self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
+                                     "after a rejection", registry=r)
+
+    def watch_log(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(_PersistedCounters(source))
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)

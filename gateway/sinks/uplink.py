@@ -1,0 +1,202 @@
+"""The uplink sink: readings from the log to the cloud broker, batched, QoS 1, in order.
+
+Batches go to ``fieldgate/<gateway_id>/telemetry`` as ``{"gateway": ..., "readings": [...]}``
+with every reading carrying its ``seq``. At most ``uplink.max_inflight`` batches wait for
+their PUBACK; the cursor advances over the acknowledged prefix only, so a crash or a cut
+link resends (at-least-once) and never skips. paho resends unacknowledged batches itself
+after a reconnect; a batch the broker refuses (negative PUBACK) is sent again after a delay.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import __version__
+from gateway.config import GatewayConfig
+from gateway.log.reader import LogReader
+from gateway.log.store import LogStore
+from gateway.metrics import GatewayMetrics
+from gateway.mqtt.link import Backoff, MqttLink
+
+log = logging.getLogger(__name__)
+
+NAME = "uplink"
+# On shutdown, how long to keep forwarding what is already durable before disconnecting.
+_DRAIN_ON_STOP = 2.0
+# Idle polling of the log for new readings; shorter costs wake-ups, longer costs latency.
+_POLL_MAX = 0.05
+
+
+@dataclass(slots=True)
+class _Batch:
+    mid: int
+    first: int     # first seq in the batch
+    end: int       # seq after the last reading in the batch
+    readings: int
+    state: int = 0  # 0 in flight, 1 acknowledged, -1 refused
+
+
+class UplinkSink:
+    def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics) -> None:
+        assert cfg.cloud is not None
+        self._cfg = cfg
+        self._up = cfg.uplink
+        self._store = store
+        self._metrics = metrics
+        self._reader = LogReader(cfg.log.path)
+        prefix = f"fieldgate/{cfg.gateway_id}"
+        self._telemetry_topic = f"{prefix}/telemetry"
+        self._status_topic = f"{prefix}/status"
+        self._head = b'{"gateway":' + orjson.dumps(cfg.gateway_id) + b',"readings":['
+        self._next = store.cursor(NAME)     # next seq to publish
+        self._inflight: deque[_Batch] = deque()
+        self._by_mid: dict[int, _Batch] = {}
+        self._waiting_since: float | None = None
+        self._retry_at = 0.0
+        self._retry = Backoff(self._up.backoff_min, self._up.backoff_max)
+        self._last_status = 0.0
+        self._stop = threading.Event()
+        self.link = MqttLink(
+            name="cloud",
+            link=cfg.cloud,
+            client_id=cfg.cloud_client_id,
+            clean_start=True,
+            backoff=Backoff(self._up.backoff_min, self._up.backoff_max),
+            max_inflight=self._up.max_inflight + 4,  # room for status messages
+            will=(self._status_topic, self._status("offline", reason="connection lost")),
+            on_connected=self._publish_status,
+            on_published=self._on_published,
+            on_state=lambda up: metrics.link_up.labels("cloud").set(int(up)),
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- status -------------------------------------------------------------------------------
+
+    def _status(self, state: str, **extra: Any) -> bytes:
+        counters = self._store.counter_snapshot()
+        return orjson.dumps({
+            "state": state,
+            "gateway": self._cfg.gateway_id,
+            "version": __version__,
+            "ts": time.time(),
+            "readings": counters.get("readings", 0),
+            "dead_letters": sum(v for k, v in counters.items() if k.startswith("dead_letters.")),
+            "undelivered": max(0, self._store.next_seq - self._store.cursor(NAME)),
+            **extra,
+        })
+
+    def _publish_status(self) -> None:
+        self._last_status = time.monotonic()
+        self.link.publish(self._status_topic, self._status("online"), qos=1, retain=True,
+                          content_type="application/json")
+
+    # -- acknowledgements -----------------------------------------------------------------------
+
+    def _on_published(self, mid: int, ok: bool) -> None:
+        batch = self._by_mid.pop(mid, None)
+        if batch is None:
+            return  # a status message
+        if ok:
+            batch.state = 1
+        else:
+            batch.state = -1
+            self._metrics.uplink_rejected.inc()
+            log.warning("Cloud broker refused batch seq %d-%d; will send it again",
+                        batch.first, batch.end - 1)
+        inflight = self._inflight
+        acked_to = None
+        while inflight and inflight[0].state == 1:
+            done = inflight.popleft()
+            acked_to = done.end
+            self._metrics.uplink_batches.inc()
+            self._metrics.uplink_readings.inc(done.readings)
+        if acked_to is not None:
+            self._store.ack(NAME, acked_to)
+            self._retry.reset()
+        if inflight and inflight[0].state == -1 and all(b.state != 0 for b in inflight):
+            # Everything after the refused batch is settled: rewind and resend from it.
+            resend = sum(b.readings for b in inflight)
+            self._metrics.uplink_resent.inc(resend)
+            self._next = inflight[0].first
+            inflight.clear()
+            self._retry_at = time.monotonic() + self._retry.next_delay()
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _publish_due(self, now: float, *, drain: bool = False) -> None:
+        up = self._up
+        while len(self._inflight) < up.max_inflight and now >= self._retry_at:
+            if self._inflight and self._inflight[0].state == -1:
+                return
+            available = self._store.next_seq - self._next
+            if available <= 0:
+                self._waiting_since = None
+                return
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if (not drain and available < up.batch_max_readings
+                    and now - self._waiting_since < up.batch_max_delay):
+                return
+            rows = self._reader.read(self._next, max_readings=up.batch_max_readings,
+                                     max_bytes=up.batch_max_bytes - len(self._head) - 2)
+            if not rows:
+                # Rows below next_seq were dropped at the cap; nothing to send until new ones.
+                return
+            payload = self._head + b",".join([r.body for r in rows]) + b"]}"
+            props = [("seq_first", str(rows[0].seq)), ("seq_last", str(rows[-1].seq + rows[-1].n - 1))]
+            if up.gzip:
+                payload = gzip.compress(payload, compresslevel=5)
+                props.append(("content-encoding", "gzip"))
+            mid = self.link.publish(self._telemetry_topic, payload, qos=1, user_properties=props,
+                                    content_type="application/json")
+            readings = sum(r.n for r in rows)
+            batch = _Batch(mid, rows[0].seq, rows[-1].seq + rows[-1].n, readings)
+            self._inflight.append(batch)
+            self._by_mid[mid] = batch
+            self._next = batch.end
+            self._waiting_since = now if self._store.next_seq > self._next else None
+        self.link.flush()
+
+    def _next_wake(self, now: float) -> float:
+        if self._waiting_since is not None:
+            return max(0.0, min(_POLL_MAX, self._waiting_since + self._up.batch_max_delay - now))
+        return _POLL_MAX
+
+    def run(self) -> None:
+        failures = self.link.failures
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.link.poll(self._next_wake(now))
+            now = time.monotonic()
+            if self.link.connected:
+                self._publish_due(now)
+                if now - self._last_status >= self._up.status_interval:
+                    self._publish_status()
+            if self.link.failures != failures:
+                self._metrics.connect_failures.labels("cloud").inc(self.link.failures - failures)
+                failures = self.link.failures
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + _DRAIN_ON_STOP
+        while self.link.connected and time.monotonic() < deadline:
+            now = time.monotonic()
+            self._publish_due(now, drain=True)
+            if not self._inflight and self._store.next_seq <= self._next:
+                break
+            self.link.poll(0.02)
+        if self.link.connected:
+            self.link.publish(self._status_topic, self._status("offline", reason="shutdown"),
+                              qos=1, retain=True, content_type="application/json")
+        self.link.close(wait=1.0)
+        self._reader.close()

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.brokers import Mosquitto, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path, "site").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path, "cloud").start()
+    yield broker
+    broker.stop()
+
+
+class GatewayProcess:
+    """`gateway run` as a real process, with a config written for the test's brokers."""
+
+    def __init__(self, tmp_path: Path, site: Mosquitto, cloud: Mosquitto | None,
+                 **overrides: Any) -> None:
+        self.gateway_id = overrides.pop("gateway_id", "gw-test")
+        self.metrics_port = free_port()
+        cfg: dict[str, Any] = {
+            "gateway_id": self.gateway_id,
+            "site": {"url": site.url},
+            "log": {"path": str(tmp_path / "log.db")},
+            "uplink": {"batch_max_delay": "50ms", "backoff_min": "200ms", "backoff_max": "1s"},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
+        }
+        if cloud is not None:
+            cfg["cloud"] = {"url": cloud.url}
+        for section, values in overrides.items():
+            if isinstance(values, dict):
+                cfg.setdefault(section, {}).update(values)
+            else:
+                cfg[section] = values
+        self.config = tmp_path / "gateway.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.stderr = tmp_path / "gateway.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr.open("ab"),
+        )
+        # Ready when the site subscription is in place: /metrics answers after wiring, and
+        # the site link reports connected.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log()}")
+            if self.metric('fieldgate_link_connected{link="site"}') == 1.0:
+                time.sleep(0.2)  # the SUBSCRIBE follows the CONNACK
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway did not connect: {self.log()}")
+
+    def metric(self, name: str) -> float | None:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                        timeout=1) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{") and name.endswith("}"):
+                return float(line.rsplit(" ", 1)[1])
+            if line.split(" ")[0] == name:
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def log(self) -> str:
+        return self.stderr.read_text() if self.stderr.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[Any]:
+    made: list[GatewayProcess] = []
+
+    def make(site: Mosquitto, cloud: Mosquitto | None, **overrides: Any) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path, site, cloud, **overrides)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.kill()
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A test fails if our code logs an error the test did not expect (caplog.clear() it)."""
+    yield
+    errors = [r for r in caplog.get_records("call")
+              if r.levelno >= logging.ERROR and r.name.startswith("gateway")]
+    assert not errors, f"unexpected errors logged: {[r.getMessage() for r in errors]}"
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

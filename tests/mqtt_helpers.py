@@ -1,0 +1,93 @@
+"""Publishers and a counting cloud-side subscriber, built on plain paho-mqtt."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def client(port: int, client_id: str = "") -> paho.Client:
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(200)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+class Publisher:
+    """Publishes at QoS 1 and waits for every PUBACK."""
+
+    def __init__(self, port: int) -> None:
+        self.c = client(port)
+        self.infos: list[Any] = []
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
+        # Keep the unacknowledged window bounded (paho stalls past ~65k in flight).
+        if len(self.infos) >= 1000:
+            self.wait()
+        self.infos.append(self.c.publish(topic, payload, qos=qos))
+
+    def wait(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        for info in self.infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        self.infos.clear()
+
+    def close(self) -> None:
+        self.wait()
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+class CloudCollector:
+    """Subscribes to a gateway's uplink topics and keeps every reading that arrives."""
+
+    def __init__(self, port: int, gateway_id: str) -> None:
+        self.readings: list[dict[str, Any]] = []
+        self.batches = 0
+        self.status: list[dict[str, Any]] = []
+        self.props: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             protocol=paho.MQTTv5)
+        self.c.on_message = self._on_message
+        self.c.on_connect = lambda c, *_: c.subscribe(f"fieldgate/{gateway_id}/#", qos=1)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.wait_for(lambda: self.c.is_connected(), 10)
+        time.sleep(0.1)
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        body = orjson.loads(msg.payload)
+        with self._lock:
+            if msg.topic.endswith("/telemetry"):
+                self.readings.extend(body["readings"])
+                self.batches += 1
+                props = getattr(msg.properties, "UserProperty", [])
+                self.props.append(dict(props))
+            elif msg.topic.endswith("/status"):
+                self.status.append(body)
+
+    def unique(self) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            return {r["seq"]: r for r in self.readings}
+
+    @staticmethod
+    def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            time.sleep(0.05)
+        return cond()
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
