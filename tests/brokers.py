@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -11,13 +12,17 @@ from pathlib import Path
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 # Mosquitto's defaults drop messages under load (max_queued_messages 1000 per client): a
-# broker in a test that counts every reading must not drop any.
+# broker in a test that counts every reading must not drop any. Persistence keeps sessions
+# and queued messages across a graceful stop() / start(). Run as root, Mosquitto would
+# switch to the "mosquitto" user, which cannot write our temporary directory.
 CONF = """\
 listener {port} 127.0.0.1
+user {user}
 allow_anonymous true
 max_queued_messages 1000000
 max_inflight_messages 0
-persistence false
+persistence true
+persistence_location {dir}/
 log_dest file {log}
 log_type error
 log_type warning
@@ -39,7 +44,8 @@ class Mosquitto:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(CONF.format(port=self.port, log=self.dir / "mosquitto.log"))
+        self.conf.write_text(CONF.format(port=self.port, log=self.dir / "mosquitto.log",
+                                         dir=self.dir, user=getpass.getuser()))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -78,12 +78,17 @@ class GatewayProcess:
     def metric(self, name: str) -> float | None:
         import urllib.request
 
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                        timeout=1) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
+        text = ""
+        for _ in range(3):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                            timeout=5) as resp:
+                    text = resp.read().decode()
+                    break
+            except OSError:
+                if self.proc is None or self.proc.poll() is not None:
+                    return None
+                time.sleep(0.2)
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{") and name.endswith("}"):
                 return float(line.rsplit(" ", 1)[1])

@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 def client(port: int, client_id: str = "") -> paho.Client:
@@ -49,17 +51,26 @@ class Publisher:
 class CloudCollector:
     """Subscribes to a gateway's uplink topics and keeps every reading that arrives."""
 
+    _count = 0
+
     def __init__(self, port: int, gateway_id: str) -> None:
+        # A persistent session: while the cloud broker restarts, what the gateway delivered
+        # is kept for us (the test broker persists sessions across a graceful stop).
+        CloudCollector._count += 1
         self.readings: list[dict[str, Any]] = []
         self.batches = 0
         self.status: list[dict[str, Any]] = []
         self.props: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             protocol=paho.MQTTv5)
+                             protocol=paho.MQTTv5,
+                             client_id=f"collector-{gateway_id}-{CloudCollector._count}")
+        self.c.reconnect_delay_set(0.1, 0.5)
         self.c.on_message = self._on_message
         self.c.on_connect = lambda c, *_: c.subscribe(f"fieldgate/{gateway_id}/#", qos=1)
-        self.c.connect("127.0.0.1", port)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.c.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.c.loop_start()
         self.wait_for(lambda: self.c.is_connected(), 10)
         time.sleep(0.1)

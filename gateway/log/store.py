@@ -34,6 +34,9 @@ KIND_TELEMETRY = 0
 _TRIM_TO = 0.9
 # How often expired records are removed and cursors/counters are made durable when idle.
 _HOUSEKEEPING_EVERY = 1.0
+# A drop episode (logged once at its start and once at its end) ends after this long without
+# a drop; shorter logs more lines during a long outage, longer reports the end later.
+_DROP_EPISODE_QUIET = 60.0
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class LogStore:
         self.counters: Counter[str] = Counter(dict(self._conn.execute("SELECT name, value FROM counters")))
         self._counters_saved = Counter(self.counters)
         self._full = False
+        self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
         self._recent_keys: Counter[int] = Counter()
         self._last_housekeeping = 0.0
         self._dlq_count: int = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
@@ -174,6 +178,7 @@ class LogStore:
         added = 0
         readings = 0
         accepted = 0
+        refused = False
         limit = self._cfg.max_bytes
         dlq_cap = self._cfg.dlq_max_payload
         for msg in messages:
@@ -189,6 +194,7 @@ class LogStore:
             )
             size = len(body) + ROW_OVERHEAD
             if self.bytes + added + size > limit and not self._make_room(added + size):
+                refused = True
                 break
             rows.append((seq, len(outcome), KIND_TELEMETRY, now, msg.key, body))
             seq += len(outcome)
@@ -222,7 +228,8 @@ class LogStore:
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         self.next_seq = seq
         self.bytes += added
-        self._leave_full()
+        if not refused:
+            self._leave_full()
         return AppendResult(accepted, readings, len(dead))
 
     def _make_room(self, incoming: int) -> bool:
@@ -264,10 +271,21 @@ class LogStore:
     def _count_drop(self, reason: str, readings: int) -> None:
         if readings <= 0:
             return
-        key = f"dropped.{reason}"
-        if self.counters[key] == self._counters_saved[key]:
-            log.warning("Log dropping undelivered readings (%s); see `gateway log stats`", reason)
-        self.counters[key] += readings
+        if reason not in self._drop_episodes:
+            log.warning("Log dropping undelivered readings (%s, when_full: %s); see "
+                        "`gateway log stats`", reason, self._cfg.when_full.value)
+        episode = self._drop_episodes.setdefault(reason, [0, 0.0])
+        episode[0] += readings
+        episode[1] = time.monotonic()
+        self.counters[f"dropped.{reason}"] += readings
+
+    def _end_drop_episodes(self) -> None:
+        now = time.monotonic()
+        for reason, (count, last) in list(self._drop_episodes.items()):
+            if now - last >= _DROP_EPISODE_QUIET:
+                log.warning("Log stopped dropping (%s): %d undelivered readings dropped",
+                            reason, count)
+                del self._drop_episodes[reason]
 
     def _enter_full(self, why: str) -> None:
         if not self._full:
@@ -330,6 +348,8 @@ class LogStore:
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         if self._full and self.bytes < self._cfg.max_bytes * _TRIM_TO:
             self._leave_full()
+        if self._drop_episodes:
+            self._end_drop_episodes()
 
     def _expire(self, cutoff: float) -> None:
         row = self._conn.execute(

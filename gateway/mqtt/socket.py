@@ -52,6 +52,10 @@ class CoalescingSocket:
                 data = self._sock.recv(READ_CHUNK)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
+            except OSError:
+                # Reset or broken: paho sees end-of-stream and reports the disconnect.
+                self._eof = True
+                break
             if not data:
                 self._eof = True
                 break
