@@ -74,12 +74,16 @@ class LogStore:
             "SELECT COALESCE(MAX(seq + n), 1), COALESCE(SUM(length(body)), 0), count(*) "
             "FROM records"
         ).fetchone()
-        self.next_seq: int = row[0]
+        saved = self._conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        # Sequence numbers never go back, even when every record was delivered and removed:
+        # consumers de-duplicate by seq.
+        self.next_seq: int = max(row[0], int(saved[0]) if saved else 1)
         self.bytes: int = row[1] + row[2] * ROW_OVERHEAD
         self._cursors: dict[str, int] = dict(self._conn.execute("SELECT sink, next_seq FROM cursors"))
         self._cursors_dirty = False
         self.counters: Counter[str] = Counter(dict(self._conn.execute("SELECT name, value FROM counters")))
         self._counters_saved = Counter(self.counters)
+        self._pending_next_seq = self.next_seq
         self._full = False
         self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
         self._recent_keys: Counter[int] = Counter()
@@ -218,6 +222,7 @@ class LogStore:
             for entry in dead:
                 self.counters[f"dead_letters.{entry[2]}"] += 1
             self.counters["readings"] += readings
+            self._pending_next_seq = seq
             self._save_state()
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
@@ -308,7 +313,9 @@ class LogStore:
         self._dlq_count -= excess
 
     def _save_state(self) -> None:
-        """Write cursors and changed counters; called inside a transaction."""
+        """Write next_seq, cursors and changed counters; called inside a transaction."""
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
+                           (str(self._pending_next_seq),))
         with self._lock:
             if self._cursors_dirty:
                 self._conn.executemany(
@@ -335,6 +342,7 @@ class LogStore:
         if not force and now - self._last_housekeeping < _HOUSEKEEPING_EVERY:
             return
         self._last_housekeeping = now
+        self._pending_next_seq = self.next_seq
         try:
             self._conn.execute("BEGIN")
             self._expire(now - self._cfg.max_age)

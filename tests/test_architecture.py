@@ -1,0 +1,79 @@
+"""The import rules of DESIGN.md, checked on the source (an AST walk)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_devices_never_import_gateway():
+    for path in _modules("devices"):
+        bad = {m for m in _imports(path) if m == "gateway" or m.startswith("gateway.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_engine_depends_on_numpy_and_pydantic_only():
+    if not (ROOT / "gateway" / "engine").is_dir():
+        pytest.skip("gateway/engine does not exist yet (the rule engine issue adds it)")
+    allowed_third_party = {"numpy", "pydantic", "yaml"}
+    for path in _modules("gateway/engine"):
+        for module in _imports(path):
+            top = module.split(".")[0]
+            if top == "gateway":
+                assert module.startswith(("gateway.engine", "gateway.units", "gateway.errors")), \
+                    f"{path.relative_to(ROOT)} imports {module}"
+            else:
+                assert top in allowed_third_party or top in _stdlib_no_io(), \
+                    f"{path.relative_to(ROOT)} imports {module}"
+
+
+def _stdlib_no_io() -> set[str]:
+    import sys
+
+    io_modules = {"socket", "sqlite3", "ssl", "select", "selectors", "asyncio", "http",
+                  "urllib", "subprocess"}
+    return set(sys.stdlib_module_names) - io_modules
+
+
+def test_sinks_never_import_each_other():
+    sinks = [p for p in _modules("gateway/sinks") if p.name != "__init__.py"]
+    names = {f"gateway.sinks.{p.stem}" for p in sinks}
+    for path in sinks:
+        own = f"gateway.sinks.{path.stem}"
+        bad = {m for m in _imports(path) if m in names and m != own}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_only_wiring_and_cli_know_concrete_sinks():
+    for path in _modules("gateway"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("gateway/sinks/") or rel in {"gateway/daemon.py", "gateway/cli.py"}:
+            continue
+        bad = {m for m in _imports(path) if m.startswith("gateway.sinks.")}
+        assert not bad, f"{rel} imports {bad}"
+
+
+def test_paho_stays_behind_the_mqtt_package():
+    allowed = {"gateway/mqtt/link.py", "gateway/mqtt/socket.py", "gateway/dlq.py"}
+    for path in _modules("gateway"):
+        rel = path.relative_to(ROOT).as_posix()
+        if any(m.startswith("paho") for m in _imports(path)):
+            assert rel in allowed, f"{rel} imports paho directly"

@@ -1,0 +1,119 @@
+"""The `gateway` command as a user runs it: exit codes, one-line errors, log tools."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import yaml
+
+from tests.mqtt_helpers import CloudCollector, Publisher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=60, env=env)
+
+
+def test_every_command_has_help_with_an_example():
+    for args in (["run"], ["check"], ["config", "sample"], ["log", "stats"], ["log", "dlq"],
+                 ["log", "replay"]):
+        out = gateway(*args, "--help")
+        assert out.returncode == 0, out.stderr
+        assert "Example:" in out.stdout, args
+
+
+def test_check_ok_and_problems(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")}}))
+    out = gateway("check", "-c", str(good))
+    assert (out.returncode, out.stdout.strip()) == (0, "ok")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gateway_id: g\nuplink: {batch_max_readings: 0}\nlog: {max_age: forever}\n")
+    out = gateway("check", "-c", str(bad))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert any(line.startswith(f"{bad}: uplink.batch_max_readings:") for line in lines)
+    assert f"{bad}: log.max_age: 'forever' is not a duration; write e.g. 500ms, 30s, 5m, 1h, 7d" \
+        in lines
+    assert "Traceback" not in out.stderr
+
+
+def test_secret_value_never_printed(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2-very-secret")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "gateway_id": "g", "log": {"path": str(tmp_path / "missing" / "l.db")},
+        "cloud": {"url": "mqtts://h", "password_file": str(pw)}}))
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert "hunter2" not in out.stdout + out.stderr
+
+
+def test_corrupt_log_is_one_clear_line(tmp_path):
+    db = tmp_path / "log.db"
+    db.write_bytes(b"garbage" * 1000)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"gateway_id": "g", "log": {"path": str(db)},
+                                   "metrics": {"listen": None}}))
+    out = gateway("run", "-c", str(cfg))
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert str(db) in out.stderr and "move it aside" in out.stderr
+
+
+def test_dlq_listing_and_replay_after_a_fix(site, cloud, make_gateway, tmp_path):
+    gw = make_gateway(site, cloud, ingest={"max_payload": "1KiB"}).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = Publisher(site.port)
+    big = orjson.dumps({"i": 1} | {f"metric_with_a_long_name_{k:02d}": k * 1.25 for k in range(40)})
+    assert 1024 < len(big) < 4096
+    pub.publish("sensors/d/telemetry", big)
+    pub.publish("sensors/d/telemetry", orjson.dumps({"i": 0}))
+    pub.close()
+    assert sink.wait_for(lambda: len(sink.unique()) == 1, 10)
+    assert gw.stop() == 0
+
+    listing = gateway("log", "dlq", "-c", str(gw.config))
+    assert listing.returncode == 0
+    assert "too_large" in listing.stdout and "sensors/d/telemetry" in listing.stdout
+    stats = gateway("log", "stats", "-c", str(gw.config), "--json")
+    assert orjson.loads(stats.stdout)["dead_letters"] == {"too_large": 1}
+
+    # The fix: allow larger payloads. Restart, replay, and the reading arrives.
+    cfg = yaml.safe_load(gw.config.read_text())
+    cfg["ingest"]["max_payload"] = "8KiB"
+    gw.config.write_text(yaml.safe_dump(cfg))
+    gw.start()
+    out = gateway("log", "replay", "-c", str(gw.config), "--reason", "too_large")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "replayed 1 of 1"
+    assert sink.wait_for(lambda: len(sink.unique()) == 2, 10), gw.log()
+    assert {r["i"] for r in sink.unique().values()} == {0, 1}
+    again = gateway("log", "replay", "-c", str(gw.config), "--reason", "too_large")
+    assert again.stdout.strip() == "replayed 0 of 0"  # replayed entries are not sent twice
+    assert gw.stop() == 0
+    sink.close()
+
+
+def test_log_stats_shows_depth_per_sink(site, cloud, make_gateway):
+    cloud.stop()
+    gw = make_gateway(site, cloud).start()
+    pub = Publisher(site.port)
+    for i in range(50):
+        pub.publish("sensors/d/telemetry", orjson.dumps({"i": i}))
+    pub.close()
+    assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_readings_total") == 50, 10)
+    assert gw.stop() == 0
+    out = gateway("log", "stats", "-c", str(gw.config))
+    assert out.returncode == 0, out.stderr
+    assert "uplink: 50 undelivered" in out.stdout
+    data = orjson.loads(gateway("log", "stats", "-c", str(gw.config), "--json").stdout)
+    assert data["readings"] == 50
+    assert data["sinks"]["uplink"]["undelivered"] == 50

@@ -1,0 +1,129 @@
+"""Config: validation messages, secrets, the committed sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import GatewayConfig, check_config, load_config, parse_config, sample_config
+from gateway.errors import ConfigError
+from gateway.units import parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_sample_matches_the_models():
+    committed = (ROOT / "deploy" / "gateway.example.yaml").read_text()
+    assert committed == sample_config(), "run: gateway config sample > deploy/gateway.example.yaml"
+
+
+def test_sample_is_a_valid_config():
+    cfg = parse_config(yaml.safe_load(sample_config()))
+    assert cfg.gateway_id == "gh-site-1"
+    assert cfg.uplink.batch_max_delay == 0.2
+    assert cfg.log.max_bytes == 1024**3
+
+
+def _problems(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+def test_each_problem_is_one_line_naming_the_field():
+    problems = _problems({
+        "gateway_id": "bad id!",
+        "site": {"url": "http://x"},
+        "uplink": {"batch_max_delay": "soon"},
+        "log": {"when_full": "explode"},
+        "typo": 1,
+    })
+    assert len(problems) == 5
+    joined = "\n".join(problems)
+    assert "gateway_id:" in joined
+    assert "site.url: 'http://x' must start with mqtt:// or mqtts://" in joined
+    assert "uplink.batch_max_delay: 'soon' is not a duration" in joined
+    assert "log.when_full:" in joined
+    assert "typo: unknown field" in joined
+    assert all("\n" not in p for p in problems)
+
+
+def test_inline_secrets_are_refused():
+    problems = _problems({"gateway_id": "g", "cloud": {"url": "mqtts://h:8883", "password": "x"}})
+    assert problems == ["cloud: inline secret 'password' is not accepted; use password_file "
+                        "(a path) or password_env (an environment variable name)"]
+
+
+def test_plaintext_to_a_remote_cloud_needs_an_explicit_yes():
+    problems = _problems({"gateway_id": "g", "cloud": {"url": "mqtt://broker.example.com"}})
+    assert "use mqtts://" in problems[0]
+    parse_config({"gateway_id": "g", "cloud": {"url": "mqtt://127.0.0.1:1884"}})
+    parse_config({"gateway_id": "g", "cloud": {"url": "mqtt://b.example", "allow_plaintext": True}})
+
+
+def test_subscription_templates_are_checked():
+    assert "exactly one {device}" in _problems(
+        {"gateway_id": "g", "subscriptions": [{"topic": "a/b"}]})[0]
+    assert "not + or #" in _problems(
+        {"gateway_id": "g", "subscriptions": [{"topic": "a/{device}/#"}]})[0]
+    assert "needs a {metric}" in _problems(
+        {"gateway_id": "g", "subscriptions": [{"topic": "a/{device}", "format": "number"}]})[0]
+    assert "same filter" in _problems({"gateway_id": "g", "subscriptions": [
+        {"topic": "a/{device}/{metric}", "format": "number"}, {"topic": "a/{metric}/{device}"}]})[0]
+
+
+def test_secrets_from_file_and_env(tmp_path, monkeypatch):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                        "cloud": {"url": "mqtts://h", "username": "u", "password_file": str(pw)}})
+    assert cfg.cloud is not None and cfg.cloud.password() == "s3cret"
+    assert check_config(cfg) == []
+    monkeypatch.setenv("FG_PW", "from-env")
+    cfg = parse_config({"gateway_id": "g", "site": {"password_env": "FG_PW"}})
+    assert cfg.site.password() == "from-env"
+
+
+def test_check_reports_missing_files_without_leaking_secrets(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE", raising=False)
+    cfg = parse_config({
+        "gateway_id": "g",
+        "log": {"path": str(tmp_path / "missing" / "l.db")},
+        "site": {"password_env": "NOPE"},
+        "cloud": {"url": "mqtts://h", "password_file": str(tmp_path / "nope"),
+                  "ca_file": str(tmp_path / "ca.pem")},
+    })
+    problems = check_config(cfg)
+    assert any(p.startswith("site.password: environment variable 'NOPE'") for p in problems)
+    assert any(p.startswith("cloud.password: cannot read password") for p in problems)
+    assert any(p.startswith("cloud.ca_file:") for p in problems)
+    assert any(p.startswith("log.path: directory") for p in problems)
+
+
+def test_load_config_bad_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gateway_id: g\nsite: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems[0].startswith("line ")
+
+
+@pytest.mark.parametrize(("text", "value"), [("256KiB", 262144), ("1GiB", 1024**3), ("10MB", 10**7),
+                                             (512, 512), ("512B", 512)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(("text", "value"), [("200ms", 0.2), ("30s", 30), ("5m", 300),
+                                             ("1h", 3600), ("7d", 604800), (2, 2.0)])
+def test_durations(text, value):
+    assert parse_duration(text) == value
+
+
+def test_defaults_are_safe():
+    cfg = GatewayConfig(gateway_id="g")
+    assert cfg.cloud is None
+    assert cfg.log.synchronous.value == "full"
+    assert cfg.metrics.listen is not None and cfg.metrics.listen.startswith("127.0.0.1:")

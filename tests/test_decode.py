@@ -1,0 +1,147 @@
+"""Decoding payloads: every accepted shape, every rejection reason, and property tests."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import GatewayConfig, Ingest, PayloadFormat, Subscription
+from gateway.ingest.decode import DeadLetter, Decoder, Reason
+from gateway.ingest.topics import TopicTemplates
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def decoder() -> Decoder:
+    cfg = GatewayConfig(gateway_id="t")
+    return Decoder(Ingest(max_payload=1024, max_metrics=4, max_readings=3),
+                   TopicTemplates(cfg.subscriptions))
+
+
+def test_object_with_epoch_ts(decoder):
+    out = decoder.decode("sensors/gh-1/telemetry", b'{"ts": 1799999999.5, "temp": 21.4, "on": true}',
+                         NOW)
+    assert out == [("gh-1", 1799999999.5, {"temp": 21.4, "on": True})]
+
+
+def test_rfc3339_ts_and_missing_ts(decoder):
+    out = decoder.decode("sensors/a/telemetry",
+                         b'[{"ts": "2027-01-15T08:00:00Z", "t": 1}, {"t": 2}]', NOW + 5)
+    assert not isinstance(out, DeadLetter)
+    assert out[0][1] == 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    assert out[1][1] == NOW + 5  # receive time when the device sent none
+
+
+def test_rfc3339_with_offset(decoder):
+    out = decoder.decode("sensors/a/telemetry", b'{"ts": "2027-01-15T08:30:00.25+01:00", "t": 1}',
+                         NOW)
+    assert not isinstance(out, DeadLetter)
+    assert out[0][1] == NOW - 1799.75
+
+
+def test_bare_number_topic(decoder):
+    assert decoder.decode("sensors/d/hum", b" 40.25 ", NOW) == [("d", NOW, {"hum": 40.25})]
+
+
+def test_most_specific_template_wins(decoder):
+    # sensors/{device}/telemetry beats sensors/{device}/{metric}: JSON, not a number
+    out = decoder.decode("sensors/d/telemetry", b'{"x": 1}', NOW)
+    assert out == [("d", NOW, {"x": 1})]
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("other/d/x", b"1", Reason.UNKNOWN_TOPIC),
+        ("sensors//telemetry", b'{"x": 1}', Reason.UNKNOWN_TOPIC),
+        ("sensors/d/telemetry", b"x" * 1025, Reason.TOO_LARGE),
+        ("sensors/d/telemetry", b"{", Reason.BAD_JSON),
+        ("sensors/d/telemetry", b"\xff\xfe\x00", Reason.BAD_JSON),
+        ("sensors/d/telemetry", b'{"x": NaN}', Reason.NON_FINITE),
+        ("sensors/d/telemetry", b'{"x": Infinity}', Reason.NON_FINITE),
+        ("sensors/d/telemetry", b'{"x": 1e999}', Reason.NON_FINITE),
+        ("sensors/d/x", b"NaN", Reason.NON_FINITE),
+        ("sensors/d/telemetry", b'"hello"', Reason.BAD_SHAPE),
+        ("sensors/d/telemetry", b"[]", Reason.BAD_SHAPE),
+        ("sensors/d/telemetry", b"[1]", Reason.BAD_SHAPE),
+        ("sensors/d/telemetry", b'[{"a":1},{"a":1},{"a":1},{"a":1}]', Reason.TOO_MANY_READINGS),
+        ("sensors/d/telemetry", b'{"a":1,"b":2,"c":3,"d":4,"e":5}', Reason.TOO_MANY_METRICS),
+        ("sensors/d/telemetry", b'{"ts": 1799999999}', Reason.NO_METRICS),
+        ("sensors/d/telemetry", b'{"a": "1"}', Reason.WRONG_TYPE),
+        ("sensors/d/telemetry", b'{"a": null}', Reason.WRONG_TYPE),
+        ("sensors/d/telemetry", b'{"a": [1]}', Reason.WRONG_TYPE),
+        ("sensors/d/x", b'"1"', Reason.WRONG_TYPE),
+        ("sensors/d/telemetry", b'{"device": 1}', Reason.BAD_NAME),
+        ("sensors/d/telemetry", b'{"": 1}', Reason.BAD_NAME),
+        ("sensors/d/telemetry", b'{"a b": 1}', Reason.BAD_NAME),
+        ("sensors/d/telemetry", b'{"ts": "noon", "a": 1}', Reason.BAD_TIMESTAMP),
+        ("sensors/d/telemetry", b'{"ts": "2027-01-15T08:00:00", "a": 1}', Reason.BAD_TIMESTAMP),
+        ("sensors/d/telemetry", b'{"ts": true, "a": 1}', Reason.BAD_TIMESTAMP),
+        ("sensors/d/telemetry", b'{"ts": 1800000000000, "a": 1}', Reason.TS_OUT_OF_RANGE),
+        ("sensors/d/telemetry", b'{"ts": 0, "a": 1}', Reason.TS_OUT_OF_RANGE),
+        ("sensors/d/telemetry", b'[{"a": 1}, {"a": "x"}]', Reason.WRONG_TYPE),
+    ],
+)
+def test_rejections(decoder, topic, payload, reason):
+    out = decoder.decode(topic, payload, NOW)
+    assert isinstance(out, DeadLetter), out
+    assert out.reason is reason, out.detail
+    assert out.detail
+
+
+def test_array_rejection_names_the_reading(decoder):
+    out = decoder.decode("sensors/d/telemetry", b'[{"a": 1}, {"a": "x"}]', NOW)
+    assert isinstance(out, DeadLetter)
+    assert out.detail.startswith("reading 1:")
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53) | st.booleans()
+names = st.from_regex(r"\A[a-z_][a-z0-9_]{0,10}\Z").filter(lambda n: n not in {"ts", "seq", "device", "gateway"})
+
+
+@settings(max_examples=300)
+@given(st.lists(st.dictionaries(names, finite, min_size=1, max_size=4), min_size=1, max_size=3),
+       st.floats(min_value=NOW - 86400, max_value=NOW + 60))
+def test_valid_payloads_round_trip(readings, ts):
+    decoder = Decoder(Ingest(max_payload=1 << 20, max_metrics=4, max_readings=3),
+                      TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON)]))
+    payload = orjson.dumps([{"ts": ts, **r} for r in readings])
+    out = decoder.decode("s/dev/j", payload, NOW)
+    assert not isinstance(out, DeadLetter), out
+    assert [(d, t) for d, t, _ in out] == [("dev", ts)] * len(readings)
+    assert [m for _, _, m in out] == readings
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(payload):
+    cfg = GatewayConfig(gateway_id="t")
+    decoder = Decoder(Ingest(), TopicTemplates(cfg.subscriptions))
+    for topic in ("sensors/d/telemetry", "sensors/d/m"):
+        out = decoder.decode(topic, payload, NOW)
+        if not isinstance(out, DeadLetter):
+            for _, ts, metrics in out:
+                assert math.isfinite(ts)
+                assert all(type(v) in (int, float, bool) for v in metrics.values())
+                assert all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
+
+
+@settings(max_examples=200)
+@given(st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
+                                                                         max_size=3),
+                    max_leaves=10))
+def test_arbitrary_json_values_are_accepted_or_dead_lettered(value):
+    cfg = GatewayConfig(gateway_id="t")
+    decoder = Decoder(Ingest(), TopicTemplates(cfg.subscriptions))
+    try:
+        payload = orjson.dumps(value)
+    except TypeError:
+        return
+    out = decoder.decode("sensors/d/telemetry", payload, NOW)
+    assert isinstance(out, (list, DeadLetter))

@@ -1,0 +1,146 @@
+"""The durable log on its own: appends, cursors, caps, expiry, dead letters, corruption."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+import time
+
+from gateway.config import LogSection
+from gateway.errors import LogCorruptError, LogError
+from gateway.ingest.decode import DeadLetter, Reason
+from gateway.log.reader import LogReader
+from gateway.log.stats import log_stats
+from gateway.log.store import LogStore, Message, message_key
+
+
+NOW = time.time()
+
+
+def _msg(i: int, device: str = "d", ts: float = 1000.0) -> Message:
+    payload = orjson.dumps({"i": i})
+    return Message("sensors/d/telemetry", payload, message_key("sensors/d/telemetry", payload),
+                   [(device, ts + i, {"i": i, "pad": 12345.5})], 0.0)
+
+
+def _cfg(tmp_path, **kw) -> LogSection:
+    return LogSection(path=tmp_path / "log.db", **kw)
+
+
+def _bodies(store: LogStore, path) -> list[dict]:
+    reader = LogReader(path)
+    rows = reader.read(0, max_readings=10**6, max_bytes=10**9)
+    reader.close()
+    return [orjson.loads(b"[" + r.body + b"]")[k] for r in rows for k in range(r.n)]
+
+
+def test_append_assigns_consecutive_seqs_and_survives_reopen(tmp_path):
+    store = LogStore(_cfg(tmp_path), "gw")
+    result = store.append([_msg(i) for i in range(5)], now=NOW)
+    assert (result.accepted, result.readings) == (5, 5)
+    store.close()
+    store = LogStore(_cfg(tmp_path), "gw")
+    assert store.next_seq == 6
+    store.append([_msg(5)], now=NOW)
+    got = _bodies(store, tmp_path / "log.db")
+    assert [r["seq"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["i"] for r in got] == list(range(6))
+    assert got[0] == {"seq": 1, "device": "d", "ts": 1000.0, "i": 0, "pad": 12345.5}
+
+
+def test_cursor_ack_is_durable(tmp_path):
+    store = LogStore(_cfg(tmp_path), "gw")
+    assert store.cursor("uplink") == 1
+    store.append([_msg(i) for i in range(3)], now=NOW)
+    store.ack("uplink", 3)
+    store.close()
+    assert LogStore(_cfg(tmp_path), "gw").cursor("uplink") == 3
+
+
+def test_log_belongs_to_one_gateway(tmp_path):
+    LogStore(_cfg(tmp_path), "gw-a").close()
+    with pytest.raises(LogError, match="belongs to gateway 'gw-a'"):
+        LogStore(_cfg(tmp_path), "gw-b")
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    (tmp_path / "log.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LogCorruptError) as info:
+        LogStore(_cfg(tmp_path), "gw")
+    assert str(tmp_path / "log.db") in str(info.value)
+    assert "move it aside" in str(info.value)
+
+
+def test_drop_oldest_prefers_delivered_then_counts(tmp_path):
+    store = LogStore(_cfg(tmp_path, max_bytes=65536), "gw")
+    store.cursor("uplink")
+    store.append([_msg(i) for i in range(300)], now=NOW)
+    store.ack("uplink", 301)           # all 300 delivered
+    store.append([_msg(i) for i in range(300, 900)], now=NOW)
+    assert store.bytes <= 65536
+    assert store.counters["dropped.cap"] == 0  # only delivered readings made room
+    store.append([_msg(i) for i in range(900, 1500)], now=NOW)
+    assert store.bytes <= 65536
+    dropped = store.counters["dropped.cap"]
+    assert dropped > 0
+    kept = _bodies(store, tmp_path / "log.db")
+    assert kept[-1]["i"] == 1499      # the newest survive
+    assert len([r for r in kept if r["seq"] >= 301]) == 1200 - dropped
+
+
+def test_refuse_accepts_a_prefix_then_nothing(tmp_path):
+    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw")
+    store.cursor("uplink")
+    result = store.append([_msg(i) for i in range(2000)], now=NOW)
+    assert 0 < result.accepted < 2000
+    assert store.full
+    assert store.append([_msg(5000)], now=NOW).accepted == 0
+    assert store.counters["full_episodes"] == 1
+    store.ack("uplink", store.next_seq)  # the sink caught up: delivered rows can go
+    assert store.append([_msg(5001)], now=NOW).accepted == 1
+    assert not store.full
+
+
+def test_dead_letters_are_stored_bounded_and_counted(tmp_path):
+    store = LogStore(_cfg(tmp_path, dlq_max_rows=3, dlq_max_payload=8), "gw")
+    bad = [Message("t/x", b"0123456789abcdef", 1, DeadLetter(Reason.BAD_JSON, "not JSON"), 5.0)
+           for _ in range(5)]
+    result = store.append(bad, now=NOW)
+    assert result.dead_letters == 5
+    stats = log_stats(store._conn)
+    assert stats["dead_letters"] == {"bad_json": 3}
+    assert store.counters["dead_letters.bad_json"] == 5
+    assert store.counters["dead_letters_evicted"] == 2
+    size, payload = store._conn.execute("SELECT size, payload FROM dead_letters").fetchone()
+    assert (size, payload) == (16, b"01234567")
+
+
+def test_expiry_drops_old_records_and_counts_undelivered(tmp_path):
+    store = LogStore(_cfg(tmp_path, max_age=60), "gw")
+    store.cursor("uplink")
+    store.append([_msg(i) for i in range(10)], now=NOW - 100)
+    store.ack("uplink", 5)             # 4 delivered, 6 not
+    store.append([_msg(i) for i in range(10, 12)], now=NOW)
+    store.housekeeping(now=NOW, force=True)
+    assert store.counters["dropped.age"] == 6
+    assert [r["i"] for r in _bodies(store, tmp_path / "log.db")] == [10, 11]
+
+
+def test_redelivery_detection_uses_the_tail(tmp_path):
+    store = LogStore(_cfg(tmp_path), "gw")
+    msgs = [_msg(i) for i in range(5)]
+    store.append(msgs, now=NOW)
+    store.remember_tail(3)
+    assert store.is_redelivery(msgs[4].key)
+    assert not store.is_redelivery(msgs[4].key)   # each original matches once
+    assert not store.is_redelivery(msgs[0].key)   # older than the tail
+
+
+def test_seq_never_goes_back_after_everything_was_removed(tmp_path):
+    store = LogStore(_cfg(tmp_path, max_age=60), "gw")
+    store.append([_msg(i) for i in range(10)], now=NOW - 100)
+    store.housekeeping(now=NOW, force=True)      # all expired
+    store.close()
+    store = LogStore(_cfg(tmp_path, max_age=60), "gw")
+    assert store.next_seq == 11
