@@ -3,7 +3,7 @@
 
 Every figure is printed next to a baseline measured in the same run (a bare paho-mqtt
 subscriber fed by the same publisher), because these machines are noisy. Everything runs on
-127.0.0.1 as separate processes: Mosquitto brokers (tests/brokers.py), the gateway, one
+127.0.0.1 as separate processes: Mosquitto brokers (gateway.mosquitto), the gateway, one
 publisher process and one subscriber process per scenario.
 
     python bench/bench_path.py            # full run, about 3-5 minutes
@@ -39,7 +39,10 @@ import orjson  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from tests.brokers import Mosquitto, free_port  # noqa: E402
+try:  # the broker helper moved from tests/ into the package; accept either place
+    from gateway.mosquitto import Mosquitto, free_port  # noqa: E402
+except ImportError:
+    from tests.brokers import Mosquitto, free_port  # type: ignore[no-redef]  # noqa: E402
 
 GATEWAY_ID = "bench-gw"
 DEVICES = 50

@@ -104,6 +104,37 @@ def check(config_path: Path) -> None:
     click.echo("ok")
 
 
+@main.command()
+@click.option("--duration", default="30s", show_default=True, help="How long sensors publish.")
+@click.option("--cut-cloud", default="0s", show_default=True,
+              help="Stop the cloud broker this long (after 5 s) to show store-and-forward.")
+@click.option("--rate", default=200.0, show_default=True, help="Readings per second.")
+@click.option("--devices", default=20, show_default=True, help="Simulated devices.")
+def demo(duration: str, cut_cloud: str, rate: float, devices: int) -> None:
+    """Run the whole path on this machine: brokers, gateway, simulated sensors.
+
+    Needs Mosquitto (sudo apt-get install mosquitto); everything else is temporary and
+    removed at the end. Exits 0 when every logged reading arrived at the cloud broker.
+
+    \b
+    Example:
+      gateway demo --duration 30s --cut-cloud 10s
+    """
+    from gateway.demo import run_demo
+    from gateway.units import parse_duration
+
+    try:
+        seconds, cut = parse_duration(duration), parse_duration(cut_cloud)
+    except ValueError as err:
+        _fail(err, 2)
+    logging.basicConfig(level="WARNING", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        raise SystemExit(run_demo(seconds, cut, rate, devices))
+    except FieldgateError as err:
+        _fail(err)
+
+
 @main.group()
 def config() -> None:
     """Config file helpers."""

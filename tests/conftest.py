@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.brokers import Mosquitto, free_port
+from gateway.mosquitto import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ class GatewayProcess:
                     return None
                 time.sleep(0.2)
         for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{") and name.endswith("}"):
+            if line.startswith(name + " ") or (line.startswith(name + "{") and name.endswith("}")):
                 return float(line.rsplit(" ", 1)[1])
             if line.split(" ")[0] == name:
                 return float(line.rsplit(" ", 1)[1])

@@ -72,7 +72,7 @@ class CloudCollector:
         props.SessionExpiryInterval = 3600
         self.c.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.c.loop_start()
-        self.wait_for(lambda: self.c.is_connected(), 10)
+        self.wait_for(self.c.is_connected, 10)
         time.sleep(0.1)
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:

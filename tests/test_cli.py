@@ -117,3 +117,15 @@ def test_log_stats_shows_depth_per_sink(site, cloud, make_gateway):
     data = orjson.loads(gateway("log", "stats", "-c", str(gw.config), "--json").stdout)
     assert data["readings"] == 50
     assert data["sinks"]["uplink"]["undelivered"] == 50
+
+
+def test_demo_runs_the_whole_path_and_survives_a_cloud_cut():
+    out = subprocess.run([sys.executable, "-m", "gateway", "demo", "--duration", "10s",
+                          "--cut-cloud", "3s", "--rate", "100"], cwd=ROOT, text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "CUT" in out.stdout
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("done:") and last.endswith(" 0 missing"), last
+    logged = int(last.split()[1])
+    assert logged >= 900  # ~100 readings/s for 10 s

@@ -24,8 +24,8 @@ def decoder() -> Decoder:
 
 
 def test_object_with_epoch_ts(decoder):
-    out = decoder.decode("sensors/gh-1/telemetry", b'{"ts": 1799999999.5, "temp": 21.4, "on": true}',
-                         NOW)
+    payload = b'{"ts": 1799999999.5, "temp": 21.4, "on": true}'
+    out = decoder.decode("sensors/gh-1/telemetry", payload, NOW)
     assert out == [("gh-1", 1799999999.5, {"temp": 21.4, "on": True})]
 
 
@@ -100,16 +100,18 @@ def test_array_rejection_names_the_reading(decoder):
     assert out.detail.startswith("reading 1:")
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53) | st.booleans()
-names = st.from_regex(r"\A[a-z_][a-z0-9_]{0,10}\Z").filter(lambda n: n not in {"ts", "seq", "device", "gateway"})
+finite = (st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53)
+          | st.booleans())
+names = st.from_regex(r"\A[a-z_][a-z0-9_]{0,10}\Z").filter(
+    lambda n: n not in {"ts", "seq", "device", "gateway"})
 
 
 @settings(max_examples=300)
 @given(st.lists(st.dictionaries(names, finite, min_size=1, max_size=4), min_size=1, max_size=3),
        st.floats(min_value=NOW - 86400, max_value=NOW + 60))
 def test_valid_payloads_round_trip(readings, ts):
-    decoder = Decoder(Ingest(max_payload=1 << 20, max_metrics=4, max_readings=3),
-                      TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON)]))
+    templates = TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON)])
+    decoder = Decoder(Ingest(max_payload=1 << 20, max_metrics=4, max_readings=3), templates)
     payload = orjson.dumps([{"ts": ts, **r} for r in readings])
     out = decoder.decode("s/dev/j", payload, NOW)
     assert not isinstance(out, DeadLetter), out

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
-
-import time
 
 from gateway.config import LogSection
 from gateway.errors import LogCorruptError, LogError
@@ -13,7 +13,6 @@ from gateway.ingest.decode import DeadLetter, Reason
 from gateway.log.reader import LogReader
 from gateway.log.stats import log_stats
 from gateway.log.store import LogStore, Message, message_key
-
 
 NOW = time.time()
 

@@ -127,7 +127,7 @@ def test_malformed_flood_between_good_readings(site, cloud, make_gateway, tmp_pa
     ]
     pub = Publisher(site.port)
     good = 0
-    for round_ in range(20):
+    for _ in range(20):
         for topic, payload, _ in bad:
             pub.publish(topic, payload)
             pub.publish("sensors/g/telemetry", orjson.dumps({"i": good}))

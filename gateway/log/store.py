@@ -79,9 +79,13 @@ class LogStore:
         # consumers de-duplicate by seq.
         self.next_seq: int = max(row[0], int(saved[0]) if saved else 1)
         self.bytes: int = row[1] + row[2] * ROW_OVERHEAD
-        self._cursors: dict[str, int] = dict(self._conn.execute("SELECT sink, next_seq FROM cursors"))
+        self._cursors: dict[str, int] = dict(
+            self._conn.execute("SELECT sink, next_seq FROM cursors")
+        )
         self._cursors_dirty = False
-        self.counters: Counter[str] = Counter(dict(self._conn.execute("SELECT name, value FROM counters")))
+        self.counters: Counter[str] = Counter(
+            dict(self._conn.execute("SELECT name, value FROM counters"))
+        )
         self._counters_saved = Counter(self.counters)
         self._pending_next_seq = self.next_seq
         self._full = False

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import random
 import select
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -62,11 +63,15 @@ class Backoff:
         self.attempts = 0
 
 
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho: untyped
+
+
 class _Client(paho.Client):
     """paho's client with our coalescing socket in place of the raw one."""
 
     def _create_socket(self) -> Any:
-        return CoalescingSocket(super()._create_socket())
+        return CoalescingSocket(cast(socket.socket, super()._create_socket()))
 
 
 class MqttLink:
@@ -131,7 +136,7 @@ class MqttLink:
             client.tls_set_context(context)
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
-        props = Properties(PacketTypes.CONNECT)
+        props = _properties(PacketTypes.CONNECT)
         if session_expiry > 0:
             props.SessionExpiryInterval = int(session_expiry)
         if receive_maximum is not None:
@@ -186,7 +191,7 @@ class MqttLink:
     def _handle_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
             ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            self._on_message(InboundMessage(msg.topic, msg.payload, msg.qos, msg.mid,
+            self._on_message(InboundMessage(msg.topic, bytes(msg.payload), msg.qos, msg.mid,
                                             bool(msg.dup), time.time(),
                                             tuple(ids) if ids else ()))
 
@@ -282,7 +287,7 @@ class MqttLink:
     def subscribe(self, filters: list[tuple[str, int]], qos: int) -> None:
         """Subscribe to (filter, subscription identifier) pairs."""
         for topic, sub_id in filters:
-            props = Properties(PacketTypes.SUBSCRIBE)
+            props = _properties(PacketTypes.SUBSCRIBE)
             props.SubscriptionIdentifier = sub_id
             self._client.subscribe(topic, qos=qos, properties=props)
 
@@ -295,7 +300,7 @@ class MqttLink:
         """Queue a publish; returns its mid (PUBACK comes to ``on_published``)."""
         props = None
         if user_properties or content_type:
-            props = Properties(PacketTypes.PUBLISH)
+            props = _properties(PacketTypes.PUBLISH)
             if content_type:
                 props.ContentType = content_type
             if user_properties:
@@ -305,7 +310,7 @@ class MqttLink:
 
     def pending_publishes(self) -> int:
         """Publishes paho holds that the broker has not acknowledged yet."""
-        return len(self._client._out_messages)  # noqa: SLF001 - no public accessor in paho
+        return len(self._client._out_messages)
 
     def close(self, *, wait: float = 0.0) -> None:
         """Disconnect cleanly (the will is not sent), after up to ``wait`` s for PUBACKs."""

@@ -10,6 +10,7 @@ socket.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from typing import Any
@@ -106,10 +107,8 @@ class CoalescingSocket:
     # -- the rest is the socket's ---------------------------------------------------------
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.flush()
-        except OSError:
-            pass
         self._sock.close()
 
     def fileno(self) -> int:

@@ -153,7 +153,8 @@ class UplinkSink:
                 # Rows below next_seq were dropped at the cap; nothing to send until new ones.
                 return
             payload = self._head + b",".join([r.body for r in rows]) + b"]}"
-            props = [("seq_first", str(rows[0].seq)), ("seq_last", str(rows[-1].seq + rows[-1].n - 1))]
+            last = rows[-1].seq + rows[-1].n - 1
+            props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
             if up.gzip:
                 payload = gzip.compress(payload, compresslevel=5)
                 props.append(("content-encoding", "gzip"))

@@ -1,0 +1,3 @@
+from devices.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""Mosquitto processes on free loopback ports, for `gateway demo`, the tests and bench/."""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from gateway.errors import FieldgateError
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        None,
+    )
+    if found is None:
+        raise FieldgateError("Mosquitto is not installed; on Debian or Raspberry Pi OS run: "
+                             "sudo apt-get install -y mosquitto")
+    return found
+
+
+# Mosquitto's defaults drop messages under load (max_queued_messages 1000 per client): a
+# broker in a test that counts every reading must not drop any. Persistence keeps sessions
+# and queued messages across a graceful stop() / start(). Run as root, Mosquitto would
+# switch to the "mosquitto" user, which cannot write our temporary directory.
+CONF = """\
+listener {port} 127.0.0.1
+user {user}
+allow_anonymous true
+max_queued_messages 1000000
+max_inflight_messages 0
+persistence true
+persistence_location {dir}/
+log_dest file {log}
+log_type error
+log_type warning
+log_type notice
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mosquitto:
+    """A Mosquitto process that a test can stop and start again on the same port."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.port = free_port()
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(CONF.format(port=self.port, log=self.dir / "mosquitto.log",
+                                         dir=self.dir, user=getpass.getuser()))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    log = (self.dir / "mosquitto.log").read_text()
+                    raise FieldgateError(f"Mosquitto exited at start: {log}") from None
+                time.sleep(0.02)
+        raise FieldgateError(f"Mosquitto on port {self.port} did not start within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
