@@ -369,7 +369,8 @@ class RssSampler:
 class GatewayProc:
     """`python -m gateway run -c CONFIG` as a real process."""
 
-    def __init__(self, workdir: Path, site: Mosquitto, cloud: Mosquitto, batch_delay: str) -> None:
+    def __init__(self, workdir: Path, site: Mosquitto, cloud: Mosquitto, batch_delay: str,
+                 overrides: dict[str, Any] | None = None) -> None:
         self.dir = workdir
         self.metrics_port = free_port()
         cfg = {
@@ -381,6 +382,9 @@ class GatewayProc:
                        "backoff_max": "1s"},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
         }
+        for key, value in (overrides or {}).items():   # --set section.option=value
+            section, _, option = key.partition(".")
+            cfg.setdefault(section, {})[option] = value
         self.config = workdir / "gateway.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.stderr_path = workdir / "gateway.stderr"
@@ -431,6 +435,10 @@ class GatewayProc:
         assert self.ps is not None
         t = self.ps.cpu_times()
         return t.user + t.system
+
+    def sys_cpu(self) -> float:
+        assert self.ps is not None
+        return self.ps.cpu_times().system
 
     def peak_rss(self) -> int:
         return self.rss.peak if self.rss else 0
@@ -488,10 +496,11 @@ class Run:
         self.children.append(c)
         return c
 
-    def gateway(self, site: Mosquitto, cloud: Mosquitto, batch_delay: str) -> GatewayProc:
+    def gateway(self, site: Mosquitto, cloud: Mosquitto, batch_delay: str,
+                overrides: dict[str, Any] | None = None) -> GatewayProc:
         gdir = self.dir / "gw"
         gdir.mkdir()
-        g = GatewayProc(gdir, site, cloud, batch_delay)
+        g = GatewayProc(gdir, site, cloud, batch_delay, overrides)
         self.gateways.append(g)
         return g
 
@@ -578,6 +587,8 @@ class Bench:
         self.quick = args.quick
         self.root = Path(tempfile.mkdtemp(prefix="fieldgate-bench-", dir="/tmp"))
         self.results: dict[str, Any] = {}
+        self.overrides = {k: yaml.safe_load(v) for k, _, v in
+                          (item.partition("=") for item in args.set)}
         self.notes: list[str] = []
         q = self.quick
         self.n_single = args.n or (40_000 if q else 200_000)
@@ -664,7 +675,7 @@ class Bench:
         per = ARRAY if kind == "array" else 1
         site = run.broker("site")
         cloud = run.broker("cloud")
-        gw = run.gateway(site, cloud, self.args.batch_delay)
+        gw = run.gateway(site, cloud, self.args.batch_delay, self.overrides)
         sub = run.child(Subscriber(cloud.port, f"fieldgate/{GATEWAY_ID}/telemetry", "cloud"))
         pub = run.child(self.publisher(site.port, kind=kind, n_msgs=n_readings // per, per_msg=per,
                                   rate=0, max_seconds=self.full_cap))
@@ -673,12 +684,15 @@ class Bench:
         sub.expect("ready", 15)
         pub.expect("ready", 15)
         rss0 = gw.peak_rss()
-        cpu0 = gw.cpu()
+        site0 = gw.metric("fieldgate_site_messages_total") or 0.0
+        sys0, cpu0 = gw.sys_cpu(), gw.cpu()
         pub.go()
         pres, why = wait_arrivals(sub, pub, n_readings, timeout=self.full_cap + 60)
-        cpu1 = gw.cpu()
+        sys1, cpu1 = gw.sys_cpu(), gw.cpu()
         out = self._throughput(sub, pub, pres, why, cpu1 - cpu0, gw)
+        out["cpu_sys_share"] = (sys1 - sys0) / (cpu1 - cpu0) if cpu1 > cpu0 else None
         out["rss_idle_mb"] = rss0 / 2**20
+        self._site_copies(gw, site0, pres, out)
         gw.stop()
         if gw.ru_maxrss_kib:
             out["ru_maxrss_mb"] = gw.ru_maxrss_kib / 1024
@@ -686,6 +700,18 @@ class Bench:
             out["vm_hwm_mb"] = gw.vm_hwm_kib / 1024
         out["gateway_exit"] = gw.exit_code
         return out
+
+    def _site_copies(self, gw: GatewayProc, site0: float, pres: dict[str, Any] | None,
+                     out: dict[str, Any]) -> None:
+        """Site messages the gateway handled per message published (1.0 unless it is sent
+        copies, e.g. for overlapping subscriptions)."""
+        site1 = gw.metric("fieldgate_site_messages_total")
+        if site1 is not None and pres and pres["sent"]:
+            out["site_msgs_per_pub"] = (site1 - site0) / pres["sent"]
+            if out["site_msgs_per_pub"] > 1.05:
+                self.notes.append(f"gateway handled {out['site_msgs_per_pub']:.2f} site messages "
+                                  "per message published (overlapping subscriptions deliver "
+                                  "copies)")
 
     def s2_gateway_single(self, run: Run) -> dict[str, Any]:
         return self._gateway_full(run, "single", self.n_single)
@@ -701,7 +727,7 @@ class Bench:
         site_b = run.broker("site-bare")
         site_g = run.broker("site-gw")
         cloud = run.broker("cloud")
-        gw = run.gateway(site_g, cloud, self.args.batch_delay)
+        gw = run.gateway(site_g, cloud, self.args.batch_delay, self.overrides)
         bare = run.child(Subscriber(site_b.port, "sensors/#", "bare"))
         cloud_sub = run.child(Subscriber(cloud.port, f"fieldgate/{GATEWAY_ID}/telemetry", "cloud"))
         gw.start(want_cloud=True)
@@ -719,14 +745,18 @@ class Bench:
                                           max_seconds=secs * 3 + 10))
                 pub.expect("ready", 15)
                 time.sleep(0.5)   # let the previous run's tail settle
+                sys0 = gw.sys_cpu() if label == "gw" else 0.0
                 cpu0 = cpu_of()
                 pub.go()
                 pres, why = wait_arrivals(sub, pub, n, timeout=secs * 3 + 30)
                 cpu1 = cpu_of()
                 r = self._throughput(sub, pub, pres, why, cpu1 - cpu0, None)
+                if label == "gw" and cpu1 > cpu0:
+                    r["cpu_sys_share"] = (gw.sys_cpu() - sys0) / (cpu1 - cpu0)
                 pub.stop()
                 run.children.remove(pub)
-                for key in ("cpu_us", "rate", "offered_rate", "lat_p50", "lat_p99", "incomplete"):
+                for key in ("cpu_us", "cpu_sys_share", "rate", "offered_rate", "lat_p50",
+                            "lat_p99", "incomplete"):
                     if key in r:
                         out[f"{label}_{rate}_{key}"] = r[key]
                 self.say(f"    paced {rate}/s {label}: {r['cpu_us']:.1f} us/reading, "
@@ -740,7 +770,7 @@ class Bench:
         n = self.n_drain
         site = run.broker("site")
         cloud = run.broker("cloud", start=False)
-        gw = run.gateway(site, cloud, self.args.batch_delay)
+        gw = run.gateway(site, cloud, self.args.batch_delay, self.overrides)
         gw.start(want_cloud=False)
         pub = run.child(self.publisher(site.port, kind="array", n_msgs=n // ARRAY, per_msg=ARRAY,
                                   rate=0, max_seconds=self.full_cap))
@@ -919,13 +949,16 @@ def main() -> int:
                     help="publisher's paho max_inflight_messages (0 = no paho limit)")
     ap.add_argument("--pub-window", type=int, default=WINDOW,
                     help="publisher's bound on unacknowledged publishes (<= 20000)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
+                    help="extra gateway config, e.g. --set ingest.commit_interval=20ms")
     ap.add_argument("--n", type=int, default=0, help="messages in scenarios 1 and 2")
     args = ap.parse_args()
     bench = Bench(args)
     started = time.time()
     print(f"Fieldgate data-path bench ({'quick' if args.quick else 'full'}): "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"batch_max_delay {args.batch_delay}, work dir {bench.root}", flush=True)
+          f"batch_max_delay {args.batch_delay}, gateway overrides {bench.overrides or '-'}, "
+          f"work dir {bench.root}", flush=True)
     try:
         for key in args.scenarios.split(","):
             name, fn = SCENARIOS[key.strip()]
@@ -947,6 +980,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "quick": args.quick, "cpus": os.cpu_count(), "batch_max_delay": args.batch_delay,
+            "overrides": bench.overrides,
             "rows": rows, "results": bench.results, "notes": bench.notes,
             "seconds": time.time() - started,
         }, indent=2, default=str))

@@ -80,10 +80,11 @@ def run(config_path: Path, log_level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         gw = Gateway(cfg)
+        gw.install_signal_handlers()
+        code = gw.run()
     except FieldgateError as err:
         _fail(err)
-    gw.install_signal_handlers()
-    raise SystemExit(gw.run())
+    raise SystemExit(code)
 
 
 @main.command()

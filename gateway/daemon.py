@@ -51,6 +51,7 @@ class Gateway:
             sink for make in SINKS.values() if (sink := make(cfg, self.store, self.metrics))
         ]
         self.ingest = IngestService(cfg, self.store, self.metrics)
+        self._watch_gauges()
         self._stopping = threading.Event()
         self.failure: str | None = None
 
@@ -68,6 +69,18 @@ class Gateway:
                 self._stopping.set()
         return run
 
+    def _watch_gauges(self) -> None:
+        """Gauges computed when /metrics is scraped, so they are never stale."""
+        store, metrics = self.store, self.metrics
+        metrics.log_bytes.set_function(lambda: store.bytes)
+        metrics.log_full.set_function(lambda: int(store.full))
+        metrics.pending.set_function(lambda: self.ingest.pending)
+        def depth(sink: str) -> Callable[[], int]:
+            return lambda: max(0, store.next_seq - store.cursors().get(sink, store.next_seq))
+
+        for name in store.cursors():
+            metrics.depth.labels(name).set_function(depth(name))
+
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if not self._stopping.is_set():
             log.info("Stopping (%s)", signal.Signals(signum).name if signum else "requested")
@@ -76,7 +89,11 @@ class Gateway:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or request_stop), stop cleanly; returns an exit code."""
         if self.cfg.metrics.listen:
-            self.metrics.serve(self.cfg.metrics.listen)
+            try:
+                self.metrics.serve(self.cfg.metrics.listen)
+            except FieldgateError:
+                self.store.close()
+                raise
         threads = [
             threading.Thread(target=self._guard(s.run, type(s).__name__), name=type(s).__name__,
                              daemon=True)

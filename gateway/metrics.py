@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.errors import FieldgateError
+
 
 class _PersistedCounters(Collector):
     """Exposes the log's persisted counters (``dead_letters.<reason>``, ``dropped.<reason>``)."""
@@ -75,4 +77,8 @@ class GatewayMetrics:
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        try:
+            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        except (OSError, ValueError) as err:
+            raise FieldgateError(f"metrics.listen {listen!r}: {err}; choose a free host:port "
+                                 "or set it to null") from None

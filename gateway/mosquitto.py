@@ -49,20 +49,39 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    """A Mosquitto process that a test can stop and start again on the same port."""
+    """A Mosquitto process that a test can stop and start again on the same port.
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    ``tls`` is (ca, cert, key) for an mqtts listener; ``users`` turns off anonymous access
+    and writes a password file with those users.
+    """
+
+    def __init__(self, workdir: Path, name: str, *, tls: tuple[Path, Path, Path] | None = None,
+                 users: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(CONF.format(port=self.port, log=self.dir / "mosquitto.log",
-                                         dir=self.dir, user=getpass.getuser()))
+        self.tls = tls is not None
+        conf = CONF.format(port=self.port, log=self.dir / "mosquitto.log", dir=self.dir,
+                           user=getpass.getuser())
+        if tls is not None:
+            ca, cert, key = tls
+            conf += f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+        if users:
+            passwd = self.dir / "passwd"
+            passwd.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+            passwd.chmod(0o600)
+            subprocess.run([str(Path(find_mosquitto()).parent.parent / "bin" / "mosquitto_passwd")
+                            if not shutil.which("mosquitto_passwd") else "mosquitto_passwd",
+                            "-U", str(passwd)], check=True)
+            conf = conf.replace("allow_anonymous true", "allow_anonymous false")
+            conf += f"password_file {passwd}\n"
+        self.conf.write_text(conf)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> Mosquitto:
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)],

@@ -35,7 +35,7 @@ def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
 class GatewayProcess:
     """`gateway run` as a real process, with a config written for the test's brokers."""
 
-    def __init__(self, tmp_path: Path, site: Mosquitto, cloud: Mosquitto | None,
+    def __init__(self, tmp_path: Path, site: Mosquitto, cloud: Mosquitto | None, /,
                  **overrides: Any) -> None:
         self.gateway_id = overrides.pop("gateway_id", "gw-test")
         self.metrics_port = free_port()
@@ -120,7 +120,7 @@ class GatewayProcess:
 def make_gateway(tmp_path: Path) -> Iterator[Any]:
     made: list[GatewayProcess] = []
 
-    def make(site: Mosquitto, cloud: Mosquitto | None, **overrides: Any) -> GatewayProcess:
+    def make(site: Mosquitto, cloud: Mosquitto | None, /, **overrides: Any) -> GatewayProcess:
         gw = GatewayProcess(tmp_path, site, cloud, **overrides)
         made.append(gw)
         return gw

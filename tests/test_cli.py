@@ -129,3 +129,19 @@ def test_demo_runs_the_whole_path_and_survives_a_cloud_cut():
     assert last.startswith("done:") and last.endswith(" 0 missing"), last
     logged = int(last.split()[1])
     assert logged >= 900  # ~100 readings/s for 10 s
+
+
+def test_metrics_port_in_use_is_one_clear_line(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                                       "metrics": {"listen": f"127.0.0.1:{port}"}}))
+        out = gateway("run", "-c", str(cfg))
+    assert out.returncode == 1
+    assert f"metrics.listen '127.0.0.1:{port}'" in out.stderr
+    assert "Traceback" not in out.stderr

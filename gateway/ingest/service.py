@@ -31,6 +31,7 @@ _SITE_BACKOFF_MAX = 15.0
 # QoS 0 messages are not bounded by receive_maximum; this many pending, later ones are dropped
 # (counted) while the log refuses.
 _QOS0_PENDING_FACTOR = 4
+# How often connection-failure counts are copied to metrics.
 _GAUGES_EVERY = 1.0
 
 
@@ -84,7 +85,6 @@ class IngestService:
             self._store.housekeeping()
             if woke - last_gauges >= _GAUGES_EVERY:
                 last_gauges = woke
-                self._update_gauges()
                 if self.link.failures != failures:
                     self._metrics.connect_failures.labels("site").inc(self.link.failures - failures)
                     failures = self.link.failures
@@ -141,11 +141,7 @@ class IngestService:
         if duplicates:
             metrics.redeliveries.inc(duplicates)
 
-    def _update_gauges(self) -> None:
-        store = self._store
-        metrics = self._metrics
-        metrics.pending.set(len(self._pending))
-        metrics.log_bytes.set(store.bytes)
-        metrics.log_full.set(int(store.full))
-        for sink, cursor in store.cursors().items():
-            metrics.depth.labels(sink).set(max(0, store.next_seq - cursor))
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet durable."""
+        return len(self._pending)

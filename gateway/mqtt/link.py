@@ -161,8 +161,10 @@ class MqttLink:
     def _handle_connect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
         if rc.is_failure:
             self.failures += 1
-            log.error("%s broker %r refused the connection: %s", self.name.capitalize(),
-                      self.where, rc.getName())
+            if not self._outage_logged:
+                log.error("%s broker %r refused the connection: %s; retrying with backoff",
+                          self.name.capitalize(), self.where, rc.getName())
+                self._outage_logged = True
             self._schedule_retry()
             return
         self._connected = True
