@@ -1,7 +1,9 @@
-"""Wiring: builds the log, the ingest loop and the sinks from the config and runs them.
+"""Wiring: builds the log, the ingest side and the sinks from the config and runs them.
 
-This is the only module (with the CLI) that knows the concrete sink classes. Each part runs
-in its own thread and talks to the others only through the durable log.
+This is the only module (with the CLI) that knows the concrete sink classes. The parts talk
+to each other only through the durable log; one loop drives all of them, so a reading costs
+no thread hand-offs and one wake-up serves every socket that has something: read the site
+broker, commit, acknowledge, publish due batches, read PUBACKs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Protocol
@@ -18,17 +21,20 @@ from gateway.errors import FieldgateError
 from gateway.ingest.service import IngestService
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
+from gateway.mqtt.link import MqttLink, poll_links
 from gateway.sinks import uplink
 
 log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
-    def run(self) -> None: ...
-    def stop(self) -> None: ...
+    """What the loop needs from a sink."""
 
+    link: MqttLink
 
-SinkFactory = Callable[[GatewayConfig, LogStore, GatewayMetrics], Sink]
+    def next_wake(self, now: float) -> float: ...
+    def step(self, now: float) -> None: ...
+    def finish(self) -> None: ...
 
 
 def _uplink(cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics) -> Sink | None:
@@ -53,21 +59,6 @@ class Gateway:
         self.ingest = IngestService(cfg, self.store, self.metrics)
         self._watch_gauges()
         self._stopping = threading.Event()
-        self.failure: str | None = None
-
-    def _guard(self, target: Callable[[], None], what: str) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                target()
-            except FieldgateError as err:
-                self.failure = str(err)
-                log.error("%s stopped: %s", what, err)  # noqa: TRY400 - a known error, one line
-            except Exception:
-                self.failure = f"{what} crashed"
-                log.exception("%s crashed", what)
-            finally:
-                self._stopping.set()
-        return run
 
     def _watch_gauges(self) -> None:
         """Gauges computed when /metrics is scraped, so they are never stale."""
@@ -75,6 +66,7 @@ class Gateway:
         metrics.log_bytes.set_function(lambda: store.bytes)
         metrics.log_full.set_function(lambda: int(store.full))
         metrics.pending.set_function(lambda: self.ingest.pending)
+
         def depth(sink: str) -> Callable[[], int]:
             return lambda: max(0, store.next_seq - store.cursors().get(sink, store.next_seq))
 
@@ -86,6 +78,10 @@ class Gateway:
             log.info("Stopping (%s)", signal.Signals(signum).name if signum else "requested")
         self._stopping.set()
 
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or request_stop), stop cleanly; returns an exit code."""
         if self.cfg.metrics.listen:
@@ -94,29 +90,37 @@ class Gateway:
             except FieldgateError:
                 self.store.close()
                 raise
-        threads = [
-            threading.Thread(target=self._guard(s.run, type(s).__name__), name=type(s).__name__,
-                             daemon=True)
-            for s in self.sinks
-        ]
-        ingest = threading.Thread(target=self._guard(self.ingest.run, "Ingest"), name="ingest",
-                                  daemon=True)
-        for thread in [*threads, ingest]:
-            thread.start()
         log.info("Gateway %r running: site %r, %d sink(s)", self.cfg.gateway_id,
                  self.ingest.link.where, len(self.sinks))
-        self._stopping.wait()
-        # Ingest first: its last commit is what the sinks then flush.
-        self.ingest.stop()
-        ingest.join(timeout=5)
+        code = 0
+        try:
+            self._loop()
+        except FieldgateError as err:
+            log.error("Stopping: %s", err)  # noqa: TRY400 - a known error, one line
+            code = 1
+        # Ingest first: its last commit is what the sinks then forward.
+        self.ingest.finish()
         for sink in self.sinks:
-            sink.stop()
-        for thread in threads:
-            thread.join(timeout=5)
+            sink.finish()
         self.store.close()
         log.info("Gateway stopped")
-        return 0 if self.failure is None else 1
+        return code
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+    def _loop(self) -> None:
+        ingest, sinks = self.ingest, self.sinks
+        links = [ingest.link, *(s.link for s in sinks)]
+        interval = self.cfg.ingest.commit_interval
+        stopping = self._stopping
+        while not stopping.is_set():
+            now = time.monotonic()
+            timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks))
+            got = poll_links(links, timeout)
+            woke = time.monotonic()
+            ingest.step(woke)
+            for sink in sinks:
+                sink.step(woke)
+            if got and not any(link.backlog for link in links):
+                # Coalesce: let the next messages gather instead of waking for each one.
+                rest = interval - (time.monotonic() - woke)
+                if rest > 0:
+                    stopping.wait(rest)

@@ -1,19 +1,20 @@
-"""The ingest loop: site broker -> decode -> durable log, acknowledging only what is durable.
+"""The ingest side: site broker -> decode -> durable log, acknowledging only what is durable.
 
 The site session is persistent (clean_start false) and acknowledged by hand: a message is
 PUBACKed only after the group commit that made its readings (or its dead letter) durable.
 A gateway killed at any moment therefore loses nothing; the broker redelivers what was not
 acknowledged, and redeliveries of messages that did reach the log are recognised and skipped.
 
-The loop coalesces: after a wake-up that found data it sleeps out the rest of
-``ingest.commit_interval``, so at a few thousand messages a second each wake-up reads,
-decodes and commits a batch instead of one message.
+At most ``site.receive_maximum`` messages wait for a commit: reading pauses at that bound
+(Mosquitto 2.0 does not hold to the receive maximum we announce, so we bound ourselves and
+TCP pushes back). When the log is full under ``when_full: refuse`` the site session is
+paused: the gateway disconnects cleanly, the broker queues readings for the session, and
+the gateway reconnects once sinks have caught up.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from gateway.config import GatewayConfig
@@ -28,11 +29,8 @@ log = logging.getLogger(__name__)
 # Site-broker reconnects: the broker is on this machine or this LAN, so retry quickly.
 _SITE_BACKOFF_MIN = 0.5
 _SITE_BACKOFF_MAX = 15.0
-# QoS 0 messages are not bounded by receive_maximum; this many pending, later ones are dropped
-# (counted) while the log refuses.
-_QOS0_PENDING_FACTOR = 4
-# How often connection-failure counts are copied to metrics.
-_GAUGES_EVERY = 1.0
+# Housekeeping (expiry, cursor persistence) needs a turn of the loop at least this often.
+_IDLE_WAKE = 0.25
 
 
 class IngestService:
@@ -43,9 +41,9 @@ class IngestService:
         self._topics = TopicTemplates(cfg.subscriptions)
         self._decoder = Decoder(cfg.ingest, self._topics)
         self._pending: list[InboundMessage] = []
-        self._pending_max = cfg.site.receive_maximum * _QOS0_PENDING_FACTOR
-        self.qos0_dropped = 0
-        self._stop = threading.Event()
+        self._pending_max = cfg.site.receive_maximum
+        self._paused = False
+        self._failures = 0
         self.link = MqttLink(
             name="site",
             link=cfg.site,
@@ -56,43 +54,50 @@ class IngestService:
             manual_ack=True,
             backoff=Backoff(_SITE_BACKOFF_MIN, _SITE_BACKOFF_MAX),
             on_connected=self._on_connected,
-            on_message=self._on_message,
+            on_message=self._pending.append,
             on_state=lambda up: metrics.link_up.labels("site").set(int(up)),
+            read_paused=lambda: len(self._pending) >= self._pending_max,
         )
 
-    def stop(self) -> None:
-        self._stop.set()
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet durable (unacknowledged)."""
+        return len(self._pending)
 
     def _on_connected(self) -> None:
+        # Anything still pending belongs to the previous connection: unacknowledged, so the
+        # broker sends it again in this session.
+        self._pending.clear()
         self._store.remember_tail(self._cfg.site.receive_maximum)
         self.link.subscribe(self._topics.filters, qos=1)
 
-    def _on_message(self, msg: InboundMessage) -> None:
-        if msg.qos == 0 and len(self._pending) >= self._pending_max:
-            self.qos0_dropped += 1
-            return
-        self._pending.append(msg)
+    def next_wake(self, now: float) -> float:
+        if self._pending and not self._paused:
+            return 0.0
+        return min(_IDLE_WAKE, self.link.next_wake(now))
 
-    def run(self) -> None:
-        interval = self._cfg.ingest.commit_interval
-        last_gauges = 0.0
-        failures = self.link.failures
-        while not self._stop.is_set():
-            got = self.link.poll(interval if self._pending else 0.25)
-            woke = time.monotonic()
-            if self._pending:
-                self._commit()
-            self._store.housekeeping()
-            if woke - last_gauges >= _GAUGES_EVERY:
-                last_gauges = woke
-                if self.link.failures != failures:
-                    self._metrics.connect_failures.labels("site").inc(self.link.failures - failures)
-                    failures = self.link.failures
-            if got:
-                rest = interval - (time.monotonic() - woke)
-                if rest > 0:
-                    time.sleep(rest)
-        if self._pending:
+    def step(self, now: float) -> None:
+        """One turn of the loop: commit what arrived, housekeeping, pause/resume."""
+        if self._pending and not self._paused:
+            self._commit()
+        self._store.housekeeping()
+        if self._store.full and not self._paused:
+            self._paused = True
+            self.link.pause()
+            self._pending.clear()
+            log.warning("Site session paused while the log is full; the site broker holds "
+                        "new readings")
+        elif self._paused and not self._store.full:
+            self._paused = False
+            self.link.resume()
+            log.info("Site session resumed")
+        if self.link.failures != self._failures:
+            self._metrics.connect_failures.labels("site").inc(self.link.failures - self._failures)
+            self._failures = self.link.failures
+
+    def finish(self) -> None:
+        """Make what arrived durable, acknowledge it, and disconnect (session kept)."""
+        if self._pending and not self._paused:
             self._commit()
         self.link.close()
 
@@ -101,10 +106,10 @@ class IngestService:
         pending = self._pending
         decode = self._decoder.decode
         store = self._store
-        messages: list[Message] = []
-        order: list[int] = []  # index into messages, or -1 for a skipped redelivery
-        duplicates = 0
         match = self._topics.match
+        messages: list[Message] = []
+        order: list[int] = []  # index into messages, or -1 for a message acked and skipped
+        duplicates = 0
         for msg in pending:
             if msg.sub_ids:
                 found = match(msg.topic)
@@ -129,9 +134,10 @@ class IngestService:
             if index >= result.accepted:
                 break
             done += 1
+        ack = self.link.ack
         for msg in pending[:done]:
             if msg.qos:
-                self.link.ack(msg.mid, msg.qos)
+                ack(msg.mid, msg.qos)
         del pending[:done]
         self.link.flush()
         metrics = self._metrics
@@ -140,8 +146,3 @@ class IngestService:
         metrics.commits.inc()
         if duplicates:
             metrics.redeliveries.inc(duplicates)
-
-    @property
-    def pending(self) -> int:
-        """Messages received and not yet durable."""
-        return len(self._pending)

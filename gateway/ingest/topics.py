@@ -58,13 +58,20 @@ class TopicTemplates:
         self._cache: dict[str, TopicMatch | None] = {}
 
     @property
-    def filters(self) -> list[tuple[str, int]]:
-        """(MQTT filter, subscription identifier) per template; placeholders become ``+``.
+    def filters(self) -> list[tuple[str, int | None]]:
+        """(MQTT filter, subscription identifier or None) to subscribe to.
 
-        Overlapping filters make the broker send one copy per matching subscription; the
-        identifier tells which copy belongs to the template that ``match`` picks.
+        A broker sends one copy of a message per matching subscription, so a filter that
+        another one covers (``sensors/+/telemetry`` under ``sensors/+/+``) is left out:
+        ``match`` sorts templates out locally. Filters that still overlap in part get
+        subscription identifiers, which say which copy belongs to the template ``match``
+        picks; without overlaps none are sent, so PUBLISH packets carry no properties.
         """
-        return sorted((filter_of(t.levels), t.sub_id) for t in self._templates)
+        filters = {filter_of(t.levels): t.sub_id for t in self._templates}
+        kept = {f: i for f, i in filters.items()
+                if not any(g != f and _covers(g, f) for g in filters)}
+        overlap = any(_overlaps(f, g) for f in kept for g in kept if f < g)
+        return sorted((f, i if overlap else None) for f, i in kept.items())
 
     def match(self, topic: str) -> TopicMatch | None:
         try:
@@ -97,3 +104,14 @@ class TopicTemplates:
 
 def filter_of(levels: tuple[str, ...] | list[str]) -> str:
     return "/".join("+" if level.startswith("{") else level for level in levels)
+
+
+def _covers(general: str, specific: str) -> bool:
+    """Every topic that ``specific`` matches, ``general`` matches too (``+`` filters only)."""
+    g, s = general.split("/"), specific.split("/")
+    return len(g) == len(s) and all(a in ("+", b) for a, b in zip(g, s, strict=True))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    x, y = a.split("/"), b.split("/")
+    return len(x) == len(y) and all(p == q or "+" in (p, q) for p, q in zip(x, y, strict=True))

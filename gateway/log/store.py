@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,9 @@ KIND_TELEMETRY = 0
 _TRIM_TO = 0.9
 # How often expired records are removed and cursors/counters are made durable when idle.
 _HOUSEKEEPING_EVERY = 1.0
+# Message keys remembered for spotting site redeliveries; must exceed the messages a broker
+# can have unacknowledged in one session (site.receive_maximum, at most 65535).
+_TAIL_KEYS = 65_536
 # A drop episode (logged once at its start and once at its end) ends after this long without
 # a drop; shorter logs more lines during a long outage, longer reports the end later.
 _DROP_EPISODE_QUIET = 60.0
@@ -91,6 +94,15 @@ class LogStore:
         self._full = False
         self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
         self._recent_keys: Counter[int] = Counter()
+        # Keys of the last messages appended, newest last; seeded from the file so that a
+        # restart recognises redeliveries too. Kept in memory because delivered rows may be
+        # removed (at the cap) before the site broker redelivers their messages.
+        self._tail: deque[int] = deque(
+            (k for (k,) in self._conn.execute(
+                "SELECT msg_key FROM (SELECT seq, msg_key FROM records ORDER BY seq DESC "
+                "LIMIT ?) ORDER BY seq", (_TAIL_KEYS,))),
+            maxlen=_TAIL_KEYS,
+        )
         self._last_housekeeping = 0.0
         self._dlq_count: int = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
 
@@ -154,16 +166,14 @@ class LogStore:
     # -- redeliveries -------------------------------------------------------------------------
 
     def remember_tail(self, rows: int) -> None:
-        """Load the keys of the last ``rows`` messages, to recognise site redeliveries.
+        """Take the keys of the last ``rows`` messages, to recognise site redeliveries.
 
-        Called on every (re)connect to the site broker: the broker redelivers (DUP flag) only
-        messages it sent in the last session and had no PUBACK for, and those are at most
-        receive_maximum messages, all among the last ones we appended.
+        Called on every (re)connect to the site broker: the broker redelivers (DUP flag)
+        messages it sent in the last session and had no PUBACK for; those are among the last
+        ones we appended (at most receive_maximum of them, when the broker holds to it).
         """
-        keys = self._conn.execute(
-            "SELECT msg_key FROM records ORDER BY seq DESC LIMIT ?", (rows,)
-        ).fetchall()
-        self._recent_keys = Counter(k for (k,) in keys)
+        tail = list(self._tail)[-rows:]
+        self._recent_keys = Counter(tail)
 
     def is_redelivery(self, key: int) -> bool:
         if self._recent_keys[key] > 0:
@@ -237,6 +247,7 @@ class LogStore:
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         self.next_seq = seq
         self.bytes += added
+        self._tail.extend(row[4] for row in rows)
         if not refused:
             self._leave_full()
         return AppendResult(accepted, readings, len(dead))
@@ -358,8 +369,12 @@ class LogStore:
                 self._enter_full("disk is full")
                 return
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
-        if self._full and self.bytes < self._cfg.max_bytes * _TRIM_TO:
-            self._leave_full()
+        if self._full:
+            # Sinks may have caught up: delivered records make room for new ones.
+            target = int(self._cfg.max_bytes * _TRIM_TO)
+            self._delete_oldest(target, below=self._delivered_below(), reason=None)
+            if self.bytes <= target:
+                self._leave_full()
         if self._drop_episodes:
             self._end_drop_episodes()
 

@@ -1,9 +1,12 @@
-"""One MQTT connection, driven by its owner's loop (no paho network thread).
+"""MQTT connections driven by the owner's loop (no paho network thread).
 
-The owner calls ``poll`` in its loop; the link connects and reconnects with capped
-exponential backoff and jitter, reads everything the socket has in one go, and writes what
-paho queued in one go. paho objects do not leave this module: inbound messages become
-``InboundMessage``.
+The daemon runs one loop for all links: ``poll_links`` waits on every socket at once, each
+link reads everything its socket has in one system call, and writes what paho queued in
+one. paho objects do not leave this module: inbound messages become ``InboundMessage``.
+
+Connecting (TCP, TLS handshake, CONNECT) blocks, possibly for seconds against a broker that
+is far away or gone; it runs in a short-lived thread so that the loop, and the other link,
+never wait for it. Reconnects back off exponentially with jitter.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import random
 import select
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -25,6 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import Link
+from gateway.mqtt import fastpath
 from gateway.mqtt.socket import CoalescingSocket
 
 log = logging.getLogger(__name__)
@@ -33,10 +37,21 @@ log = logging.getLogger(__name__)
 _CONNACK_TIMEOUT = 10.0
 # paho's keepalive bookkeeping runs this often; it only sends a PINGREQ when one is due.
 _MISC_EVERY = 0.5
+# TCP connect and TLS handshake time limit for one attempt.
+_CONNECT_TIMEOUT = 10.0
+# Before a deliberate DISCONNECT we wait (this long at most) for one round trip, so that the
+# broker has processed our last PUBACKs: Mosquitto 2.0 was seen to forget PUBACKs that
+# arrived just before a DISCONNECT, and redeliver those messages in the next session.
+_BARRIER_TIMEOUT = 1.0
+_BARRIER_TOPIC = "$fieldgate/barrier"
+
+fastpath.install()
 
 
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
+class InboundMessage(NamedTuple):
+    """An inbound PUBLISH. A NamedTuple, not a frozen dataclass: one is built per message
+    and a frozen dataclass costs several times as much to construct."""
+
     topic: str
     payload: bytes
     qos: int
@@ -75,11 +90,11 @@ class _Client(paho.Client):
 
 
 class MqttLink:
-    """A paho MQTT v5 client whose socket is driven by ``poll``.
+    """A paho MQTT v5 client whose socket is driven by the owner.
 
     ``on_connected`` runs after every successful CONNACK (subscribe or publish a birth
     message there); ``on_message`` gets each inbound PUBLISH; ``on_published`` gets
-    (mid, ok) for each PUBACK.
+    (mid, ok) for each PUBACK; ``read_paused`` stops reading while it returns True.
     """
 
     def __init__(
@@ -99,6 +114,7 @@ class MqttLink:
         on_message: Callable[[InboundMessage], None] | None = None,
         on_published: Callable[[int, bool], None] | None = None,
         on_state: Callable[[bool], None] | None = None,
+        read_paused: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self._link = link
@@ -108,13 +124,18 @@ class MqttLink:
         self._on_message = on_message
         self._on_published = on_published
         self._on_state = on_state
+        self._read_paused = read_paused or (lambda: False)
         self._connected = False
         self._next_attempt = 0.0
         self._connecting_since: float | None = None
+        self._connector: threading.Thread | None = None
+        self._connect_error: BaseException | None = None
         self._last_misc = 0.0
         self._first_attempt = True
         self._outage_logged = False
         self._closing = False
+        self._paused = False
+        self._barrier_mid: int | None = None
         self.connects = 0
         self.failures = 0
 
@@ -125,6 +146,7 @@ class MqttLink:
             manual_ack=manual_ack,
         )
         client.max_inflight_messages_set(max_inflight)
+        client.connect_timeout = _CONNECT_TIMEOUT
         if link.username is not None:
             client.username_pw_set(link.username, link.password())
         if link.tls:
@@ -146,6 +168,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_unsubscribe = self._handle_unsubscribe
         self._client = client
 
     @property
@@ -156,7 +179,7 @@ class MqttLink:
     def where(self) -> str:
         return f"{self._link.host}:{self._link.port}"
 
-    # -- paho callbacks (run inside poll) ---------------------------------------------------
+    # -- paho callbacks (run inside on_readable / tick) ---------------------------------------
 
     def _handle_connect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
         if rc.is_failure:
@@ -184,7 +207,7 @@ class MqttLink:
         self._connected = False
         if was and self._on_state is not None:
             self._on_state(False)
-        if was and not self._closing:
+        if was and not self._closing and not self._paused:
             log.warning("Lost %s broker %r (%s); reconnecting with backoff", self.name,
                         self.where, rc.getName() if rc is not None else "connection lost")
             self._outage_logged = True
@@ -193,35 +216,60 @@ class MqttLink:
     def _handle_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
             ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            self._on_message(InboundMessage(msg.topic, bytes(msg.payload), msg.qos, msg.mid,
+            # paho hands over bytes (its decoder and ours both build bytes objects).
+            payload = cast(bytes, msg.payload)
+            self._on_message(InboundMessage(msg.topic, payload, msg.qos, msg.mid,
                                             bool(msg.dup), time.time(),
                                             tuple(ids) if ids else ()))
+
+    def _handle_unsubscribe(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        if mid == self._barrier_mid:
+            self._barrier_mid = None
+
+    def _round_trip(self) -> None:
+        """Wait until the broker has processed everything we sent so far (or a timeout)."""
+        if not self._connected:
+            return
+        _, mid = self._client.unsubscribe(_BARRIER_TOPIC)
+        self._barrier_mid = mid
+        self.flush()
+        deadline = time.monotonic() + _BARRIER_TIMEOUT
+        while self._barrier_mid is not None and self._connected and time.monotonic() < deadline:
+            poll_links([self], 0.02)
+        self._barrier_mid = None
 
     def _handle_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         if self._on_published is not None:
             self._on_published(mid, not rc.is_failure)
 
-    # -- driving ----------------------------------------------------------------------------
+    # -- connecting -----------------------------------------------------------------------------
 
     def _schedule_retry(self) -> None:
         self._connecting_since = None
         self._next_attempt = time.monotonic() + self._backoff.next_delay()
 
-    def _socket(self) -> CoalescingSocket | None:
-        sock = self._client.socket()
-        return sock if isinstance(sock, CoalescingSocket) else None
-
-    def _connect(self) -> None:
+    def _connect_blocking(self) -> None:
         try:
             if self._first_attempt:
                 self._client.connect(
                     self._link.host, self._link.port, keepalive=int(self._link.keepalive),
                     clean_start=self._clean_start, properties=self._props,
                 )
-                self._first_attempt = False
             else:
                 self._client.reconnect()
         except (OSError, ValueError) as err:
+            self._connect_error = err
+
+    def _start_connect(self) -> None:
+        self._connect_error = None
+        self._connector = threading.Thread(target=self._connect_blocking,
+                                           name=f"connect-{self.name}", daemon=True)
+        self._connector.start()
+
+    def _finish_connect(self) -> None:
+        self._connector = None
+        err = self._connect_error
+        if err is not None:
             self.failures += 1
             if not self._outage_logged:
                 log.warning("Cannot reach %s broker %r (%s); retrying with backoff",
@@ -229,51 +277,75 @@ class MqttLink:
                 self._outage_logged = True
             self._schedule_retry()
             return
+        self._first_attempt = False
         self._connecting_since = time.monotonic()
         self.flush()
 
-    def poll(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for traffic and handle it; True if anything was read."""
-        now = time.monotonic()
-        sock = self._socket()
+    # -- driving ----------------------------------------------------------------------------
+
+    def socket(self) -> CoalescingSocket | None:
+        """The socket to wait on, or None while disconnected or connecting."""
+        if self._connector is not None:
+            return None
+        sock = self._client.socket()
+        return sock if isinstance(sock, CoalescingSocket) else None
+
+    @property
+    def backlog(self) -> bool:
+        """Bytes already read and not yet handed to paho (reading was paused)."""
+        sock = self.socket()
+        return sock is not None and sock.buffered > 0 and not self._read_paused()
+
+    def wants_write(self) -> bool:
+        sock = self.socket()
+        return sock is not None and (sock.wants_write or self._client.want_write())
+
+    def on_readable(self, *, fill: bool = True) -> None:
+        """Read what the kernel has and hand complete packets to paho (until paused)."""
+        sock = self.socket()
         if sock is None:
-            if self._closing:
-                return False
-            if now < self._next_attempt:
-                time.sleep(max(0.0, min(timeout, self._next_attempt - now)))
-                return False
-            self._connect()
-            return False
+            return
+        if fill:
+            sock.fill()
+        paused = self._read_paused
+        read = self._client.loop_read
+        while sock.buffered and not paused():
+            if read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self.socket() is not sock:
+                return
+        if sock.eof and not sock.buffered and self.socket() is sock:
+            read()  # paho sees end-of-stream and reports the disconnect
+
+    def tick(self, now: float) -> None:
+        """Connection management: connect when due, CONNACK timeout, keepalive."""
+        if self._connector is not None:
+            if self._connector.is_alive():
+                return
+            self._finish_connect()
+        sock = self.socket()
+        if sock is None:
+            if not self._closing and not self._paused and now >= self._next_attempt:
+                self._start_connect()
+            return
         if self._connecting_since is not None and now - self._connecting_since > _CONNACK_TIMEOUT:
             log.warning("No CONNACK from %s broker %r", self.name, self.where)
-            self._client.disconnect()
-            sock.close()
+            self._client._sock_close()  # noqa: SLF001 - paho has no public "abort"
             self._schedule_retry()
-            return False
-        wlist = [sock] if sock.wants_write else []
-        try:
-            readable, writable, _ = select.select([sock], wlist, [], timeout)
-        except (OSError, ValueError):
-            readable, writable = [], []
-        got = False
-        if readable:
-            sock.fill()
-            got = True
-            while self._socket() is sock and sock.buffered:
-                if self._client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-            if sock.eof and self._socket() is sock:
-                self._client.loop_read()
-        if time.monotonic() - self._last_misc >= _MISC_EVERY:
-            self._last_misc = time.monotonic()
+            return
+        if now - self._last_misc >= _MISC_EVERY:
+            self._last_misc = now
             self._client.loop_misc()
-        if writable or self._client.want_write() or sock.wants_write:
-            self.flush()
-        return got
+
+    def next_wake(self, now: float) -> float:
+        """Seconds until tick needs to run again."""
+        if self._connector is not None:
+            return 0.05
+        if self.socket() is None:
+            return max(0.0, self._next_attempt - now) if not self._paused else 1.0
+        return _MISC_EVERY
 
     def flush(self) -> None:
         """Send everything paho has queued (acks, publishes) in as few writes as possible."""
-        sock = self._socket()
+        sock = self.socket()
         if sock is None:
             return
         if self._client.want_write():
@@ -284,13 +356,19 @@ class MqttLink:
             # The connection broke; the next read sees it and paho reports the disconnect.
             log.debug("Write to %s broker failed", self.name, exc_info=True)
 
+    def poll(self, timeout: float) -> bool:
+        """Drive this link alone for up to ``timeout`` s; True if anything was read."""
+        return poll_links([self], timeout)
+
     # -- operations -------------------------------------------------------------------------
 
-    def subscribe(self, filters: list[tuple[str, int]], qos: int) -> None:
-        """Subscribe to (filter, subscription identifier) pairs."""
+    def subscribe(self, filters: Sequence[tuple[str, int | None]], qos: int) -> None:
+        """Subscribe to (filter, subscription identifier or None) pairs."""
         for topic, sub_id in filters:
-            props = _properties(PacketTypes.SUBSCRIBE)
-            props.SubscriptionIdentifier = sub_id
+            props = None
+            if sub_id is not None:
+                props = _properties(PacketTypes.SUBSCRIBE)
+                props.SubscriptionIdentifier = sub_id
             self._client.subscribe(topic, qos=qos, properties=props)
 
     def ack(self, mid: int, qos: int) -> None:
@@ -312,18 +390,74 @@ class MqttLink:
 
     def pending_publishes(self) -> int:
         """Publishes paho holds that the broker has not acknowledged yet."""
-        return len(self._client._out_messages)
+        return len(self._client._out_messages)  # noqa: SLF001 - no public accessor in paho
+
+    def pause(self) -> None:
+        """Disconnect cleanly (session kept) and stay away until ``resume``."""
+        if self._paused:
+            return
+        self._round_trip()
+        self._paused = True
+        if self.socket() is not None:
+            self._client.disconnect()
+            self.flush()
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._next_attempt = 0.0
 
     def close(self, *, wait: float = 0.0) -> None:
         """Disconnect cleanly (the will is not sent), after up to ``wait`` s for PUBACKs."""
         deadline = time.monotonic() + wait
-        while self._connected and self.pending_publishes() and time.monotonic() < deadline:
+        while (self._connected and self.pending_publishes()
+               and time.monotonic() < deadline):
             self.poll(0.05)
+        self._round_trip()
         self._closing = True
-        if self._socket() is not None:
+        if self._connector is not None:
+            self._connector.join(_CONNECT_TIMEOUT)
+            self._connector = None
+        if self.socket() is not None:
             self._client.disconnect()
             self.flush()
-            sock = self._socket()
+            sock = self.socket()
             if sock is not None:
                 sock.close()
         self._connected = False
+
+
+def poll_links(links: Sequence[MqttLink], timeout: float) -> bool:
+    """Wait up to ``timeout`` for traffic on any link, handle it; True if anything was read."""
+    now = time.monotonic()
+    for link in links:
+        link.tick(now)
+    socks: dict[CoalescingSocket, MqttLink] = {}
+    writers = []
+    backlog = False
+    for link in links:
+        sock = link.socket()
+        if sock is None:
+            continue
+        socks[sock] = link
+        if link.wants_write():
+            writers.append(sock)
+        backlog = backlog or link.backlog
+    if not socks:
+        if timeout > 0:
+            time.sleep(min(timeout, *(link.next_wake(now) for link in links)))
+        return False
+    try:
+        readable, writable, _ = select.select(list(socks), writers, [], 0 if backlog else timeout)
+    except (OSError, ValueError):
+        return False  # a socket closed under us; the next tick reconnects
+    got = bool(readable) or backlog
+    for sock, link in socks.items():
+        if sock in readable:
+            link.on_readable()
+        elif link.backlog:
+            link.on_readable(fill=False)
+    for link in links:
+        if link.wants_write() or any(s in writable for s in socks if socks[s] is link):
+            link.flush()
+    return got

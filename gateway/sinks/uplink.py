@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ class UplinkSink:
         self._retry_at = 0.0
         self._retry = Backoff(self._up.backoff_min, self._up.backoff_max)
         self._last_status = 0.0
-        self._stop = threading.Event()
+        self._failures = 0
         self.link = MqttLink(
             name="cloud",
             link=cfg.cloud,
@@ -76,9 +75,6 @@ class UplinkSink:
             on_published=self._on_published,
             on_state=lambda up: metrics.link_up.labels("cloud").set(int(up)),
         )
-
-    def stop(self) -> None:
-        self._stop.set()
 
     # -- status -------------------------------------------------------------------------------
 
@@ -168,27 +164,23 @@ class UplinkSink:
             self._waiting_since = now if self._store.next_seq > self._next else None
         self.link.flush()
 
-    def _next_wake(self, now: float) -> float:
+    def next_wake(self, now: float) -> float:
+        wake = self.link.next_wake(now)
         if self._waiting_since is not None:
-            return max(0.0, min(_POLL_MAX, self._waiting_since + self._up.batch_max_delay - now))
-        return _POLL_MAX
+            wake = min(wake, max(0.0, self._waiting_since + self._up.batch_max_delay - now))
+        return min(wake, _POLL_MAX)
 
-    def run(self) -> None:
-        failures = self.link.failures
-        while not self._stop.is_set():
-            now = time.monotonic()
-            self.link.poll(self._next_wake(now))
-            now = time.monotonic()
-            if self.link.connected:
-                self._publish_due(now)
-                if now - self._last_status >= self._up.status_interval:
-                    self._publish_status()
-            if self.link.failures != failures:
-                self._metrics.connect_failures.labels("cloud").inc(self.link.failures - failures)
-                failures = self.link.failures
-        self._shutdown()
+    def step(self, now: float) -> None:
+        if self.link.connected:
+            self._publish_due(now)
+            if now - self._last_status >= self._up.status_interval:
+                self._publish_status()
+        if self.link.failures != self._failures:
+            self._metrics.connect_failures.labels("cloud").inc(self.link.failures - self._failures)
+            self._failures = self.link.failures
 
-    def _shutdown(self) -> None:
+    def finish(self) -> None:
+        """Forward what is already durable (briefly), publish offline status, disconnect."""
         deadline = time.monotonic() + _DRAIN_ON_STOP
         while self.link.connected and time.monotonic() < deadline:
             now = time.monotonic()
