@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 NAME = "uplink"
 # On shutdown, how long to keep forwarding what is already durable before disconnecting.
 _DRAIN_ON_STOP = 2.0
-# Idle polling of the log for new readings; shorter costs wake-ups, longer costs latency.
-_POLL_MAX = 0.05
+# The loop wakes for every site message anyway, and each wake-up runs step(), which sees new
+# readings; this is only how long the sink may sleep when nothing at all happens.
+_POLL_MAX = 1.0
 
 
 @dataclass(slots=True)
