@@ -187,9 +187,10 @@ class Ingest(_Section):
         300.0, description="Readings timestamped further in the future are rejected"
     )
     commit_interval: Duration = Field(
-        0.005,
+        0.02,
         description="Group commit: how often received readings are made durable and "
-        "acknowledged; longer costs latency, shorter costs CPU per reading",
+        "acknowledged; longer costs latency, shorter costs CPU per reading (each commit "
+        "wakes the gateway and fsyncs)",
     )
 
 

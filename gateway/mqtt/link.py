@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import Link
-from gateway.mqtt import fastpath
+from gateway.mqtt.inbound import parse_publish
 from gateway.mqtt.socket import CoalescingSocket
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ _CONNECT_TIMEOUT = 10.0
 # arrived just before a DISCONNECT, and redeliver those messages in the next session.
 _BARRIER_TIMEOUT = 1.0
 _BARRIER_TOPIC = "$fieldgate/barrier"
-
-fastpath.install()
 
 
 class InboundMessage(NamedTuple):
@@ -309,9 +307,20 @@ class MqttLink:
             sock.fill()
         paused = self._read_paused
         read = self._client.loop_read
+        in_packet = self._client._in_packet  # noqa: SLF001 - is paho inside a packet?
+        deliver = self._on_message
         while sock.buffered and not paused():
+            if deliver is not None and in_packet["command"] == 0 and self._connected:
+                buf, pos = sock.buffer
+                publish = parse_publish(buf, pos, True)
+                if publish is not None:
+                    sock.consume(publish.end)
+                    deliver(InboundMessage(publish.topic, publish.payload, publish.qos,
+                                           publish.mid, publish.dup, time.time()))
+                    continue
             if read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self.socket() is not sock:
                 return
+            in_packet = self._client._in_packet  # noqa: SLF001 - paho replaces it on reconnect
         if sock.eof and not sock.buffered and self.socket() is sock:
             read()  # paho sees end-of-stream and reports the disconnect
 

@@ -81,6 +81,15 @@ class CoalescingSocket:
     def pending(self) -> int:
         return self.buffered
 
+    @property
+    def buffer(self) -> tuple[bytes, int]:
+        """The read buffer and the offset of the first unconsumed byte."""
+        return self._rbuf, self._rpos
+
+    def consume(self, end: int) -> None:
+        """Mark the buffer consumed up to ``end`` (a packet taken out by the link)."""
+        self._rpos = end
+
     # -- writing --------------------------------------------------------------------------
 
     @property
