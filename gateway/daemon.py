@@ -119,7 +119,7 @@ class Gateway:
             ingest.step(woke)
             for sink in sinks:
                 sink.step(woke)
-            if got and not any(link.backlog for link in links):
+            if got and not any(link.busy for link in links):
                 # Coalesce: let the next messages gather instead of waking for each one.
                 rest = interval - (time.monotonic() - woke)
                 if rest > 0:

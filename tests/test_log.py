@@ -143,3 +143,24 @@ def test_seq_never_goes_back_after_everything_was_removed(tmp_path):
     store.close()
     store = LogStore(_cfg(tmp_path, max_age=60), "gw")
     assert store.next_seq == 11
+
+
+def test_full_disk_is_survived_and_reported(tmp_path, caplog):
+    """SQLite's own "database or disk is full" (max_page_count stands in for the disk)."""
+    store = LogStore(_cfg(tmp_path), "gw")
+    store.append([_msg(0)], now=NOW)
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    results = [store.append([_msg(i) for i in range(k * 200, k * 200 + 200)], now=NOW)
+               for k in range(1, 6)]
+    assert any(r.accepted == 0 for r in results)      # refused, not raised
+    assert store.full
+    assert store.counters["full_episodes"] == 1
+    assert caplog.text.count("Log full (disk is full)") == 1
+    kept = _bodies(store, tmp_path / "log.db")
+    assert [r["seq"] for r in kept] == list(range(1, len(kept) + 1))  # nothing half-written
+    store._conn.execute("PRAGMA max_page_count = 1000000")   # space again
+    store._disk_retry_at = 0.0
+    store.housekeeping(force=True)
+    assert not store.full
+    assert store.append([_msg(9999)], now=NOW).accepted == 1

@@ -34,6 +34,8 @@ KIND_TELEMETRY = 0
 _TRIM_TO = 0.9
 # How often expired records are removed and cursors/counters are made durable when idle.
 _HOUSEKEEPING_EVERY = 1.0
+# After the disk filled up, wait this long before trying to write again.
+_DISK_FULL_RETRY = 10.0
 # Message keys remembered for spotting site redeliveries; must exceed the messages a broker
 # can have unacknowledged in one session (site.receive_maximum, at most 65535).
 _TAIL_KEYS = 65_536
@@ -91,6 +93,7 @@ class LogStore:
         )
         self._counters_saved = Counter(self.counters)
         self._full = False
+        self._disk_retry_at = 0.0
         self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
         self._recent_keys: Counter[int] = Counter()
         # Keys of the last messages appended, newest last; seeded from the file so that a
@@ -198,50 +201,52 @@ class LogStore:
         refused = False
         limit = self._cfg.max_bytes
         dlq_cap = self._cfg.dlq_max_payload
-        for msg in messages:
-            outcome = msg.outcome
-            if isinstance(outcome, DeadLetter):
-                dead.append((msg.received, msg.topic, outcome.reason.value, outcome.detail,
-                             len(msg.payload), msg.payload[:dlq_cap]))
-                accepted += 1
-                continue
-            body = b",".join(
-                [orjson.dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
-                 for i, (dev, ts, metrics) in enumerate(outcome)]
-            )
-            size = len(body) + ROW_OVERHEAD
-            if self.bytes + added + size > limit and not self._make_room(added + size):
-                refused = True
-                break
-            rows.append((seq, len(outcome), KIND_TELEMETRY, now, msg.key, body))
-            seq += len(outcome)
-            readings += len(outcome)
-            added += size
-            accepted += 1
-        if not rows and not dead:
-            return AppendResult(0, 0, 0)
+        conn = self._conn
         try:
-            self._conn.execute("BEGIN")
+            # Room is made inside the transaction: the rows dropped at the cap and the rows
+            # that replace them are committed together, or neither is.
+            conn.execute("BEGIN")
+            for msg in messages:
+                outcome = msg.outcome
+                if isinstance(outcome, DeadLetter):
+                    dead.append((msg.received, msg.topic, outcome.reason.value,
+                                 outcome.detail, len(msg.payload), msg.payload[:dlq_cap]))
+                    accepted += 1
+                    continue
+                body = b",".join(
+                    [orjson.dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
+                     for i, (dev, ts, metrics) in enumerate(outcome)]
+                )
+                size = len(body) + ROW_OVERHEAD
+                if self.bytes + added + size > limit and not self._make_room(added + size):
+                    refused = True
+                    break
+                rows.append((seq, len(outcome), KIND_TELEMETRY, now, msg.key, body))
+                seq += len(outcome)
+                readings += len(outcome)
+                added += size
+                accepted += 1
             if rows:
-                self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+                conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
             if dead:
-                self._conn.executemany(
+                conn.executemany(
                     "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
                     "VALUES (?,?,?,?,?,?)", dead,
                 )
-                self._dlq_count += len(dead)
-                if self._dlq_count > self._cfg.dlq_max_rows:
-                    self._trim_dead_letters()
-            for entry in dead:
-                self.counters[f"dead_letters.{entry[2]}"] += 1
-            self.counters["readings"] += readings
-            self._conn.execute("COMMIT")
+                if self._dlq_count + len(dead) > self._cfg.dlq_max_rows:
+                    self._trim_dead_letters(self._dlq_count + len(dead))
+            conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._rollback()
+            self._recount()
             if _is_disk_full(err):
-                self._enter_full("disk is full")
+                self._enter_full("disk is full", disk=True)
                 return AppendResult(0, 0, 0)
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+        self._dlq_count = min(self._dlq_count + len(dead), self._cfg.dlq_max_rows)
+        for entry in dead:
+            self.counters[f"dead_letters.{entry[2]}"] += 1
+        self.counters["readings"] += readings
         self.next_seq = seq
         self.bytes += added
         self._tail.extend(row[4] for row in rows)
@@ -307,9 +312,12 @@ class LogStore:
                             reason, count)
                 del self._drop_episodes[reason]
 
-    def _enter_full(self, why: str) -> None:
+    def _enter_full(self, why: str, *, disk: bool = False) -> None:
+        if disk:
+            self._disk_retry_at = time.monotonic() + _DISK_FULL_RETRY
         if not self._full:
-            log.warning("Log full (%s): refusing new readings until sinks catch up", why)
+            log.warning("Log full (%s): refusing new readings until %s", why,
+                        "space is freed" if disk else "sinks catch up")
             self._full = True
             self.counters["full_episodes"] += 1
 
@@ -318,14 +326,20 @@ class LogStore:
             log.info("Log accepting readings again")
             self._full = False
 
-    def _trim_dead_letters(self) -> None:
-        excess = self._dlq_count - self._cfg.dlq_max_rows
+    def _trim_dead_letters(self, count: int) -> None:
+        excess = count - self._cfg.dlq_max_rows
         self._conn.execute(
             "DELETE FROM dead_letters WHERE id IN "
             "(SELECT id FROM dead_letters ORDER BY id LIMIT ?)", (excess,)
         )
         self.counters["dead_letters_evicted"] += excess
-        self._dlq_count -= excess
+
+    def _recount(self) -> None:
+        """Re-read sizes after a rolled-back transaction (trimming may have been undone)."""
+        body, rows = self._conn.execute(
+            "SELECT COALESCE(SUM(length(body)), 0), count(*) FROM records").fetchone()
+        self.bytes = body + rows * ROW_OVERHEAD
+        self._dlq_count = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
 
     def _save_state(self) -> None:
         """Write next_seq, cursors and changed counters; called inside a transaction.
@@ -371,10 +385,10 @@ class LogStore:
         except sqlite3.Error as err:
             self._rollback()
             if _is_disk_full(err):
-                self._enter_full("disk is full")
+                self._enter_full("disk is full", disk=True)
                 return
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
-        if self._full:
+        if self._full and time.monotonic() >= self._disk_retry_at:
             # Sinks may have caught up: delivered records make room for new ones.
             target = int(self._cfg.max_bytes * _TRIM_TO)
             self._delete_oldest(target, below=self._delivered_below(), reason=None)

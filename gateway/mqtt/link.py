@@ -294,6 +294,12 @@ class MqttLink:
         sock = self.socket()
         return sock is not None and sock.buffered > 0 and not self._read_paused()
 
+    @property
+    def busy(self) -> bool:
+        """More input is waiting than one wake-up took: the owner should not sleep."""
+        sock = self.socket()
+        return sock is not None and (sock.saturated or self.backlog)
+
     def wants_write(self) -> bool:
         sock = self.socket()
         return sock is not None and (sock.wants_write or self._client.want_write())

@@ -31,6 +31,7 @@ class CoalescingSocket:
         self._rpos = 0
         self._wbuf = bytearray()
         self._eof = False
+        self.saturated = False  # the last fill stopped at FILL_MAX: the kernel may hold more
 
     # -- reading --------------------------------------------------------------------------
 
@@ -66,6 +67,7 @@ class CoalescingSocket:
                 break
         self._rbuf = b"".join(chunks) if len(chunks) != 1 else chunks[0]
         self._rpos = 0
+        self.saturated = total >= FILL_MAX
 
     def recv(self, bufsize: int) -> bytes:
         # Served from the buffer only: the owner fills it once per wake-up, so one poll
