@@ -37,13 +37,11 @@ class Sink(Protocol):
     def finish(self) -> None: ...
 
 
-def _uplink(cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics) -> Sink | None:
-    return uplink.UplinkSink(cfg, store, metrics) if cfg.cloud is not None else None
+SinkFactory = Callable[[GatewayConfig, LogStore, GatewayMetrics], Sink]
 
-
-# The sinks this gateway knows, by name; each returns None when its section is not configured.
-SINKS: dict[str, Callable[[GatewayConfig, LogStore, GatewayMetrics], Sink | None]] = {
-    uplink.NAME: _uplink,
+# The sinks this gateway knows, by name: (is it configured?, how to build it).
+SINKS: dict[str, tuple[Callable[[GatewayConfig], bool], SinkFactory]] = {
+    uplink.NAME: (lambda cfg: cfg.cloud is not None, uplink.UplinkSink),
 }
 
 
@@ -51,11 +49,11 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.metrics = GatewayMetrics()
-        self.store = LogStore(cfg.log, cfg.gateway_id)
+        enabled = [name for name, (configured, _) in SINKS.items() if configured(cfg)]
+        self.store = LogStore(cfg.log, cfg.gateway_id, enabled)
         self.metrics.watch_log(self.store.counter_snapshot)
-        self.sinks: list[Sink] = [
-            sink for make in SINKS.values() if (sink := make(cfg, self.store, self.metrics))
-        ]
+        self.sinks: list[Sink] = [SINKS[name][1](cfg, self.store, self.metrics)
+                                  for name in enabled]
         self.ingest = IngestService(cfg, self.store, self.metrics)
         self._watch_gauges()
         self._stopping = threading.Event()
@@ -98,11 +96,17 @@ class Gateway:
         except FieldgateError as err:
             log.error("Stopping: %s", err)  # noqa: TRY400 - a known error, one line
             code = 1
-        # Ingest first: its last commit is what the sinks then forward.
-        self.ingest.finish()
-        for sink in self.sinks:
-            sink.finish()
-        self.store.close()
+        finally:
+            # Ingest first: its last commit is what the sinks then forward.
+            try:
+                self.ingest.finish()
+            except FieldgateError as err:
+                log.error("Stopping: %s", err)  # noqa: TRY400 - a known error, one line
+                code = 1
+            finally:
+                for sink in self.sinks:
+                    sink.finish()
+                self.store.close()
         log.info("Gateway stopped")
         return code
 

@@ -19,7 +19,7 @@ NOW = time.time()
 
 def _msg(i: int, device: str = "d", ts: float = 1000.0) -> Message:
     payload = orjson.dumps({"i": i})
-    return Message("sensors/d/telemetry", payload, message_key("sensors/d/telemetry", payload),
+    return Message("sensors/d/telemetry", payload, message_key("sensors/d/telemetry", payload, i),
                    [(device, ts + i, {"i": i, "pad": 12345.5})], 0.0)
 
 
@@ -35,11 +35,11 @@ def _bodies(store: LogStore, path) -> list[dict]:
 
 
 def test_append_assigns_consecutive_seqs_and_survives_reopen(tmp_path):
-    store = LogStore(_cfg(tmp_path), "gw")
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
     result = store.append([_msg(i) for i in range(5)], now=NOW)
     assert (result.accepted, result.readings) == (5, 5)
     store.close()
-    store = LogStore(_cfg(tmp_path), "gw")
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
     assert store.next_seq == 6
     store.append([_msg(5)], now=NOW)
     got = _bodies(store, tmp_path / "log.db")
@@ -49,12 +49,12 @@ def test_append_assigns_consecutive_seqs_and_survives_reopen(tmp_path):
 
 
 def test_cursor_ack_is_durable(tmp_path):
-    store = LogStore(_cfg(tmp_path), "gw")
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
     assert store.cursor("uplink") == 1
     store.append([_msg(i) for i in range(3)], now=NOW)
     store.ack("uplink", 3)
     store.close()
-    assert LogStore(_cfg(tmp_path), "gw").cursor("uplink") == 3
+    assert LogStore(_cfg(tmp_path), "gw", ["uplink"]).cursor("uplink") == 3
 
 
 def test_log_belongs_to_one_gateway(tmp_path):
@@ -66,13 +66,13 @@ def test_log_belongs_to_one_gateway(tmp_path):
 def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / "log.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(LogCorruptError) as info:
-        LogStore(_cfg(tmp_path), "gw")
+        LogStore(_cfg(tmp_path), "gw", ["uplink"])
     assert str(tmp_path / "log.db") in str(info.value)
     assert "move it aside" in str(info.value)
 
 
 def test_drop_oldest_prefers_delivered_then_counts(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_bytes=65536), "gw")
+    store = LogStore(_cfg(tmp_path, max_bytes=65536), "gw", ["uplink"])
     store.cursor("uplink")
     store.append([_msg(i) for i in range(300)], now=NOW)
     store.ack("uplink", 301)           # all 300 delivered
@@ -89,7 +89,7 @@ def test_drop_oldest_prefers_delivered_then_counts(tmp_path):
 
 
 def test_refuse_accepts_a_prefix_then_nothing(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw")
+    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw", ["uplink"])
     store.cursor("uplink")
     result = store.append([_msg(i) for i in range(2000)], now=NOW)
     assert 0 < result.accepted < 2000
@@ -102,7 +102,7 @@ def test_refuse_accepts_a_prefix_then_nothing(tmp_path):
 
 
 def test_dead_letters_are_stored_bounded_and_counted(tmp_path):
-    store = LogStore(_cfg(tmp_path, dlq_max_rows=3, dlq_max_payload=8), "gw")
+    store = LogStore(_cfg(tmp_path, dlq_max_rows=3, dlq_max_payload=8), "gw", ["uplink"])
     bad = [Message("t/x", b"0123456789abcdef", 1, DeadLetter(Reason.BAD_JSON, "not JSON"), 5.0)
            for _ in range(5)]
     result = store.append(bad, now=NOW)
@@ -116,7 +116,7 @@ def test_dead_letters_are_stored_bounded_and_counted(tmp_path):
 
 
 def test_expiry_drops_old_records_and_counts_undelivered(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_age=60), "gw")
+    store = LogStore(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
     store.cursor("uplink")
     store.append([_msg(i) for i in range(10)], now=NOW - 100)
     store.ack("uplink", 5)             # 4 delivered, 6 not
@@ -127,7 +127,7 @@ def test_expiry_drops_old_records_and_counts_undelivered(tmp_path):
 
 
 def test_redelivery_detection_uses_the_tail(tmp_path):
-    store = LogStore(_cfg(tmp_path), "gw")
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
     msgs = [_msg(i) for i in range(5)]
     store.append(msgs, now=NOW)
     store.remember_tail(3)
@@ -137,17 +137,17 @@ def test_redelivery_detection_uses_the_tail(tmp_path):
 
 
 def test_seq_never_goes_back_after_everything_was_removed(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_age=60), "gw")
+    store = LogStore(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
     store.append([_msg(i) for i in range(10)], now=NOW - 100)
     store.housekeeping(now=NOW, force=True)      # all expired
     store.close()
-    store = LogStore(_cfg(tmp_path, max_age=60), "gw")
+    store = LogStore(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
     assert store.next_seq == 11
 
 
 def test_full_disk_is_survived_and_reported(tmp_path, caplog):
     """SQLite's own "database or disk is full" (max_page_count stands in for the disk)."""
-    store = LogStore(_cfg(tmp_path), "gw")
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
     store.append([_msg(0)], now=NOW)
     pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
     store._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
@@ -164,3 +164,15 @@ def test_full_disk_is_survived_and_reported(tmp_path, caplog):
     store.housekeeping(force=True)
     assert not store.full
     assert store.append([_msg(9999)], now=NOW).accepted == 1
+
+
+def test_a_removed_sink_does_not_pin_the_log(tmp_path, caplog):
+    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw", ["uplink"])
+    store.cursor("uplink")
+    store.close()
+    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw", [])
+    assert "not configured" in caplog.text
+    for k in range(10):  # 10x the cap: nothing waits for the removed sink
+        assert store.append([_msg(i) for i in range(k * 200, k * 200 + 200)], now=NOW).accepted \
+            == 200
+    assert not store.full

@@ -32,6 +32,14 @@ def test_partial_overlaps_get_subscription_identifiers():
     assert m is not None and m.sub_id == 1  # first in config order when equally specific
 
 
+def test_a_covered_template_takes_the_identifier_of_its_covering_filter():
+    templates = _t("s/{device}/telemetry", "s/{device}/{metric}", "{device}/x/telemetry")
+    assert templates.filters == [("+/x/telemetry", 1), ("s/+/+", 2)]
+    m = templates.match("s/gh/telemetry")
+    assert m is not None and m.format is PayloadFormat.JSON
+    assert m.sub_id == 2  # the copy the broker sends for s/+/+ is the one to process
+
+
 def test_disjoint_filters_carry_no_identifiers():
     templates = _t("site1/{device}/telemetry", "site2/{device}/{metric}")
     assert templates.filters == [("site1/+/telemetry", None), ("site2/+/+", None)]

@@ -161,7 +161,7 @@ def _loads(payload: bytes) -> Any:
         # orjson refuses NaN and Infinity; tell those apart from broken JSON for the operator.
         try:
             json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise _Reject(Reason.BAD_JSON, f"not JSON: {err}") from None
         raise _Reject(Reason.NON_FINITE, "payload contains NaN or Infinity") from None
 

@@ -117,7 +117,7 @@ class IngestService:
                     # A copy sent for an overlapping, less specific subscription.
                     order.append(-1)
                     continue
-            key = message_key(msg.topic, msg.payload)
+            key = message_key(msg.topic, msg.payload, msg.mid)
             if msg.dup and store.is_redelivery(key):
                 order.append(-1)
                 duplicates += 1

@@ -42,14 +42,27 @@ class TopicTemplates:
     """
 
     def __init__(self, subscriptions: list[Subscription]) -> None:
+        # A broker sends one copy of a message per matching subscription, so a filter that
+        # another one covers (sensors/+/telemetry under sensors/+/+) is not subscribed to:
+        # match() sorts templates out locally. Kept filters that still overlap in part get
+        # subscription identifiers (1-based position in self._filters); a template's copy is
+        # the one for the first kept filter that covers it. Without overlaps no identifiers
+        # are sent, so PUBLISH packets carry no properties (our fast path).
+        all_filters = {filter_of(tuple(s.topic.split("/"))) for s in subscriptions}
+        self._filters = sorted(f for f in all_filters
+                               if not any(g != f and _covers(g, f) for g in all_filters))
+        self._use_ids = any(_overlaps(f, g) for f in self._filters for g in self._filters
+                            if f < g)
         templates = []
-        for index, sub in enumerate(subscriptions):
+        for sub in subscriptions:
             levels = tuple(sub.topic.split("/"))
+            own = filter_of(levels)
+            sub_id = next(i for i, f in enumerate(self._filters, 1) if _covers(f, own))
             templates.append(
                 _Template(
                     levels=levels,
                     format=sub.format,
-                    sub_id=index + 1,
+                    sub_id=sub_id,
                     device_at=levels.index("{device}"),
                     metric_at=levels.index("{metric}") if "{metric}" in levels else None,
                 )
@@ -59,19 +72,8 @@ class TopicTemplates:
 
     @property
     def filters(self) -> list[tuple[str, int | None]]:
-        """(MQTT filter, subscription identifier or None) to subscribe to.
-
-        A broker sends one copy of a message per matching subscription, so a filter that
-        another one covers (``sensors/+/telemetry`` under ``sensors/+/+``) is left out:
-        ``match`` sorts templates out locally. Filters that still overlap in part get
-        subscription identifiers, which say which copy belongs to the template ``match``
-        picks; without overlaps none are sent, so PUBLISH packets carry no properties.
-        """
-        filters = {filter_of(t.levels): t.sub_id for t in self._templates}
-        kept = {f: i for f, i in filters.items()
-                if not any(g != f and _covers(g, f) for g in filters)}
-        overlap = any(_overlaps(f, g) for f in kept for g in kept if f < g)
-        return sorted((f, i if overlap else None) for f, i in kept.items())
+        """(MQTT filter, subscription identifier or None) to subscribe to."""
+        return [(f, i if self._use_ids else None) for i, f in enumerate(self._filters, 1)]
 
     def match(self, topic: str) -> TopicMatch | None:
         try:

@@ -62,14 +62,17 @@ class AppendResult:
     dead_letters: int
 
 
-def message_key(topic: str, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(topic.encode()))
+def message_key(topic: str, payload: bytes, mid: int) -> int:
+    """Identifies a site message for redelivery checks: a broker redelivers with the same
+    packet id (MQTT 4.4), so the id plus a checksum of topic and payload tells a redelivery
+    from a new message that merely carries the same value."""
+    return (mid << 32) | zlib.crc32(payload, zlib.crc32(topic.encode()))
 
 
 class LogStore:
     """Append-only durable log of readings with one cursor per sink."""
 
-    def __init__(self, cfg: LogSection, gateway_id: str) -> None:
+    def __init__(self, cfg: LogSection, gateway_id: str, sinks: Sequence[str] = ()) -> None:
         self._cfg = cfg
         self._path: Path = cfg.path
         self._conn = connect(cfg.path, synchronous=cfg.synchronous.value.upper())
@@ -84,9 +87,13 @@ class LogStore:
         # consumers de-duplicate by seq.
         self.next_seq: int = max(row[0], int(saved[0]) if saved else 1)
         self.bytes: int = row[1] + row[2] * ROW_OVERHEAD
-        self._cursors: dict[str, int] = dict(
-            self._conn.execute("SELECT sink, next_seq FROM cursors")
-        )
+        # Only configured sinks hold records back; a sink that was removed from the config
+        # must not pin the log (its cursor stays in the file, for `gateway log stats`).
+        stored = dict(self._conn.execute("SELECT sink, next_seq FROM cursors"))
+        for name in sorted(set(stored) - set(sinks)):
+            log.warning("Log has a cursor for sink %r, which is not configured; ignoring it",
+                        name)
+        self._cursors: dict[str, int] = {k: v for k, v in stored.items() if k in sinks}
         self._cursors_dirty = False
         self.counters: Counter[str] = Counter(
             dict(self._conn.execute("SELECT name, value FROM counters"))
@@ -249,7 +256,7 @@ class LogStore:
         self.counters["readings"] += readings
         self.next_seq = seq
         self.bytes += added
-        self._tail.extend(row[4] for row in rows)
+        self._tail.extend(msg.key for msg in messages[:accepted])
         if not refused:
             self._leave_full()
         return AppendResult(accepted, readings, len(dead))
@@ -380,38 +387,56 @@ class LogStore:
         try:
             self._conn.execute("BEGIN")
             self._expire(now - self._cfg.max_age)
+            if self._full and time.monotonic() >= self._disk_retry_at:
+                # Sinks may have caught up: delivered records make room for new ones.
+                target = int(self._cfg.max_bytes * _TRIM_TO)
+                self._delete_oldest(target, below=self._delivered_below(), reason=None)
             self._save_state()
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._rollback()
+            self._recount()
             if _is_disk_full(err):
                 self._enter_full("disk is full", disk=True)
                 return
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
-        if self._full and time.monotonic() >= self._disk_retry_at:
-            # Sinks may have caught up: delivered records make room for new ones.
-            target = int(self._cfg.max_bytes * _TRIM_TO)
-            self._delete_oldest(target, below=self._delivered_below(), reason=None)
-            if self.bytes <= target:
-                self._leave_full()
+        if (self._full and time.monotonic() >= self._disk_retry_at
+                and self.bytes <= int(self._cfg.max_bytes * _TRIM_TO)):
+            self._leave_full()
         if self._drop_episodes:
             self._end_drop_episodes()
 
     def _expire(self, cutoff: float) -> None:
-        row = self._conn.execute(
-            "SELECT MAX(seq), SUM(n), SUM(length(body)), count(*) FROM records WHERE created < ?",
-            (cutoff,),
-        ).fetchone()
-        if row[0] is None:
-            return
+        """Remove records appended before ``cutoff``, oldest first, in seq order.
+
+        Walks the primary key from the oldest row and stops at the first younger one, so
+        this costs nothing when nothing expired (no scan of the table every second). After
+        a clock step back, rows behind a younger one wait for it: nothing is lost early.
+        """
         delivered = self._delivered_below()
-        undelivered = self._conn.execute(
-            "SELECT COALESCE(SUM(n), 0) FROM records WHERE created < ? AND seq >= ?",
-            (cutoff, delivered),
-        ).fetchone()[0]
-        self._conn.execute("DELETE FROM records WHERE seq <= ?", (row[0],))
-        self.bytes -= row[2] + row[3] * ROW_OVERHEAD
-        self._count_drop("age", undelivered)
+        while True:
+            rows = self._conn.execute(
+                "SELECT seq, n, length(body), created FROM records ORDER BY seq LIMIT 1000"
+            ).fetchall()
+            last = None
+            freed = 0
+            undelivered = 0
+            for seq, n, size, created in rows:
+                if created >= cutoff:
+                    break
+                last = seq
+                freed += size + ROW_OVERHEAD
+                if seq + n > delivered:
+                    undelivered += n
+            if last is None:
+                return
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
+                               (str(self.next_seq),))
+            self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
+            self.bytes -= freed
+            self._count_drop("age", undelivered)
+            if last != rows[-1][0] or len(rows) < 1000:
+                return
 
     def close(self) -> None:
         try:

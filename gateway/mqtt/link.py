@@ -26,10 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.config import Link
 from gateway.mqtt.inbound import parse_publish
-from gateway.mqtt.socket import CoalescingSocket
+from gateway.mqtt.socket import FILL_MAX, CoalescingSocket
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +215,13 @@ class MqttLink:
     def _handle_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
             ids = getattr(msg.properties, "SubscriptionIdentifier", None)
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:  # brokers that check UTF-8 never send this
+                topic = msg._topic.decode("utf-8", "replace")  # noqa: SLF001
             # paho hands over bytes (its decoder and ours both build bytes objects).
             payload = cast(bytes, msg.payload)
-            self._on_message(InboundMessage(msg.topic, payload, msg.qos, msg.mid,
+            self._on_message(InboundMessage(topic, payload, msg.qos, msg.mid,
                                             bool(msg.dup), time.time(),
                                             tuple(ids) if ids else ()))
 
@@ -295,6 +300,11 @@ class MqttLink:
         return sock is not None and sock.buffered > 0 and not self._read_paused()
 
     @property
+    def reading(self) -> bool:
+        """False while the owner asked to stop reading (its queue is full)."""
+        return not self._read_paused()
+
+    @property
     def busy(self) -> bool:
         """More input is waiting than one wake-up took: the owner should not sleep."""
         sock = self.socket()
@@ -309,7 +319,7 @@ class MqttLink:
         sock = self.socket()
         if sock is None:
             return
-        if fill:
+        if fill and sock.buffered < FILL_MAX:
             sock.fill()
         paused = self._read_paused
         read = self._client.loop_read
@@ -379,12 +389,15 @@ class MqttLink:
 
     def subscribe(self, filters: Sequence[tuple[str, int | None]], qos: int) -> None:
         """Subscribe to (filter, subscription identifier or None) pairs."""
+        # Retained messages only when the subscription is new: a resumed session must not
+        # get every retained value again as if it were a fresh reading.
+        options = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         for topic, sub_id in filters:
             props = None
             if sub_id is not None:
                 props = _properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = sub_id
-            self._client.subscribe(topic, qos=qos, properties=props)
+            self._client.subscribe(topic, options=options, properties=props)
 
     def ack(self, mid: int, qos: int) -> None:
         self._client.ack(mid, qos)
@@ -454,16 +467,17 @@ def poll_links(links: Sequence[MqttLink], timeout: float) -> bool:
         sock = link.socket()
         if sock is None:
             continue
-        socks[sock] = link
+        if link.reading:
+            socks[sock] = link
         if link.wants_write():
             writers.append(sock)
         backlog = backlog or link.backlog
-    if not socks:
+    if not socks and not writers:
         if timeout > 0:
             time.sleep(min(timeout, *(link.next_wake(now) for link in links)))
         return False
     try:
-        readable, writable, _ = select.select(list(socks), writers, [], 0 if backlog else timeout)
+        readable, _, _ = select.select(list(socks), writers, [], 0 if backlog else timeout)
     except (OSError, ValueError):
         return False  # a socket closed under us; the next tick reconnects
     got = bool(readable) or backlog
@@ -473,6 +487,6 @@ def poll_links(links: Sequence[MqttLink], timeout: float) -> bool:
         elif link.backlog:
             link.on_readable(fill=False)
     for link in links:
-        if link.wants_write() or any(s in writable for s in socks if socks[s] is link):
+        if link.wants_write():
             link.flush()
     return got

@@ -147,7 +147,9 @@ class UplinkSink:
             rows = self._reader.read(self._next, max_readings=up.batch_max_readings,
                                      max_bytes=up.batch_max_bytes - len(self._head) - 2)
             if not rows:
-                # Rows below next_seq were dropped at the cap; nothing to send until new ones.
+                # Everything from here on was removed (cap or age) before it could be sent.
+                self._next = max(self._next, self._store.next_seq)
+                self._waiting_since = None
                 return
             payload = self._head + b",".join([r.body for r in rows]) + b"]}"
             last = rows[-1].seq + rows[-1].n - 1
@@ -165,10 +167,17 @@ class UplinkSink:
             self._waiting_since = now if self._store.next_seq > self._next else None
         self.link.flush()
 
+    def _can_publish(self, now: float) -> bool:
+        return (self.link.connected and len(self._inflight) < self._up.max_inflight
+                and now >= self._retry_at
+                and not (self._inflight and self._inflight[0].state == -1))
+
     def next_wake(self, now: float) -> float:
         wake = self.link.next_wake(now)
-        if self._waiting_since is not None:
+        if self._waiting_since is not None and self._can_publish(now):
             wake = min(wake, max(0.0, self._waiting_since + self._up.batch_max_delay - now))
+        elif self._retry_at > now:
+            wake = min(wake, self._retry_at - now)
         return min(wake, _POLL_MAX)
 
     def step(self, now: float) -> None:
