@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,12 +62,16 @@ class Link(_Section):
     )
     cert_file: Path | None = Field(None, description="Client certificate (mutual TLS)")
     key_file: Path | None = Field(None, description="Client private key (mutual TLS)")
-    keepalive: Duration = Field(30.0, description="MQTT keepalive interval")
+    keepalive: Duration = Field(30.0, ge=1, le=65535, description="MQTT keepalive interval")
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError(
+                "credentials in the URL are not accepted; use username and password_file"
+            )
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
         if not parts.hostname:
@@ -75,10 +80,6 @@ class Link(_Section):
             _ = parts.port
         except ValueError as err:
             raise ValueError(f"{value!r} has a bad port") from err
-        if parts.username or parts.password:
-            raise ValueError(
-                "credentials in the URL are not accepted; use username and password_file"
-            )
         return value
 
     @property
@@ -93,6 +94,27 @@ class Link(_Section):
     def port(self) -> int:
         return urlsplit(self.url).port or (8883 if self.tls else 1883)
 
+    def ssl_context(self, name: str = "") -> ssl.SSLContext:
+        """The TLS context for this link; ConfigError naming the file when one is unusable."""
+        where = f"{name}." if name else ""
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file else None
+            )
+        except (ssl.SSLError, OSError) as err:
+            raise ConfigError([f"{where}ca_file: {str(self.ca_file)!r} is not a usable CA "
+                               f"bundle ({err})"]) from None
+        if self.cert_file and self.key_file:
+            try:
+                # An encrypted key would prompt on a terminal; fail instead.
+                context.load_cert_chain(str(self.cert_file), str(self.key_file),
+                                        password=lambda: "")
+            except (ssl.SSLError, OSError) as err:
+                raise ConfigError([f"{where}cert_file/key_file: {str(self.cert_file)!r} and "
+                                   f"{str(self.key_file)!r} do not make a usable client "
+                                   f"certificate (unencrypted key expected): {err}"]) from None
+        return context
+
     def password(self) -> str | None:
         """Read the password from its file or variable (never stored on the model)."""
         return read_secret(self.password_file, self.password_env, "password")
@@ -102,7 +124,7 @@ class SiteLink(Link):
     """The site broker that sensors publish to."""
 
     session_expiry: Duration = Field(
-        7 * 86400.0,
+        7 * 86400.0, ge=0, le=4294967295,
         description="How long the site broker keeps our session (and queues readings) "
         "while the gateway is down",
     )
@@ -181,13 +203,13 @@ class Ingest(_Section):
     max_metrics: int = Field(64, ge=1, description="Most metrics in one reading")
     max_readings: int = Field(1000, ge=1, description="Most readings in one JSON array")
     max_past: Duration = Field(
-        30 * 86400.0, description="Readings timestamped further in the past are rejected"
+        30 * 86400.0, gt=0, description="Readings timestamped further in the past are rejected"
     )
     max_future: Duration = Field(
-        300.0, description="Readings timestamped further in the future are rejected"
+        300.0, ge=0, description="Readings timestamped further in the future are rejected"
     )
     commit_interval: Duration = Field(
-        0.02,
+        0.02, gt=0, le=1,
         description="Group commit: how often received readings are made durable and "
         "acknowledged; longer costs latency, shorter costs CPU per reading (each commit "
         "wakes the gateway and fsyncs)",
@@ -212,7 +234,8 @@ class LogSection(_Section):
         1024**3, ge=64 * 1024,
         description="Cap on stored record bytes; delivered records go first",
     )
-    max_age: Duration = Field(7 * 86400.0, description="Records older than this are removed")
+    max_age: Duration = Field(7 * 86400.0, gt=0,
+                              description="Records older than this are removed")
     when_full: WhenFull = Field(
         WhenFull.DROP_OLDEST,
         description="At the cap with undelivered records: drop_oldest (counted) or refuse "
@@ -235,7 +258,7 @@ class Uplink(_Section):
     batch_max_readings: int = Field(500, ge=1, description="Most readings in one message")
     batch_max_bytes: ByteSize = Field(256 * 1024, description="Largest message payload")
     batch_max_delay: Duration = Field(
-        0.2, description="Longest a reading waits for its batch to fill"
+        0.2, gt=0, description="Longest a reading waits for its batch to fill"
     )
     max_inflight: int = Field(
         16, ge=1, le=1000,
@@ -243,9 +266,11 @@ class Uplink(_Section):
         "latency, costs memory and duplicates after a reconnect",
     )
     gzip: bool = Field(False, description="Compress batches (flagged in a user property)")
-    backoff_min: Duration = Field(1.0, description="First reconnect delay")
-    backoff_max: Duration = Field(60.0, description="Longest reconnect delay (with jitter)")
-    status_interval: Duration = Field(60.0, description="How often the status message is renewed")
+    backoff_min: Duration = Field(1.0, gt=0, description="First reconnect delay")
+    backoff_max: Duration = Field(60.0, gt=0,
+                                  description="Longest reconnect delay (with jitter)")
+    status_interval: Duration = Field(60.0, gt=0,
+                                      description="How often the status message is renewed")
 
 
 class Metrics(_Section):
@@ -282,6 +307,17 @@ class GatewayConfig(_Section):
     log: LogSection = Field(default_factory=LogSection, description="Durable log")
     uplink: Uplink = Field(default_factory=Uplink, description="Cloud forwarding")
     metrics: Metrics = Field(default_factory=Metrics, description="Metrics endpoint")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GatewayConfig:
+        if self.ingest.max_payload * 4 > self.log.max_bytes:
+            raise ValueError(
+                f"log.max_bytes {self.log.max_bytes} must be at least 4x ingest.max_payload "
+                f"{self.ingest.max_payload}; raise log.max_bytes or lower ingest.max_payload"
+            )
+        if self.uplink.backoff_min > self.uplink.backoff_max:
+            raise ValueError("uplink.backoff_min must not exceed uplink.backoff_max")
+        return self
 
     @model_validator(mode="after")
     def _distinct_filters(self) -> GatewayConfig:
@@ -385,6 +421,11 @@ def check_config(cfg: GatewayConfig) -> list[str]:
                 problems.append(f"{name}.{field}: {str(value)!r} does not exist")
         if (link.cert_file is None) != (link.key_file is None):
             problems.append(f"{name}: set both cert_file and key_file for mutual TLS")
+        elif link.tls and not any(p.startswith(f"{name}.") and "_file" in p for p in problems):
+            try:
+                link.ssl_context(name)
+            except ConfigError as err:
+                problems.extend(err.problems)
     parent = cfg.log.path.parent
     if not parent.exists():
         problems.append(f"log.path: directory {str(parent)!r} does not exist; create it "

@@ -67,7 +67,10 @@ def replay(cfg: GatewayConfig, conn: sqlite3.Connection, rows: list[DeadLetterRo
     if cfg.site.username is not None:
         client.username_pw_set(cfg.site.username, cfg.site.password())
     if cfg.site.tls:
-        client.tls_set(ca_certs=str(cfg.site.ca_file) if cfg.site.ca_file else None)
+        client.tls_set_context(cfg.site.ssl_context("site"))
+    # The broker's verdict per publish: a PUBACK can refuse (e.g. 0x87 not authorized).
+    verdicts: dict[int, int] = {}
+    client.on_publish = lambda _c, _u, mid, rc, _p: verdicts.__setitem__(mid, rc.value)
     try:
         client.connect(cfg.site.host, cfg.site.port, keepalive=30)
     except OSError as err:
@@ -78,10 +81,14 @@ def replay(cfg: GatewayConfig, conn: sqlite3.Connection, rows: list[DeadLetterRo
         infos = [(row, client.publish(row.topic, row.payload, qos=1)) for row in rows]
         deadline = time.monotonic() + timeout
         done = []
+        refused: set[int] = set()
         for row, info in infos:
             info.wait_for_publish(max(0.1, deadline - time.monotonic()))
             if info.is_published():
-                done.append(row.id)
+                if verdicts.get(info.mid, 0) < 0x80:
+                    done.append(row.id)
+                else:
+                    refused.add(verdicts[info.mid])
     finally:
         client.disconnect()
         client.loop_stop()
@@ -89,4 +96,9 @@ def replay(cfg: GatewayConfig, conn: sqlite3.Connection, rows: list[DeadLetterRo
     conn.executemany("UPDATE dead_letters SET replayed = ? WHERE id = ?",
                      [(now, i) for i in done])
     conn.commit()
+    if refused:
+        codes = ", ".join(f"0x{c:02x}" for c in sorted(refused))
+        raise FieldgateError(f"The site broker refused {len(infos) - len(done)} of the "
+                             f"replayed messages (reason {codes}); check that site.username "
+                             "may publish on those topics")
     return len(done)

@@ -56,7 +56,7 @@ class Mosquitto:
     """
 
     def __init__(self, workdir: Path, name: str, *, tls: tuple[Path, Path, Path] | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, extra: str = "") -> None:
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ class Mosquitto:
                             "-U", str(passwd)], check=True)
             conf = conf.replace("allow_anonymous true", "allow_anonymous false")
             conf += f"password_file {passwd}\n"
-        self.conf.write_text(conf)
+        self.conf.write_text(conf + extra)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -127,3 +127,29 @@ def test_defaults_are_safe():
     assert cfg.cloud is None
     assert cfg.log.synchronous.value == "full"
     assert cfg.metrics.listen is not None and cfg.metrics.listen.startswith("127.0.0.1:")
+
+
+def test_url_credentials_are_refused_without_echoing_them():
+    problems = _problems({"gateway_id": "g", "site": {"url": "mqtt+ssl://gw1:s3cret@host:99"}})
+    assert len(problems) == 1
+    assert "credentials in the URL" in problems[0]
+    assert "s3cret" not in problems[0]
+
+
+def test_ranges_and_cross_checks():
+    problems = _problems({"gateway_id": "g", "site": {"keepalive": "1d"},
+                          "uplink": {"backoff_min": 0}, "log": {"max_age": "0s"}})
+    assert [p.split(":")[0] for p in problems] == ["site.keepalive", "log.max_age",
+                                                   "uplink.backoff_min"]
+    problems = _problems({"gateway_id": "g", "log": {"max_bytes": "64KiB"}})
+    assert "at least 4x ingest.max_payload" in problems[0]
+
+
+def test_unusable_tls_files_are_one_line_each(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate")
+    cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                        "cloud": {"url": "mqtts://h", "ca_file": str(ca)}})
+    problems = check_config(cfg)
+    assert len(problems) == 1
+    assert problems[0].startswith("cloud.ca_file:") and "not a usable CA bundle" in problems[0]

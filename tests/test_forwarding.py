@@ -41,3 +41,22 @@ def test_every_reading_arrives_in_order_per_device(site, cloud, make_gateway):
     assert sink.wait_for(lambda: sink.status[-1]["state"] == "offline", 5)
     assert sink.status[-1]["reason"] == "shutdown"
     sink.close()
+
+
+def test_batches_fit_the_cloud_brokers_maximum_packet_size(site, make_gateway, tmp_path):
+    from gateway.mosquitto import Mosquitto
+
+    cloud = Mosquitto(tmp_path, "small-cloud", extra="max_packet_size 16384\n").start()
+    try:
+        gw = make_gateway(site, cloud).start()
+        sink = CloudCollector(cloud.port, gw.gateway_id)
+        pub = Publisher(site.port)
+        for i in range(3000):
+            pub.publish("sensors/d/telemetry", orjson.dumps({"i": i, "temperature": 21.5}))
+        pub.close()
+        assert sink.wait_for(lambda: len(sink.unique()) == 3000, 20), gw.log()
+        assert sorted(r["i"] for r in sink.unique().values()) == list(range(3000))
+        assert gw.stop() == 0
+        sink.close()
+    finally:
+        cloud.stop()

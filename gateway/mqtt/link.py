@@ -15,7 +15,6 @@ import logging
 import random
 import select
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -92,8 +91,9 @@ class MqttLink:
     """A paho MQTT v5 client whose socket is driven by the owner.
 
     ``on_connected`` runs after every successful CONNACK (subscribe or publish a birth
-    message there); ``on_message`` gets each inbound PUBLISH; ``on_published`` gets
-    (mid, ok) for each PUBACK; ``read_paused`` stops reading while it returns True.
+    message there); ``on_message`` gets each inbound PUBLISH; ``on_published`` gets (mid,
+    reason code) for each PUBACK (below 0x80 is success); ``read_paused`` stops reading
+    while it returns True.
     """
 
     def __init__(
@@ -111,7 +111,7 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         on_connected: Callable[[], None] | None = None,
         on_message: Callable[[InboundMessage], None] | None = None,
-        on_published: Callable[[int, bool], None] | None = None,
+        on_published: Callable[[int, int], None] | None = None,
         on_state: Callable[[bool], None] | None = None,
         read_paused: Callable[[], bool] | None = None,
     ) -> None:
@@ -135,6 +135,9 @@ class MqttLink:
         self._closing = False
         self._paused = False
         self._barrier_mid: int | None = None
+        # What the broker announced in CONNACK (MQTT v5); paho does not enforce these.
+        self.server_receive_maximum = 65535
+        self.server_max_packet: int | None = None
         self.connects = 0
         self.failures = 0
 
@@ -149,12 +152,7 @@ class MqttLink:
         if link.username is not None:
             client.username_pw_set(link.username, link.password())
         if link.tls:
-            context = ssl.create_default_context(
-                cafile=str(link.ca_file) if link.ca_file else None
-            )
-            if link.cert_file and link.key_file:
-                context.load_cert_chain(str(link.cert_file), str(link.key_file))
-            client.tls_set_context(context)
+            client.tls_set_context(link.ssl_context(name))
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         props = _properties(PacketTypes.CONNECT)
@@ -191,6 +189,8 @@ class MqttLink:
             return
         self._connected = True
         self._connecting_since = None
+        self.server_receive_maximum = getattr(_p, "ReceiveMaximum", 65535)
+        self.server_max_packet = getattr(_p, "MaximumPacketSize", None)
         self._backoff.reset()
         self.connects += 1
         if self._outage_logged or self.connects == 1:
@@ -243,7 +243,7 @@ class MqttLink:
 
     def _handle_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         if self._on_published is not None:
-            self._on_published(mid, not rc.is_failure)
+            self._on_published(mid, rc.value)
 
     # -- connecting -----------------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ _DRAIN_ON_STOP = 2.0
 # The loop wakes for every site message anyway, and each wake-up runs step(), which sees new
 # readings; this is only how long the sink may sleep when nothing at all happens.
 _POLL_MAX = 1.0
+# A negative PUBACK with this reason (packet too large) halves the batch size, down to this.
+_PACKET_TOO_LARGE = 0x95
+_MIN_BATCH_BYTES = 4096
 
 
 @dataclass(slots=True)
@@ -63,6 +66,7 @@ class UplinkSink:
         self._retry_at = 0.0
         self._retry = Backoff(self._up.backoff_min, self._up.backoff_max)
         self._last_status = 0.0
+        self._max_bytes = self._up.batch_max_bytes
         self._failures = 0
         self.link = MqttLink(
             name="cloud",
@@ -99,17 +103,20 @@ class UplinkSink:
 
     # -- acknowledgements -----------------------------------------------------------------------
 
-    def _on_published(self, mid: int, ok: bool) -> None:
+    def _on_published(self, mid: int, reason: int) -> None:
         batch = self._by_mid.pop(mid, None)
         if batch is None:
             return  # a status message
-        if ok:
+        if reason < 0x80:
             batch.state = 1
         else:
             batch.state = -1
             self._metrics.uplink_rejected.inc()
-            log.warning("Cloud broker refused batch seq %d-%d; will send it again",
-                        batch.first, batch.end - 1)
+            if reason == _PACKET_TOO_LARGE and self._max_bytes > _MIN_BATCH_BYTES:
+                # Split and retry: smaller batches from now on (Telegraf's 413 rule).
+                self._max_bytes = max(_MIN_BATCH_BYTES, self._max_bytes // 2)
+            log.warning("Cloud broker refused batch seq %d-%d (reason 0x%02x); sending it "
+                        "again after a delay", batch.first, batch.end - 1, reason)
         inflight = self._inflight
         acked_to = None
         while inflight and inflight[0].state == 1:
@@ -132,7 +139,7 @@ class UplinkSink:
 
     def _publish_due(self, now: float, *, drain: bool = False) -> None:
         up = self._up
-        while len(self._inflight) < up.max_inflight and now >= self._retry_at:
+        while len(self._inflight) < self._max_inflight() and now >= self._retry_at:
             if self._inflight and self._inflight[0].state == -1:
                 return
             available = self._store.next_seq - self._next
@@ -145,7 +152,7 @@ class UplinkSink:
                     and now - self._waiting_since < up.batch_max_delay):
                 return
             rows = self._reader.read(self._next, max_readings=up.batch_max_readings,
-                                     max_bytes=up.batch_max_bytes - len(self._head) - 2)
+                                     max_bytes=self._batch_bytes())
             if not rows:
                 # Everything from here on was removed (cap or age) before it could be sent.
                 self._next = max(self._next, self._store.next_seq)
@@ -167,8 +174,19 @@ class UplinkSink:
             self._waiting_since = now if self._store.next_seq > self._next else None
         self.link.flush()
 
+    def _max_inflight(self) -> int:
+        # The broker's Receive Maximum bounds our unacknowledged publishes (room for status).
+        return max(1, min(self._up.max_inflight, self.link.server_receive_maximum - 2))
+
+    def _batch_bytes(self) -> int:
+        limit = self._max_bytes
+        if self.link.server_max_packet is not None:
+            # Leave room for the fixed header, topic and properties.
+            limit = min(limit, self.link.server_max_packet - 512)
+        return max(_MIN_BATCH_BYTES, limit) - len(self._head) - 2
+
     def _can_publish(self, now: float) -> bool:
-        return (self.link.connected and len(self._inflight) < self._up.max_inflight
+        return (self.link.connected and len(self._inflight) < self._max_inflight()
                 and now >= self._retry_at
                 and not (self._inflight and self._inflight[0].state == -1))
 
