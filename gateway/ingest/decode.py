@@ -86,7 +86,7 @@ class Decoder:
             _check_value(match.metric, value)
             return [(match.device, now, {match.metric: value})]
         if isinstance(value, dict):
-            return [self._reading(match.device, value, now, "")]
+            return [self._reading(match.device, value, now, -1)]
         if isinstance(value, list):
             if not value:
                 raise _Reject(Reason.BAD_SHAPE, "empty array")
@@ -96,27 +96,47 @@ class Decoder:
                     f"{len(value)} readings > max_readings {self._cfg.max_readings}",
                 )
             out = []
+            reading = self._reading
+            device = match.device
             for i, item in enumerate(value):
-                if not isinstance(item, dict):
+                if type(item) is not dict:
                     raise _Reject(Reason.BAD_SHAPE, f"reading {i} is {_kind(item)}, not an object")
-                out.append(self._reading(match.device, item, now, f"reading {i}: "))
+                out.append(reading(device, item, now, i))
             return out
         raise _Reject(Reason.BAD_SHAPE, f"payload is {_kind(value)}, not an object or array")
 
-    def _reading(self, device: str, obj: dict[str, Any], now: float, where: str) -> Reading:
+    def _reading(self, device: str, obj: dict[str, Any], now: float, index: int) -> Reading:
+        """One reading object; ``index`` is its place in an array (-1: a lone object).
+
+        This runs once per reading, so the common case is written out flat: numeric ts,
+        known metric names, int/float/bool values. Anything else takes the slow checks.
+        """
         ts_raw = obj.pop("ts", None)
-        ts = now if ts_raw is None else self._timestamp(ts_raw, now, where)
+        if ts_raw is None:
+            ts = now
+        elif type(ts_raw) is float or type(ts_raw) is int:
+            ts = float(ts_raw)
+            if not (now - self._cfg.max_past <= ts <= now + self._cfg.max_future):
+                ts = self._timestamp(ts_raw, now, _where(index))
+        else:
+            ts = self._timestamp(ts_raw, now, _where(index))
         if not obj:
-            raise _Reject(Reason.NO_METRICS, f"{where}no metrics besides ts")
+            raise _Reject(Reason.NO_METRICS, f"{_where(index)}no metrics besides ts")
         if len(obj) > self._cfg.max_metrics:
             raise _Reject(
                 Reason.TOO_MANY_METRICS,
-                f"{where}{len(obj)} metrics > max_metrics {self._cfg.max_metrics}",
+                f"{_where(index)}{len(obj)} metrics > max_metrics {self._cfg.max_metrics}",
             )
+        names = self._names
         for name, value in obj.items():
-            if name not in self._names:
-                self._check_name(name, where)
-            _check_value(name, value, where)
+            if name not in names:
+                self._check_name(name, _where(index))
+            kind = type(value)
+            if kind is float:
+                if not math.isfinite(value):
+                    _check_value(name, value, _where(index))
+            elif kind is not int and kind is not bool:
+                _check_value(name, value, _where(index))
         return (device, ts, obj)
 
     def _check_name(self, name: str, where: str = "") -> None:
@@ -173,6 +193,10 @@ def _check_value(name: str, value: object, where: str = "") -> None:
             raise _Reject(Reason.NON_FINITE, f"{where}metric {name!r} is not finite")
     elif kind is not int and kind is not bool:
         raise _Reject(Reason.WRONG_TYPE, f"{where}metric {name!r} is {_kind(value)}, not a number")
+
+
+def _where(index: int) -> str:
+    return f"reading {index}: " if index >= 0 else ""
 
 
 def _kind(value: object) -> str:
