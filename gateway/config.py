@@ -209,7 +209,7 @@ class Ingest(_Section):
         300.0, ge=0, description="Readings timestamped further in the future are rejected"
     )
     commit_interval: Duration = Field(
-        0.02, gt=0, le=1,
+        0.05, gt=0, le=1,
         description="Group commit: how often received readings are made durable and "
         "acknowledged; longer costs latency, shorter costs CPU per reading (each commit "
         "wakes the gateway and fsyncs)",
