@@ -53,6 +53,9 @@ class GatewayMetrics:
         self.readings = Counter("fieldgate_readings", "Valid readings made durable", registry=r)
         self.redeliveries = Counter("fieldgate_site_redeliveries", "Site messages redelivered "
                                     "(DUP) that were already in the log, skipped", registry=r)
+        self.qos0_dropped = Counter("fieldgate_site_qos0_dropped", "QoS 0 site messages lost "
+                                    "because the connection dropped or the site session was "
+                                    "paused before they were durable", registry=r)
         self.commits = Counter("fieldgate_log_commits", "Group commits of the log", registry=r)
         self.pending = Gauge("fieldgate_ingest_pending", "Messages received and not yet "
                              "durable (unacknowledged)", registry=r)

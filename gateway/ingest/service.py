@@ -64,10 +64,17 @@ class IngestService:
         """Messages received and not yet durable (unacknowledged)."""
         return len(self._pending)
 
-    def _on_connected(self) -> None:
-        # Anything still pending belongs to the previous connection: unacknowledged, so the
-        # broker sends it again in this session.
+    def _drop_pending(self) -> None:
+        """Forget messages not yet durable: the broker redelivers the QoS 1 ones (they were
+        never acknowledged); QoS 0 ones are gone, and counted."""
+        lost = sum(1 for msg in self._pending if msg.qos == 0)
+        if lost:
+            self._metrics.qos0_dropped.inc(lost)
         self._pending.clear()
+
+    def _on_connected(self) -> None:
+        # Anything still pending belongs to the previous connection.
+        self._drop_pending()
         self._store.remember_tail(self._cfg.site.receive_maximum)
         self.link.subscribe(self._topics.filters, qos=1)
 
@@ -84,7 +91,7 @@ class IngestService:
         if self._store.full and not self._paused:
             self._paused = True
             self.link.pause()
-            self._pending.clear()
+            self._drop_pending()
             log.warning("Site session paused while the log is full; the site broker holds "
                         "new readings")
         elif self._paused and not self._store.full:
