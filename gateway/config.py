@@ -261,9 +261,10 @@ class Uplink(_Section):
         0.2, gt=0, description="Longest a reading waits for its batch to fill"
     )
     max_inflight: int = Field(
-        16, ge=1, le=1000,
-        description="Batches published and not yet acknowledged (PUBACK); more hides "
-        "latency, costs memory and duplicates after a reconnect",
+        64, ge=1, le=1000,
+        description="Batches published and not yet acknowledged (PUBACK); more hides the "
+        "cloud round trip (16 capped a busy link at ~130k readings/s here, 64 gave ~220k), "
+        "costs memory (up to max_inflight x batch_max_bytes) and resends after a reconnect",
     )
     gzip: bool = Field(False, description="Compress batches (flagged in a user property)")
     backoff_min: Duration = Field(1.0, gt=0, description="First reconnect delay")
