@@ -58,11 +58,17 @@ class GatewayProcess:
         self.stderr = tmp_path / "gateway.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> GatewayProcess:
+    def launch(self) -> GatewayProcess:
+        """Start the process without waiting for it to connect."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr.open("ab"),
         )
+        return self
+
+    def start(self) -> GatewayProcess:
+        self.launch()
+        assert self.proc is not None
         # Ready when the site subscription is in place: /metrics answers after wiring, and
         # the site link reports connected.
         deadline = time.monotonic() + 15

@@ -204,3 +204,23 @@ def test_sigterm_stops_quickly_with_offline_status(site, cloud, make_gateway):
     assert sink.wait_for(lambda: sink.status[-1]["state"] == "offline", 5)
     assert sink.status[-1]["reason"] == "shutdown"  # our message, not the will
     sink.close()
+
+
+def test_site_broker_down_at_start_then_up(site, cloud, make_gateway):
+    site.stop()
+    gw = make_gateway(site, cloud).launch()
+    assert CloudCollector.wait_for(
+        lambda: (gw.metric('fieldgate_link_connect_failures_total{link="site"}') or 0) >= 1, 10)
+    site.start()
+    assert CloudCollector.wait_for(lambda: gw.metric('fieldgate_link_connected{link="site"}')
+                                   == 1.0, 20), gw.log()
+    time.sleep(0.3)
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = Publisher(site.port)
+    for i in range(100):
+        pub.publish("sensors/d/telemetry", orjson.dumps({"i": i}))
+    pub.close()
+    assert sink.wait_for(lambda: len(sink.unique()) == 100, 10), gw.log()
+    assert gw.log().count("Cannot reach site broker") == 1  # once per outage, not per attempt
+    assert gw.stop() == 0
+    sink.close()
