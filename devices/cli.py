@@ -1,112 +1,193 @@
-"""The `devices` command: simulated sensors publishing to an MQTT broker.
-
-This first version drives a simple fleet (temperature and humidity random walks); fleet
-files, actuators and fault injection come with the emulator issue.
-"""
+"""The `devices` command: simulated sensors and actuators that talk MQTT."""
 
 from __future__ import annotations
 
-import json
-import random
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit
+from typing import Any
 
 import click
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+import orjson
 
 from devices import __version__
+from devices.fleet import Fleet, FleetError, load_fleet, parse_duration, parse_fleet
+from devices.generator import FleetModel
+from devices.simulator import Simulator
 
-# Unacknowledged QoS 1 publishes allowed at once: paho stalls near 65k outstanding message
-# ids, and a larger window only adds memory once the broker keeps up.
-_WINDOW = 1000
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _builtin_fleet(count: int, rate: float, fmt: str, qos: int) -> Fleet:
+    """--devices/--rate without a fleet file: temperature and humidity sensors."""
+    return parse_fleet({"types": {"dev": {
+        "count": count, "interval": count / rate, "qos": qos,
+        "format": "number" if fmt == "number" else "json",
+        "id": "dev-{n}",
+        "metrics": {
+            "temp": {"baseline": 21.0, "noise": 0.1, "walk": 0.05, "daily_amplitude": 3},
+            "hum": {"baseline": 45.0, "noise": 0.3, "walk": 0.1, "min": 0, "max": 100},
+        },
+    }}})
+
+
+def _read_key(key_file: Path | None, key_env: str | None) -> bytes | None:
+    if key_file is not None:
+        try:
+            return key_file.read_text(encoding="utf-8").strip().encode()
+        except OSError as err:
+            _fail(f"cannot read --key-file {str(key_file)!r}: {err.strerror}", 2)
+    if key_env is not None:
+        value = os.environ.get(key_env)
+        if value is None:
+            _fail(f"environment variable {key_env!r} (--key-env) is not set", 2)
+        return value.encode() if value is not None else None
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="devices")
 def main() -> None:
-    """Fieldgate device emulator: simulated sensors talking MQTT."""
-
-
-@main.command()
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="Site broker URL (mqtt://host:port).")
-@click.option("--devices", "count", default=10, show_default=True, help="Number of devices.")
-@click.option("--rate", default=10.0, show_default=True,
-              help="Messages per second, all devices together.")
-@click.option("--duration", default=0.0, help="Seconds to run; 0 runs until Ctrl-C.")
-@click.option("--format", "fmt", type=click.Choice(["json", "number"]), default="json",
-              show_default=True, help="JSON object on sensors/<id>/telemetry, or a bare number "
-              "per metric on sensors/<id>/<metric>.")
-@click.option("--qos", type=click.IntRange(0, 1), default=1, show_default=True)
-@click.option("--seed", default=1, show_default=True, help="Same seed, same series.")
-@click.option("--prefix", default="dev", show_default=True, help="Device id prefix.")
-def simulate(broker: str, count: int, rate: float, duration: float, fmt: str, qos: int,
-             seed: int, prefix: str) -> None:
-    """Publish temperature and humidity readings from COUNT simulated devices.
+    """Fieldgate device emulator: simulated sensors and actuators talking MQTT.
 
     \b
     Example:
-      devices simulate --broker mqtt://127.0.0.1:1883 --devices 50 --rate 200 --duration 60
+      devices simulate --fleet devices/fleets/greenhouse.yaml --duration 60s
     """
-    url = urlsplit(broker)
-    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        raise click.BadParameter(f"{broker!r}: write mqtt://host:port", param_hint="--broker")
-    if rate <= 0 or count <= 0:
-        raise click.BadParameter("--rate and --devices must be positive")
-    rng = random.Random(seed)
-    temp = [20.0 + rng.uniform(-2, 2) for _ in range(count)]
-    hum = [45.0 + rng.uniform(-5, 5) for _ in range(count)]
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    if url.scheme == "mqtts":
-        client.tls_set()
+
+
+@main.command()
+@click.option("--fleet", "fleet_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Fleet file (YAML); without it, --devices sensors at --rate.")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Site broker URL.")
+@click.option("--seed", type=int, help="Random seed (default: the fleet's); same seed, "
+              "same series.")
+@click.option("--duration", default="0s", show_default=True,
+              help="How long to run (wall time); 0s runs until Ctrl-C.")
+@click.option("--rate-scale", default=1.0, show_default=True,
+              help="Publish X times as often (simulated time runs X times faster).")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every published reading as JSONL (for `gateway rules replay`).")
+@click.option("--fault-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the faults injected as JSONL.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="HMAC key for verifying commands (file).")
+@click.option("--key-env", help="HMAC key for verifying commands (environment variable).")
+@click.option("--start", type=float, help="Epoch of the first reading (default: now).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the messages as JSONL instead of publishing (no broker).")
+@click.option("--devices", "count", default=10, show_default=True,
+              help="Without --fleet: number of devices.")
+@click.option("--rate", default=10.0, show_default=True,
+              help="Without --fleet: messages per second, all devices together.")
+@click.option("--format", "fmt", type=click.Choice(["json", "number"]), default="json",
+              show_default=True, help="Without --fleet: payload format.")
+@click.option("--qos", type=click.IntRange(0, 1), default=1, show_default=True,
+              help="Without --fleet: QoS.")
+def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: str,
+             rate_scale: float, record: Path | None, fault_log: Path | None,
+             key_file: Path | None, key_env: str | None, start: float | None, dry_run: bool,
+             count: int, rate: float, fmt: str, qos: int) -> None:
+    """Publish readings from a simulated fleet; actuators obey verified commands.
+
+    \b
+    Examples:
+      devices simulate --fleet devices/fleets/greenhouse.yaml --key-file key.txt
+      devices simulate --devices 500 --rate 5000 --duration 60s
+      devices simulate --fleet devices/fleets/cold-chain.yaml --dry-run --duration 1h
+    """
+    if rate <= 0 or count <= 0 or rate_scale <= 0:
+        _fail("--rate, --devices and --rate-scale must be positive", 2)
     try:
-        client.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883))
-    except OSError as err:
-        click.echo(f"error: cannot reach broker {broker!r}: {err}", err=True)
-        sys.exit(1)
-    client.loop_start()
-    stop = False
+        fleet = load_fleet(fleet_path) if fleet_path else _builtin_fleet(count, rate, fmt, qos)
+    except FleetError as err:
+        for line in err.problems:
+            click.echo(f"{fleet_path}: {line}", err=True)
+        raise SystemExit(2) from None
+    seconds = _duration(duration)
+    key = _read_key(key_file, key_env)
+    model = FleetModel(fleet, seed=seed, start=time.time() if start is None else start,
+                       scale=rate_scale)
+    if dry_run:
+        if not seconds:
+            _fail("--dry-run needs --duration", 2)
+        for out in model.due(seconds * rate_scale):
+            click.echo(orjson.dumps({"t": round(out.t, 6), "topic": out.topic, "qos": out.qos,
+                                     "payload": out.payload.decode("utf-8", "backslashreplace"),
+                                     "fault": out.fault}).decode())
+        _write_faults(fault_log, model.fault_log)
+        return
+    stopping = False
 
     def on_signal(_sig: int, _frame: FrameType | None) -> None:
-        nonlocal stop
-        stop = True
+        nonlocal stopping
+        stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    start = time.monotonic()
-    sent = 0
-    late = 0
-    window: list[paho.MQTTMessageInfo] = []
-    while not stop and (duration <= 0 or time.monotonic() - start < duration):
-        due = start + sent / rate
-        now = time.monotonic()
-        if due > now:
-            time.sleep(due - now)
-        elif now - due > 1.0:
-            late += 1
-        d = sent % count
-        temp[d] += rng.gauss(0, 0.1)
-        hum[d] = min(100.0, max(0.0, hum[d] + rng.gauss(0, 0.3)))
-        device = f"{prefix}-{d}"
-        if fmt == "json":
-            payload = json.dumps({"ts": round(time.time(), 3), "temp": round(temp[d], 2),
-                                  "hum": round(hum[d], 2)})
-            window.append(client.publish(f"sensors/{device}/telemetry", payload, qos=qos))
-        else:
-            window.append(client.publish(f"sensors/{device}/temp", f"{temp[d]:.2f}", qos=qos))
-        sent += 1
-        if len(window) >= _WINDOW:
-            for info in window:
-                info.wait_for_publish(10)
-            window.clear()
-    for info in window:
-        info.wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
-    elapsed = time.monotonic() - start
-    click.echo(f"sent {sent} messages in {elapsed:.1f} s ({sent / max(elapsed, 1e-9):.0f}/s)"
-               + (f"; fell behind the requested rate {late} times" if late else ""))
+    try:
+        sim = Simulator(model, broker=broker, key=key,
+                        record=record.open("wb") if record else None,
+                        say=lambda line: click.echo(line, err=True))
+        stats = sim.run(seconds, lambda: stopping)
+    except ValueError as err:
+        _fail(str(err), 2)
+        return
+    except OSError as err:
+        _fail(f"cannot reach broker {broker!r}: {err}")
+        return
+    _write_faults(fault_log, model.fault_log)
+    rate_done = stats.published / max(stats.elapsed, 1e-9)
+    click.echo(f"sent {stats.published} messages in {stats.elapsed:.1f} s ({rate_done:.0f}/s), "
+               f"{len(model.fault_log)} faults, commands {stats.commands_ok} applied / "
+               f"{stats.commands_refused} refused")
+    if stats.late:
+        click.echo(f"warning: {stats.late} messages went out more than 1 s late (worst "
+                   f"{stats.worst_lag:.1f} s): this machine cannot keep the fleet's rate",
+                   err=True)
+
+
+@main.command()
+@click.argument("fleet_path", type=click.Path(dir_okay=False, path_type=Path))
+def check(fleet_path: Path) -> None:
+    """Validate a fleet file: "ok", or one line per problem.
+
+    \b
+    Example:
+      devices check devices/fleets/greenhouse.yaml
+    """
+    try:
+        fleet = load_fleet(fleet_path)
+    except FleetError as err:
+        for line in err.problems:
+            click.echo(f"{fleet_path}: {line}", err=True)
+        raise SystemExit(2) from None
+    total = sum(t.count for t in fleet.types.values())
+    per_s = sum(t.count / t.interval for t in fleet.types.values())
+    click.echo(f"ok: {total} devices, ~{per_s:.1f} readings/s")
+
+
+def _write_faults(path: Path | None, entries: list[dict[str, Any]]) -> None:
+    if path is None:
+        return
+    with path.open("wb") as fh:
+        for entry in entries:
+            fh.write(orjson.dumps(entry) + b"\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
