@@ -42,10 +42,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-try:  # the broker helper moved from tests/ into the package; accept either place
-    from gateway.mosquitto import Mosquitto, free_port
-except ImportError:
-    from tests.brokers import Mosquitto, free_port
+from gateway.mosquitto import Mosquitto, free_port  # noqa: E402
 
 GATEWAY_ID = "bench-gw"
 DEVICES = 50
