@@ -22,12 +22,14 @@ import orjson
 
 from gateway.config import LogSection, WhenFull
 from gateway.errors import LogError
+from gateway.events import Event, render
 from gateway.ingest.decode import DeadLetter, Reading
 from gateway.log.schema import ROW_OVERHEAD, connect
 
 log = logging.getLogger(__name__)
 
 KIND_TELEMETRY = 0
+KIND_EVENT = 1
 
 # When the cap is hit, trim to this fraction of it so that trimming is not paid on every
 # following commit; a lower value frees more at once but throws away more history.
@@ -77,6 +79,7 @@ class LogStore:
         self._path: Path = cfg.path
         self._conn = connect(cfg.path, synchronous=cfg.synchronous.value.upper())
         self._claim(gateway_id)
+        self._gateway_id = gateway_id
         self._lock = threading.Lock()
         row = self._conn.execute(
             "SELECT COALESCE(MAX(seq + n), 1), COALESCE(SUM(length(body)), 0), count(*) "
@@ -260,6 +263,36 @@ class LogStore:
         if not refused:
             self._leave_full()
         return AppendResult(accepted, readings, len(dead))
+
+    def append_events(self, events: Sequence[Event], now: float | None = None) -> list[int]:
+        """Log events (one row each) in one transaction; returns their sequence numbers.
+
+        Events are few and say what happened to the readings, so they are never refused:
+        at the cap, room is made as for readings (drop_oldest), or the cap is exceeded by
+        them (refuse).
+        """
+        if not events:
+            return []
+        now = time.time() if now is None else now
+        seqs = list(range(self.next_seq, self.next_seq + len(events)))
+        rows = [(seq, 1, KIND_EVENT, now, 0, render(event, self._gateway_id, seq))
+                for seq, event in zip(seqs, events, strict=True)]
+        added = sum(len(r[5]) + ROW_OVERHEAD for r in rows)
+        try:
+            self._conn.execute("BEGIN")
+            if self.bytes + added > self._cfg.max_bytes \
+                    and self._cfg.when_full is WhenFull.DROP_OLDEST:
+                self._make_room(added)
+            self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._rollback()
+            self._recount()
+            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+        self.next_seq = seqs[-1] + 1
+        self.bytes += added
+        self.counters["events"] += len(events)
+        return seqs
 
     def _make_room(self, incoming: int) -> bool:
         """Trim so that ``incoming`` more bytes fit; False when the policy says refuse."""

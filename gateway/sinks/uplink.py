@@ -21,7 +21,7 @@ import orjson
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.log.reader import LogReader
-from gateway.log.store import LogStore
+from gateway.log.store import KIND_EVENT, LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import Backoff, MqttLink
 
@@ -58,6 +58,7 @@ class UplinkSink:
         prefix = f"fieldgate/{cfg.gateway_id}"
         self._telemetry_topic = f"{prefix}/telemetry"
         self._status_topic = f"{prefix}/status"
+        self._events_prefix = f"{prefix}/events/"
         self._head = b'{"gateway":' + orjson.dumps(cfg.gateway_id) + b',"readings":['
         self._next = store.cursor(NAME)     # next seq to publish
         self._inflight: deque[_Batch] = deque()
@@ -158,14 +159,21 @@ class UplinkSink:
                 self._next = max(self._next, self._store.next_seq)
                 self._waiting_since = None
                 return
-            payload = self._head + b",".join([r.body for r in rows]) + b"]}"
             last = rows[-1].seq + rows[-1].n - 1
             props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
+            if rows[0].kind == KIND_EVENT:
+                payload = rows[0].body
+                topic = f"{self._events_prefix}{orjson.loads(payload).get('type', 'unknown')}"
+                content_type = "application/cloudevents+json"
+            else:
+                payload = self._head + b",".join([r.body for r in rows]) + b"]}"
+                topic = self._telemetry_topic
+                content_type = "application/json"
             if up.gzip:
                 payload = gzip.compress(payload, compresslevel=5)
                 props.append(("content-encoding", "gzip"))
-            mid = self.link.publish(self._telemetry_topic, payload, qos=1, user_properties=props,
-                                    content_type="application/json")
+            mid = self.link.publish(topic, payload, qos=1, user_properties=props,
+                                    content_type=content_type)
             readings = sum(r.n for r in rows)
             batch = _Batch(mid, rows[0].seq, rows[-1].seq + rows[-1].n, readings)
             self._inflight.append(batch)
