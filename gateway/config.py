@@ -274,6 +274,19 @@ class Uplink(_Section):
                                       description="How often the status message is renewed")
 
 
+class Commands(_Section):
+    """Commands to devices on the site broker (devices/<id>/cmd), signed when a key is set."""
+
+    key_file: Path | None = Field(
+        None, description="File holding the HMAC-SHA256 key devices verify commands with"
+    )
+    key_env: str | None = Field(None, description="Environment variable holding that key")
+
+    def key(self) -> bytes | None:
+        value = read_secret(self.key_file, self.key_env, "command key")
+        return value.encode() if value is not None else None
+
+
 class Metrics(_Section):
     """Prometheus /metrics endpoint."""
 
@@ -307,6 +320,7 @@ class GatewayConfig(_Section):
     ingest: Ingest = Field(default_factory=Ingest, description="Payload checks")
     log: LogSection = Field(default_factory=LogSection, description="Durable log")
     uplink: Uplink = Field(default_factory=Uplink, description="Cloud forwarding")
+    commands: Commands = Field(default_factory=Commands, description="Device commands")
     metrics: Metrics = Field(default_factory=Metrics, description="Metrics endpoint")
 
     @model_validator(mode="after")
@@ -427,6 +441,10 @@ def check_config(cfg: GatewayConfig) -> list[str]:
                 link.ssl_context(name)
             except ConfigError as err:
                 problems.extend(err.problems)
+    try:
+        cfg.commands.key()
+    except SecretError as err:
+        problems.append(f"commands.key: {err}")
     parent = cfg.log.path.parent
     if not parent.exists():
         problems.append(f"log.path: directory {str(parent)!r} does not exist; create it "

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Protocol
 
+from gateway.commands import CommandSender
 from gateway.config import GatewayConfig
 from gateway.errors import FieldgateError
+from gateway.events import Event
 from gateway.ingest.service import IngestService
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
@@ -54,9 +56,19 @@ class Gateway:
         self.metrics.watch_log(self.store.counter_snapshot)
         self.sinks: list[Sink] = [SINKS[name][1](cfg, self.store, self.metrics)
                                   for name in enabled]
-        self.ingest = IngestService(cfg, self.store, self.metrics)
+        self.commands: CommandSender | None = None
+        self.ingest = IngestService(cfg, self.store, self.metrics,
+                                    on_ack=self._command_answer)
+        # Commands go out on the site session; whoever decides on them (the rule engine)
+        # calls self.commands.send from the loop.
+        self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
+                                      self.store)
         self._watch_gauges()
         self._stopping = threading.Event()
+
+    def _command_answer(self, topic: str, payload: bytes, now: float) -> Event:
+        assert self.commands is not None
+        return self.commands.acknowledgement(topic, payload, now)
 
     def _watch_gauges(self) -> None:
         """Gauges computed when /metrics is scraped, so they are never stale."""

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+from gateway.commands import ACK_FILTER, is_ack_topic
 from gateway.config import GatewayConfig
+from gateway.events import Event
 from gateway.ingest.decode import Decoder
 from gateway.ingest.topics import TopicTemplates
 from gateway.log.store import LogStore, Message, message_key
@@ -34,7 +37,11 @@ _IDLE_WAKE = 0.25
 
 
 class IngestService:
-    def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics) -> None:
+    def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics,
+                 on_ack: Callable[[str, bytes, float], Event] | None = None) -> None:
+        """``on_ack`` turns a device's answer on devices/<id>/cmd/ack into an event; with it,
+        the site session also subscribes to those answers."""
+        self._on_ack = on_ack
         self._cfg = cfg
         self._store = store
         self._metrics = metrics
@@ -76,7 +83,10 @@ class IngestService:
         # Anything still pending belongs to the previous connection.
         self._drop_pending()
         self._store.remember_tail(self._cfg.site.receive_maximum)
-        self.link.subscribe(self._topics.filters, qos=1)
+        filters = list(self._topics.filters)
+        if self._on_ack is not None:
+            filters.append((ACK_FILTER, None))
+        self.link.subscribe(filters, qos=1)
 
     def next_wake(self, now: float) -> float:
         if self._pending and not self._paused:
@@ -117,7 +127,12 @@ class IngestService:
         messages: list[Message] = []
         order: list[int] = []  # index into messages, or -1 for a message acked and skipped
         duplicates = 0
+        answers: list[Event] = []
         for msg in pending:
+            if self._on_ack is not None and is_ack_topic(msg.topic):
+                answers.append(self._on_ack(msg.topic, msg.payload, now))
+                order.append(-1)
+                continue
             if msg.sub_ids:
                 found = match(msg.topic)
                 if found is not None and found.sub_id not in msg.sub_ids:
@@ -134,6 +149,8 @@ class IngestService:
                 Message(msg.topic, msg.payload, key, decode(msg.topic, msg.payload, now),
                         msg.received)
             )
+        if answers:
+            store.append_events(answers, now)
         result = store.append(messages, now)
         # Acknowledge, in arrival order, everything up to the first message the log refused.
         done = 0

@@ -1,0 +1,86 @@
+"""Commands to devices: signed, published on the site broker, logged as events.
+
+Wire format (DESIGN.md, devices/README.md): ``devices/<id>/cmd`` carries
+``{"id", "ts", "action", "params", "sig"}``; ``sig`` is the hex HMAC-SHA256 of
+``<device id> + "\\n" + <the command without sig as JSON, sorted keys, no spaces>``.
+Devices answer on ``devices/<id>/cmd/ack`` with ``{"id", "ts", "status", "reason"}``.
+Every command issued and every answer becomes an event on the uplink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import time
+from typing import Any
+
+import orjson
+
+from gateway.events import Event
+from gateway.log.store import LogStore
+from gateway.mqtt.link import MqttLink
+
+ACK_FILTER = "devices/+/cmd/ack"
+ISSUED = "io.fieldgate.command.issued"
+ACKNOWLEDGED = "io.fieldgate.command.acknowledged"
+REJECTED = "io.fieldgate.command.rejected"
+
+
+def canonical(device: str, command: dict[str, Any]) -> bytes:
+    """What is signed; devices compute the same (devices/commands.py, tested to agree)."""
+    body = {k: v for k, v in command.items() if k != "sig"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return device.encode() + b"\n" + text.encode()
+
+
+def sign(key: bytes, device: str, command: dict[str, Any]) -> str:
+    return hmac.new(key, canonical(device, command), hashlib.sha256).hexdigest()
+
+
+def is_ack_topic(topic: str) -> bool:
+    parts = topic.split("/")
+    return len(parts) == 4 and parts[0] == "devices" and parts[2:] == ["cmd", "ack"]
+
+
+class CommandSender:
+    def __init__(self, gateway_id: str, key: bytes | None, link: MqttLink,
+                 store: LogStore) -> None:
+        self._gateway_id = gateway_id
+        self._key = key
+        self._link = link
+        self._store = store
+        self._counter = itertools.count(1)
+
+    def send(self, device: str, action: str, params: dict[str, Any], *,
+             cause: dict[str, Any] | None = None, now: float | None = None) -> str:
+        """Publish a command (QoS 1) and log it as an event; returns the command id."""
+        now = time.time() if now is None else now
+        cid = f"{self._gateway_id}-{int(now * 1000)}-{next(self._counter)}"
+        command: dict[str, Any] = {"id": cid, "ts": round(now, 3), "action": action,
+                                   "params": params}
+        if self._key is not None:
+            command["sig"] = sign(self._key, device, command)
+        self._link.publish(f"devices/{device}/cmd", orjson.dumps(command), qos=1,
+                           content_type="application/json")
+        self._store.append_events([Event(ISSUED, device, now, {
+            "id": cid, "action": action, "params": params, "signed": self._key is not None,
+            **({"cause": cause} if cause else {}),
+        })])
+        return cid
+
+    def acknowledgement(self, topic: str, payload: bytes, now: float) -> Event:
+        """The event for a device's answer on devices/<id>/cmd/ack."""
+        device = topic.split("/")[1]
+        try:
+            ack = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            ack = None
+        if not isinstance(ack, dict):
+            return Event(REJECTED, device, now, {"reason": "unreadable acknowledgement"})
+        ok = ack.get("status") == "ok"
+        data = {"id": ack.get("id"), "status": ack.get("status")}
+        if not ok:
+            data["reason"] = ack.get("reason")
+        return Event(ACKNOWLEDGED if ok else REJECTED, device, now, data)
