@@ -176,3 +176,24 @@ def test_a_removed_sink_does_not_pin_the_log(tmp_path, caplog):
         assert store.append([_msg(i) for i in range(k * 200, k * 200 + 200)], now=NOW).accepted \
             == 200
     assert not store.full
+
+
+def test_component_state_survives_a_restart(tmp_path):
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    assert store.load_state("alerts") is None
+    store.save_state("alerts", b'{"TooHot/gh-1": "firing"}')
+    store.save_state("alerts", b'{"TooHot/gh-1": "resolved"}')
+    store.close()
+    assert LogStore(_cfg(tmp_path), "gw", ["uplink"]).load_state("alerts") == \
+        b'{"TooHot/gh-1": "resolved"}'
+
+
+def test_events_get_seqs_between_readings(tmp_path):
+    from gateway.events import Event
+
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store.append([_msg(0)], now=NOW)
+    assert store.append_events([Event("io.fieldgate.test", "d", NOW), Event("x", "d", NOW)],
+                               now=NOW) == [2, 3]
+    store.append([_msg(1)], now=NOW)
+    assert store.next_seq == 5

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from gateway.commands import ACK_FILTER, is_ack_topic
 from gateway.config import GatewayConfig
 from gateway.events import Event
-from gateway.ingest.decode import Decoder
+from gateway.ingest.decode import DeadLetter, Decoder, Reading
 from gateway.ingest.topics import TopicTemplates
 from gateway.log.store import LogStore, Message, message_key
 from gateway.metrics import GatewayMetrics
@@ -38,10 +38,13 @@ _IDLE_WAKE = 0.25
 
 class IngestService:
     def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics,
-                 on_ack: Callable[[str, bytes, float], Event] | None = None) -> None:
+                 on_ack: Callable[[str, bytes, float], Event] | None = None,
+                 on_readings: Callable[[list[Reading]], None] | None = None) -> None:
         """``on_ack`` turns a device's answer on devices/<id>/cmd/ack into an event; with it,
-        the site session also subscribes to those answers."""
+        the site session also subscribes to those answers. ``on_readings`` gets every batch
+        of readings once it is durable (the rule engine's input)."""
         self._on_ack = on_ack
+        self._on_readings = on_readings
         self._cfg = cfg
         self._store = store
         self._metrics = metrics
@@ -158,6 +161,10 @@ class IngestService:
             if index >= result.accepted:
                 break
             done += 1
+        if self._on_readings is not None and result.readings:
+            durable = [reading for m in messages[:result.accepted]
+                       if not isinstance(m.outcome, DeadLetter) for reading in m.outcome]
+            self._on_readings(durable)
         ack = self.link.ack
         for msg in pending[:done]:
             if msg.qos:

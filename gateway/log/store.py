@@ -264,6 +264,17 @@ class LogStore:
             self._leave_full()
         return AppendResult(accepted, readings, len(dead))
 
+    def save_state(self, name: str, value: bytes) -> None:
+        """Keep a component's state (the rule engine's alert states) with the log, durably."""
+        try:
+            self._conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, value))
+        except sqlite3.Error as err:
+            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+
+    def load_state(self, name: str) -> bytes | None:
+        row = self._conn.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
     def append_events(self, events: Sequence[Event], now: float | None = None) -> list[int]:
         """Log events (one row each) in one transaction; returns their sequence numbers.
 
