@@ -1,0 +1,160 @@
+"""Evaluate parsed expressions for every device at once on the series store.
+
+Each window function turns ``(devices, buckets)`` planes into one value per device;
+values shared by several rules are computed once per tick (``TickValues`` caches them).
+Undefined values are NaN (e.g. ``avg`` of an empty window) and every comparison with NaN
+is false, so a rule over missing data does not fire — use ``absent()`` for that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.engine import expr as ex
+from gateway.engine.store import F64, SeriesStore
+
+# Variances below this fraction of mean² are rounding noise of sum-of-squares arithmetic
+# (exact data would give 0); treating them as 0 keeps zscore undefined for flat series
+# instead of huge. The reference evaluator applies the same cut-off.
+VARIANCE_FLOOR = 1e-9
+
+_BOOL = np.bool_
+
+
+def stddev(cnt: F64, total: F64, sumsq: F64) -> F64:
+    """Population standard deviation from window sums; NaN when there is no reading."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / cnt
+        var = np.maximum(sumsq / cnt - mean * mean, 0.0)
+        var = np.where(var <= VARIANCE_FLOOR * np.maximum(1.0, mean * mean), 0.0, var)
+    return np.sqrt(var)
+
+
+class TickValues:
+    """Window-function values at one ``now``, shared by all rules of a tick."""
+
+    def __init__(self, store: SeriesStore, metric_ids: dict[str, int], now: float,
+                 devices: int) -> None:
+        self.store = store
+        self.metric_ids = metric_ids
+        self.now = now
+        self.devices = devices
+        self._cache: dict[tuple[str, str, float], F64] = {}
+
+    def _parts(self, metric: int, plane: str, seconds: float) -> list[F64]:
+        return [p[: self.devices] for p in self.store.window(metric, plane, seconds, self.now)]
+
+    def _reduce(self, metric: int, plane: str, seconds: float) -> F64:
+        key = (str(metric), plane, seconds)
+        if key not in self._cache:
+            parts = self._parts(metric, plane, seconds)
+            if plane == "min":
+                out = np.minimum.reduce([p.min(axis=1, initial=np.inf) for p in parts])
+            elif plane == "max":
+                out = np.maximum.reduce([p.max(axis=1, initial=-np.inf) for p in parts])
+            else:
+                out = np.add.reduce([p.sum(axis=1) for p in parts])
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _pick(self, metric: int, seconds: float, which: str) -> tuple[F64, F64]:
+        """Value and timestamp of the last (or first) reading in the window."""
+        key_v, key_t = (str(metric), which, seconds), (str(metric), which + "_ts", seconds)
+        if key_v not in self._cache:
+            best_v = np.full(self.devices, np.nan)
+            best_t = np.full(self.devices, -np.inf if which == "last" else np.inf)
+            rows = np.arange(self.devices)
+            for ts, vals in zip(self._parts(metric, which + "_ts", seconds),
+                                self._parts(metric, which, seconds), strict=True):
+                if ts.shape[1] == 0:
+                    continue
+                idx = ts.argmax(axis=1) if which == "last" else ts.argmin(axis=1)
+                t, v = ts[rows, idx], vals[rows, idx]
+                # Parts hold different buckets, so timestamps never tie between them.
+                better = t > best_t if which == "last" else t < best_t
+                best_v = np.where(better, v, best_v)
+                best_t = np.where(better, t, best_t)
+            self._cache[key_v], self._cache[key_t] = best_v, best_t
+        return self._cache[key_v], self._cache[key_t]
+
+    def window(self, node: ex.Window) -> F64:
+        """Value of ``func(metric, seconds)`` per device (1.0/0.0 for ``absent``)."""
+        key = (node.func, node.metric, node.seconds)
+        if key in self._cache:
+            return self._cache[key]
+        m = self.metric_ids.get(node.metric)
+        if m is None or m not in self.store.rings:
+            out = self._no_data(node.func)
+        else:
+            out = self._compute(node.func, m, node.seconds)
+        self._cache[key] = out
+        return out
+
+    def _no_data(self, func: str) -> F64:
+        fill = {"count": 0.0, "sum": 0.0, "absent": 1.0}.get(func, np.nan)
+        return np.full(self.devices, fill)
+
+    def _compute(self, func: str, m: int, s: float) -> F64:  # noqa: PLR0911 - a table of formulas
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if func in ("count", "absent"):
+                cnt = self._reduce(m, "cnt", s)
+                return cnt if func == "count" else (cnt == 0).astype(np.float64)
+            if func == "sum":
+                return self._reduce(m, "sum", s)
+            if func == "avg":
+                return self._reduce(m, "sum", s) / self._reduce(m, "cnt", s)
+            if func in ("min", "max"):
+                out = self._reduce(m, func, s)
+                return np.where(np.isinf(out), np.nan, out)
+            if func == "last":
+                return self._pick(m, s, "last")[0]
+            if func in ("delta", "rate"):
+                last, last_ts = self._pick(m, s, "last")
+                first, first_ts = self._pick(m, s, "first")
+                if func == "delta":
+                    return last - first
+                span = last_ts - first_ts
+                return np.where(span > 0, (last - first) / span, np.nan)
+            cnt, total = self._reduce(m, "cnt", s), self._reduce(m, "sum", s)
+            std = stddev(cnt, total, self._reduce(m, "sumsq", s))
+            if func == "std":
+                return std
+            last = self._pick(m, s, "last")[0]
+            return np.where(std > 0, (last - total / cnt) / std, np.nan)
+
+
+def evaluate(node: ex.Node, values: TickValues) -> F64:  # noqa: PLR0911 - one per node type
+    """Numbers for ``num`` nodes; 1.0/0.0 for conditions (NaN never counts as true)."""
+    if isinstance(node, ex.Num):
+        return np.full(values.devices, node.value)
+    if isinstance(node, ex.Window):
+        return values.window(node)
+    if isinstance(node, ex.Abs):
+        return np.abs(evaluate(node.arg, values))
+    if isinstance(node, ex.Neg):
+        return -evaluate(node.arg, values)
+    if isinstance(node, ex.Not):
+        return 1.0 - evaluate(node.arg, values)
+    left, right = evaluate(node.left, values), evaluate(node.right, values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if isinstance(node, ex.Logic):
+            hit = (left > 0) & (right > 0) if node.op == "and" else (left > 0) | (right > 0)
+            return hit.astype(np.float64)
+        return _binary(node.op, left, right)
+
+
+def _binary(op: str, a: F64, b: F64) -> F64:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
+    cmp = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+           "==": np.equal, "!=": np.not_equal}[op]
+    hit = cmp(a, b)
+    if op == "!=":
+        hit &= ~(np.isnan(a) | np.isnan(b))
+    return np.asarray(hit, dtype=np.float64)
