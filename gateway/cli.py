@@ -98,6 +98,13 @@ def check(config_path: Path) -> None:
     """
     cfg = _load(config_path)
     problems = check_config(cfg)
+    if cfg.rules:
+        from gateway.rule_service import load_groups
+
+        try:
+            load_groups(cfg.rules)
+        except ConfigError as err:
+            problems.extend(err.problems)
     for line in problems:
         click.echo(f"{config_path}: {line}", err=True)
     if problems:
@@ -150,6 +157,128 @@ def config_sample() -> None:
       gateway config sample > /etc/fieldgate/gateway.yaml
     """
     click.echo(sample_config(), nl=False)
+
+
+@main.group("rules")
+def rules_group() -> None:
+    """Rule files: check them, run their tests, replay recorded readings through them."""
+
+
+@rules_group.command("check")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def rules_check(files: tuple[Path, ...]) -> None:
+    """Validate rule files: "ok" or one line per problem (file, line, rule, what).
+
+    \b
+    Example:
+      gateway rules check rules/*.yaml
+    """
+    from gateway.engine import load_rule_files
+
+    files = tuple(f for f in files if not f.name.endswith(".test.yaml"))
+    try:
+        groups = load_rule_files(list(files))
+    except ConfigError as err:
+        for line in err.problems:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+    rules = sum(len(g.rules) for g in groups)
+    click.echo(f"ok: {len(files)} file(s), {len(groups)} group(s), {rules} rule(s)")
+
+
+@rules_group.command("test")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def rules_test(files: tuple[Path, ...]) -> None:
+    """Run rule tests (input series in, expected alerts and commands out).
+
+    A rule file `x.yaml` is tested by `x.test.yaml` beside it; test files can be named
+    directly too.
+
+    \b
+    Example:
+      gateway rules test rules/*.yaml
+    """
+    from gateway.engine.ruletest import companion_test, run_test_file
+
+    tests: list[Path] = []
+    for path in files:
+        test = path if path.name.endswith(".test.yaml") else companion_test(path)
+        if not test.exists():
+            click.echo(f"{path}: no test file {test.name} beside it", err=True)
+            raise SystemExit(1)
+        if test not in tests:
+            tests.append(test)
+    failed = 0
+    passed = 0
+    for test in tests:
+        try:
+            results = run_test_file(test)
+        except ConfigError as err:
+            for line in err.problems:
+                click.echo(line, err=True)
+            raise SystemExit(2) from None
+        for result in results:
+            if result.passed:
+                passed += 1
+                click.echo(f"PASS {result.file}: {result.name}")
+            else:
+                failed += 1
+                click.echo(f"FAIL {result.file}: {result.name}")
+                for problem in result.problems:
+                    click.echo(f"     {problem}")
+    click.echo(f"{passed} passed, {failed} failed")
+    if failed:
+        raise SystemExit(1)
+
+
+@rules_group.command("replay")
+@click.option("--rules", "rule_files", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Rule file (repeatable).")
+@click.option("--input", "input_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Recorded readings: JSONL ({device, ts, metrics...}, as `devices simulate "
+              "--record` writes) or CSV (device,ts,metric columns...).")
+@click.option("--interval", default="1s", show_default=True, help="Evaluation interval.")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table",
+              show_default=True)
+def rules_replay(rule_files: tuple[Path, ...], input_path: Path, interval: str,
+                 fmt: str) -> None:
+    """Run rules over recorded readings and print the events, to tune thresholds.
+
+    \b
+    Example:
+      gateway rules replay --rules rules/greenhouse.yaml --input record.jsonl
+    """
+    from gateway.engine import load_rule_files
+    from gateway.engine.replay import replay
+    from gateway.recorded import read_recorded
+    from gateway.units import parse_duration
+
+    try:
+        groups = load_rule_files(list(rule_files))
+        step = parse_duration(interval)
+        readings = read_recorded(input_path)
+        count = 0
+        for event in replay(groups, readings, interval=step):
+            count += 1
+            data = event.to_dict()
+            if fmt == "jsonl":
+                click.echo(orjson.dumps({"type": event.cloud_type, **data}).decode())
+            else:
+                what = data.get("rule") or data.get("action") or ""
+                click.echo(f"{_when(event.time)}  {event.cloud_type:<30} {event.device:<16} "
+                           f"{what}  {data.get('message', '')}".rstrip())
+    except ConfigError as err:
+        for line in err.problems:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+    except ValueError as err:
+        _fail(err, 2)
+    if fmt == "table":
+        click.echo(f"{count} event(s)")
 
 
 @main.group("log")

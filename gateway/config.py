@@ -287,6 +287,18 @@ class Commands(_Section):
         return value.encode() if value is not None else None
 
 
+class EngineSection(_Section):
+    """The rule engine (active when `rules` names at least one file)."""
+
+    tick: Duration = Field(1.0, gt=0, le=60, description="How often every rule is evaluated")
+    late_tolerance: Duration = Field(
+        30.0, ge=0, description="Readings older than this are kept out of rule state "
+        "(still forwarded)")
+    offline_after: Duration | None = Field(
+        60.0, gt=0, description="Silence after which a device is reported offline; null: never")
+    max_devices: int = Field(100_000, gt=0, description="Devices the engine tracks at most")
+
+
 class Metrics(_Section):
     """Prometheus /metrics endpoint."""
 
@@ -320,6 +332,17 @@ class GatewayConfig(_Section):
     ingest: Ingest = Field(default_factory=Ingest, description="Payload checks")
     log: LogSection = Field(default_factory=LogSection, description="Durable log")
     uplink: Uplink = Field(default_factory=Uplink, description="Cloud forwarding")
+    rules: list[str] = Field(
+        default_factory=list, description="Rule files (globs allowed), e.g. "
+        "/etc/fieldgate/rules/*.yaml; empty: no rule engine",
+        examples=[["/etc/fieldgate/rules/*.yaml"]],
+    )
+    engine: EngineSection = Field(default_factory=EngineSection, description="Rule engine")
+    device_labels: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Labels for devices, by device-id glob, that rule "
+        "groups can match on (later globs add to earlier ones)",
+        examples=[{"gh-*": {"zone": "north"}}],
+    )
     commands: Commands = Field(default_factory=Commands, description="Device commands")
     metrics: Metrics = Field(default_factory=Metrics, description="Metrics endpoint")
 

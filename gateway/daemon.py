@@ -20,10 +20,12 @@ from gateway.commands import CommandSender
 from gateway.config import GatewayConfig
 from gateway.errors import FieldgateError
 from gateway.events import Event
+from gateway.ingest.decode import Reading
 from gateway.ingest.service import IngestService
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import MqttLink, poll_links
+from gateway.rule_service import RuleService
 from gateway.sinks import uplink
 
 log = logging.getLogger(__name__)
@@ -57,14 +59,25 @@ class Gateway:
         self.sinks: list[Sink] = [SINKS[name][1](cfg, self.store, self.metrics)
                                   for name in enabled]
         self.commands: CommandSender | None = None
+        self.rules: RuleService | None = None
         self.ingest = IngestService(cfg, self.store, self.metrics,
-                                    on_ack=self._command_answer)
-        # Commands go out on the site session; whoever decides on them (the rule engine)
-        # calls self.commands.send from the loop.
+                                    on_ack=self._command_answer,
+                                    on_readings=self._to_rules)
+        # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
                                       self.store)
+        if cfg.rules:
+            self.rules = RuleService(cfg, self.store, self.commands, self.metrics)
+        self._reload = False
         self._watch_gauges()
         self._stopping = threading.Event()
+
+    def _to_rules(self, readings: list[Reading]) -> None:
+        if self.rules is not None:
+            self.rules.on_readings(readings)
+
+    def request_reload(self, _signum: int | None = None, _frame: FrameType | None = None) -> None:
+        self._reload = True
 
     def _command_answer(self, topic: str, payload: bytes, now: float) -> Event:
         assert self.commands is not None
@@ -91,6 +104,7 @@ class Gateway:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or request_stop), stop cleanly; returns an exit code."""
@@ -112,6 +126,8 @@ class Gateway:
             # Ingest first: its last commit is what the sinks then forward.
             try:
                 self.ingest.finish()
+                if self.rules is not None:
+                    self.rules.save()
             except FieldgateError as err:
                 log.error("Stopping: %s", err)  # noqa: TRY400 - a known error, one line
                 code = 1
@@ -127,12 +143,19 @@ class Gateway:
         links = [ingest.link, *(s.link for s in sinks)]
         interval = self.cfg.ingest.commit_interval
         stopping = self._stopping
+        rules = self.rules
         while not stopping.is_set():
             now = time.monotonic()
-            timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks))
+            timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks),
+                          rules.next_wake(now) if rules is not None else 1.0)
             got = poll_links(links, timeout)
             woke = time.monotonic()
             ingest.step(woke)
+            if rules is not None:
+                if self._reload:
+                    self._reload = False
+                    rules.reload()
+                rules.step(woke)
             for sink in sinks:
                 sink.step(woke)
             if got and not any(link.busy for link in links):

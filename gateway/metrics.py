@@ -56,6 +56,10 @@ class GatewayMetrics:
         self.qos0_dropped = Counter("fieldgate_site_qos0_dropped", "QoS 0 site messages lost "
                                     "because the connection dropped or the site session was "
                                     "paused before they were durable", registry=r)
+        self.alerts_firing = Gauge("fieldgate_alerts_firing", "Alerts firing now (rule, "
+                                   "device)", registry=r)
+        self.rule_events = Counter("fieldgate_rule_events", "Events and commands from rules",
+                                   registry=r)
         self.commits = Counter("fieldgate_log_commits", "Group commits of the log", registry=r)
         self.pending = Gauge("fieldgate_ingest_pending", "Messages received and not yet "
                              "durable (unacknowledged)", registry=r)

@@ -1,0 +1,128 @@
+"""The rule engine in the running gateway: durable readings in, events and commands out.
+
+Readings reach the engine only after they are durable; every ``engine.tick`` interval the
+rules are evaluated, alert/device events go into the log (and so to the uplink) and rule
+actions go out as signed commands. Alert state is saved with the log after every change,
+so a restart neither re-fires a firing alert nor forgets it. SIGHUP reloads the rule files;
+a file with a mistake leaves the running rules in place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import logging
+import time
+
+import orjson
+
+from gateway.commands import CommandSender
+from gateway.config import GatewayConfig
+from gateway.engine import CommandEvent, Engine, EngineConfig, load_rule_files
+from gateway.engine.rules import Group
+from gateway.errors import ConfigError
+from gateway.events import Event
+from gateway.ingest.decode import Reading
+from gateway.log.store import LogStore
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "engine"
+
+
+def load_groups(patterns: list[str]) -> list[Group]:
+    """Rule groups from the files the config's globs name (sorted); a glob matching nothing
+    is a problem too. Raises ConfigError with every problem found."""
+    paths: list[str] = []
+    problems = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern))
+        if not found:
+            problems.append(f"rules: {pattern!r} matches no file")
+        paths.extend(p for p in found if not p.endswith(".test.yaml"))
+    try:
+        groups = load_rule_files(list(dict.fromkeys(paths)))
+    except ConfigError as err:
+        problems.extend(err.problems)
+        groups = []
+    if problems:
+        raise ConfigError(problems)
+    return groups
+
+
+class RuleService:
+    def __init__(self, cfg: GatewayConfig, store: LogStore, commands: CommandSender,
+                 metrics: GatewayMetrics) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._commands = commands
+        self._metrics = metrics
+        self.engine = Engine(load_groups(cfg.rules), config=EngineConfig(
+            late_tolerance=cfg.engine.late_tolerance, offline_after=cfg.engine.offline_after,
+            max_devices=cfg.engine.max_devices))
+        saved = store.load_state(STATE_NAME)
+        if saved is not None:
+            try:
+                dropped = self.engine.restore(orjson.loads(saved), time.time())
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("Saved alert state unreadable (%s); starting with none", err)
+            else:
+                if dropped:
+                    log.info("Alert state of changed rules not restored: %s", ", ".join(dropped))
+        self._next_tick = 0.0
+        self._known: set[str] = set()
+        metrics.alerts_firing.set_function(lambda: len(self.engine.firing()))
+
+    def on_readings(self, readings: list[Reading]) -> None:
+        if self._cfg.device_labels:
+            for device, _, _ in readings:
+                if device not in self._known:
+                    self._label(device)
+        self.engine.ingest(self.engine.batch(readings), time.time())
+
+    def _label(self, device: str) -> None:
+        labels: dict[str, str] = {}
+        for pattern, values in self._cfg.device_labels.items():
+            if fnmatch.fnmatchcase(device, pattern):
+                labels.update(values)
+        if labels:
+            self.engine.set_device_labels(device, labels)
+        if len(self._known) < self._cfg.engine.max_devices:
+            self._known.add(device)
+
+    def next_wake(self, now: float) -> float:
+        return max(0.0, self._next_tick - now)
+
+    def step(self, now: float) -> None:
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self._cfg.engine.tick
+        events = self.engine.tick(time.time())
+        if not events:
+            return
+        logged: list[Event] = []
+        for event in events:
+            if isinstance(event, CommandEvent):
+                self._commands.send(event.device, event.action, dict(event.params), cause={
+                    "group": event.group, "rule": event.rule, "trigger": str(event.trigger),
+                    "device": event.source_device})
+            else:
+                logged.append(Event(event.cloud_type, event.device, event.time,
+                                    event.to_dict()))
+        self._store.append_events(logged)
+        self._metrics.rule_events.inc(len(events))
+        self.save()
+
+    def save(self) -> None:
+        self._store.save_state(STATE_NAME, orjson.dumps(self.engine.snapshot()))
+
+    def reload(self) -> None:
+        try:
+            groups = load_groups(self._cfg.rules)
+        except ConfigError as err:
+            log.error("Rule reload failed, keeping the running rules: %s", err)  # noqa: TRY400
+            return
+        report = self.engine.reload(groups)
+        log.info("Rules reloaded: %s", report)
+        self.save()
