@@ -6,7 +6,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import orjson
@@ -33,7 +33,7 @@ def _load(path: Path) -> GatewayConfig:
         raise SystemExit(2) from None
 
 
-def _fail(err: Exception, code: int = 1) -> None:
+def _fail(err: Exception, code: int = 1) -> NoReturn:
     click.echo(f"error: {err}", err=True)
     raise SystemExit(code)
 
@@ -231,6 +231,40 @@ def rules_test(files: tuple[Path, ...]) -> None:
     click.echo(f"{passed} passed, {failed} failed")
     if failed:
         raise SystemExit(1)
+
+
+@rules_group.command("reload")
+@_config_option
+def rules_reload(config_path: Path) -> None:
+    """Make the running gateway re-read its rule files (as SIGHUP does).
+
+    The files are checked here first; a file with a mistake is reported and nothing is
+    sent, and the running gateway keeps its rules either way if a reload fails.
+
+    \b
+    Example:
+      gateway rules reload -c /etc/fieldgate/gateway.yaml
+    """
+    import os
+    import signal
+
+    from gateway.daemon import pid_path
+    from gateway.rule_service import load_groups
+
+    cfg = _load(config_path)
+    try:
+        load_groups(cfg.rules)
+    except ConfigError as err:
+        for line in err.problems:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+    path = pid_path(cfg)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        _fail(FieldgateError(f"no running gateway for this config (no usable {str(path)!r})"))
+    click.echo(f"reload sent to gateway pid {pid}")
 
 
 @rules_group.command("replay")

@@ -9,10 +9,12 @@ broker, commit, acknowledge, publish due batches, read PUBACKs.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
@@ -29,6 +31,11 @@ from gateway.rule_service import RuleService
 from gateway.sinks import uplink
 
 log = logging.getLogger(__name__)
+
+
+def pid_path(cfg: GatewayConfig) -> Path:
+    """Where a running gateway keeps its pid (beside its log; `gateway rules reload`)."""
+    return cfg.log.path.with_name(cfg.log.path.name + ".pid")
 
 
 class Sink(Protocol):
@@ -116,6 +123,8 @@ class Gateway:
                 raise
         log.info("Gateway %r running: site %r, %d sink(s)", self.cfg.gateway_id,
                  self.ingest.link.where, len(self.sinks))
+        pid_file = pid_path(self.cfg)
+        pid_file.write_text(f"{os.getpid()}\n")
         code = 0
         try:
             self._loop()
@@ -135,6 +144,7 @@ class Gateway:
                 for sink in self.sinks:
                     sink.finish()
                 self.store.close()
+                pid_file.unlink(missing_ok=True)
         log.info("Gateway stopped")
         return code
 

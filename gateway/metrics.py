@@ -43,6 +43,19 @@ class _PersistedCounters(Collector):
                                   "log.dlq_max_rows", value=values.get("dead_letters_evicted", 0))
 
 
+class _EngineDrops(Collector):
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("fieldgate_rule_dropped_readings", "Readings kept out of "
+                                     "rule state (still forwarded), by reason",
+                                     labels=["reason"])
+        for reason, value in sorted(self._source().items()):
+            family.add_metric([reason], value)
+        yield family
+
+
 class GatewayMetrics:
     """The gateway's metrics, in a registry of their own."""
 
@@ -78,6 +91,10 @@ class GatewayMetrics:
                                        "refused (negative PUBACK), retried", registry=r)
         self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
                                      "after a rejection", registry=r)
+
+    def watch_engine(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Readings kept out of rule state, by reason (late, future, unused, devices)."""
+        self.registry.register(_EngineDrops(source))
 
     def watch_log(self, source: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(_PersistedCounters(source))

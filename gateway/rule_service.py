@@ -73,6 +73,12 @@ class RuleService:
         self._next_tick = 0.0
         self._known: set[str] = set()
         metrics.alerts_firing.set_function(lambda: len(self.engine.firing()))
+        metrics.watch_engine(self._drops)
+
+    def _drops(self) -> dict[str, int]:
+        drops = self.engine.drops
+        return {"late": drops.late, "future": drops.future, "unused": drops.unused,
+                "too_many_devices": self.engine.dropped_devices}
 
     def on_readings(self, readings: list[Reading]) -> None:
         if self._cfg.device_labels:

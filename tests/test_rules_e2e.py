@@ -5,11 +5,14 @@ restart; a broken rule file on reload keeps the running rules."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import orjson
 
 from gateway.commands import sign
+from tests.conftest import ROOT
 from tests.mqtt_helpers import CloudCollector, Publisher, client
 
 RULES = """\
@@ -87,11 +90,20 @@ def test_threshold_gives_alert_event_and_signed_command(site, cloud, make_gatewa
     assert CloudCollector.wait_for(
         lambda: sum(1 for t, _ in at_site.got if t == "devices/gh-1/cmd") == 2, 10)
 
-    # A broken rule file on SIGHUP: logged, running rules kept.
+    # `gateway rules reload` checks first and refuses a broken file; a SIGHUP that meets one
+    # is logged and the running rules stay.
     (rules / "house.yaml").write_text("groups: [{name: x, rules: [{alert: A, expr: 'avg(('}]}]")
+    refused = subprocess.run([sys.executable, "-m", "gateway", "rules", "reload", "-c",
+                              str(gw.config)], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "house.yaml" in refused.stderr
     assert gw.proc is not None
     gw.proc.send_signal(signal.SIGHUP)
     assert CloudCollector.wait_for(lambda: "Rule reload failed" in gw.log(), 5)
+    (rules / "house.yaml").write_text(RULES)
+    sent = subprocess.run([sys.executable, "-m", "gateway", "rules", "reload", "-c",
+                           str(gw.config)], cwd=ROOT, capture_output=True, text=True)
+    assert sent.returncode == 0, sent.stderr
+    assert CloudCollector.wait_for(lambda: "Rules reloaded" in gw.log(), 5)
     pub.publish("sensors/gh-1/telemetry", orjson.dumps({"temp": 40.0}))
     pub.close()
     assert CloudCollector.wait_for(
