@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.commands import CommandSender
 from gateway.config import GatewayConfig
@@ -27,7 +27,9 @@ from gateway.ingest.service import IngestService
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import MqttLink, poll_links
-from gateway.rule_service import RuleService
+
+if TYPE_CHECKING:
+    from gateway.rule_service import RuleService
 from gateway.sinks import uplink
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,9 @@ class Gateway:
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
                                       self.store)
         if cfg.rules:
+            # Imported only when rules are configured: numpy costs ~15 MB of RSS.
+            from gateway.rule_service import RuleService  # noqa: PLC0415
+
             self.rules = RuleService(cfg, self.store, self.commands, self.metrics)
         self._reload = False
         self._watch_gauges()
