@@ -116,9 +116,7 @@ def check(config_path: Path) -> None:
 @click.option("--duration", default="30s", show_default=True, help="How long sensors publish.")
 @click.option("--cut-cloud", default="0s", show_default=True,
               help="Stop the cloud broker this long (after 5 s) to show store-and-forward.")
-@click.option("--rate", default=200.0, show_default=True, help="Readings per second.")
-@click.option("--devices", default=20, show_default=True, help="Simulated devices.")
-def demo(duration: str, cut_cloud: str, rate: float, devices: int) -> None:
+def demo(duration: str, cut_cloud: str) -> None:
     """Run the whole path on this machine: brokers, gateway, simulated sensors.
 
     Needs Mosquitto (sudo apt-get install mosquitto); everything else is temporary and
@@ -138,7 +136,7 @@ def demo(duration: str, cut_cloud: str, rate: float, devices: int) -> None:
     logging.basicConfig(level="WARNING", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        raise SystemExit(run_demo(seconds, cut, rate, devices))
+        raise SystemExit(run_demo(seconds, cut))
     except FieldgateError as err:
         _fail(err)
 

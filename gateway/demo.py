@@ -1,20 +1,25 @@
-"""`gateway demo`: the whole data path on one machine, with nothing to configure.
+"""`gateway demo`: the whole loop on one machine, with nothing to configure.
 
-Starts a site and a cloud Mosquitto on free loopback ports, the gateway with a log in a
-temporary directory, simulated sensors (`devices simulate`, a separate process that knows
-the gateway only through MQTT) and a cloud-side subscriber that counts what arrives; prints
-one line a second. ``--cut-cloud`` stops the cloud broker for a while to show the log
-buffering and then draining.
+Starts a site and a cloud Mosquitto on free loopback ports, the gateway (durable log in a
+temporary directory, the demo greenhouse rules, a command key), the emulated greenhouse
+fleet (`devices simulate`, a separate process that knows the gateway only through MQTT)
+and a cloud-side consumer that counts readings and events; prints one line a second.
+The heat fault on gh-1 fires TooHot, the gateway sends a signed fan command, the device
+verifies and acknowledges it, the temperature falls and the alert resolves.
+``--cut-cloud`` stops the cloud broker for a while to show the log buffering, then draining.
 """
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 
@@ -31,17 +36,23 @@ from gateway.mosquitto import Mosquitto
 
 # When the cloud is cut, after this many seconds of normal flow.
 _CUT_AFTER = 5.0
+# Simulated seconds per wall second for the fleet: the heat fault takes minutes of
+# simulated time, the demo a few seconds.
+_RATE_SCALE = 6
 
 
-class _CloudCounter:
+class _CloudConsumer:
+    """What a cloud application sees: readings (de-duplicated by seq) and events by type."""
+
     def __init__(self, port: int, gateway_id: str) -> None:
         self.readings: set[int] = set()
+        self.events: Counter[str] = Counter()
+        self._seen_events: set[str] = set()
         self._lock = threading.Lock()
         self._client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                    client_id="demo-cloud-consumer", protocol=paho.MQTTv5)
         self._client.reconnect_delay_set(1, 2)
-        self._client.on_connect = lambda c, *_: c.subscribe(
-            f"fieldgate/{gateway_id}/telemetry", qos=1)
+        self._client.on_connect = lambda c, *_: c.subscribe(f"fieldgate/{gateway_id}/#", qos=1)
         self._client.on_message = self._on_message
         # A persistent session, as a real cloud consumer has: what the gateway delivers while
         # this consumer reconnects is queued for it, not lost.
@@ -51,26 +62,41 @@ class _CloudCounter:
         self._client.loop_start()
 
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
-        seqs = [r["seq"] for r in orjson.loads(msg.payload)["readings"]]
+        body = orjson.loads(msg.payload)
         with self._lock:
-            self.readings.update(seqs)  # de-duplicate by seq, as a cloud consumer does
+            if msg.topic.endswith("/telemetry"):
+                self.readings.update(r["seq"] for r in body["readings"])
+            elif "/events/" in msg.topic and body["id"] not in self._seen_events:
+                self._seen_events.add(body["id"])
+                self.events[body["type"].removeprefix("io.fieldgate.")] += 1
 
-    def count(self) -> int:
+    def snapshot(self) -> tuple[int, Counter[str]]:
         with self._lock:
-            return len(self.readings)
+            return len(self.readings), Counter(self.events)
 
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
 
 
-def run_demo(duration: float, cut_cloud: float, rate: float, devices: int) -> int:
+def _fleet_file() -> Path:
+    return Path(str(resources.files("devices") / "fleets" / "greenhouse.yaml"))
+
+
+def _rules_file() -> Path:
+    return Path(str(resources.files("gateway") / "demo_files" / "rules.yaml"))
+
+
+def run_demo(duration: float, cut_cloud: float) -> int:
     with tempfile.TemporaryDirectory(prefix="fieldgate-demo-") as tmp:
         work = Path(tmp)
         site = Mosquitto(work, "site").start()
         cloud = Mosquitto(work, "cloud").start()
+        key = work / "command.key"
+        key.write_text(secrets.token_hex(32))
+        key.chmod(0o600)
         sim: subprocess.Popen[bytes] | None = None
-        counter: _CloudCounter | None = None
+        consumer: _CloudConsumer | None = None
         gw: Gateway | None = None
         stop = threading.Event()
 
@@ -86,23 +112,30 @@ def run_demo(duration: float, cut_cloud: float, rate: float, devices: int) -> in
                 "cloud": {"url": cloud.url},
                 "log": {"path": str(work / "log.db"), "synchronous": "normal"},
                 "uplink": {"backoff_min": "500ms", "backoff_max": "2s"},
+                "rules": [str(_rules_file())],
+                "engine": {"tick": "500ms", "offline_after": None},
+                "device_labels": {"gh-*": {"zone": "north"}},
+                "commands": {"key_file": str(key)},
                 "metrics": {"listen": None},
             })
             gw = Gateway(cfg)
             gateway_thread = threading.Thread(target=gw.run, name="gateway", daemon=True)
             gateway_thread.start()
-            counter = _CloudCounter(cloud.port, cfg.gateway_id)
+            consumer = _CloudConsumer(cloud.port, cfg.gateway_id)
             time.sleep(0.5)
             sim = subprocess.Popen(
-                [sys.executable, "-m", "devices", "simulate", "--broker", site.url,
-                 "--devices", str(devices), "--rate", str(rate), "--duration", str(duration)],
-                stdout=subprocess.DEVNULL,
+                [sys.executable, "-m", "devices", "simulate", "--fleet", str(_fleet_file()),
+                 "--broker", site.url, "--rate-scale", str(_RATE_SCALE),
+                 "--key-file", str(key), "--duration", f"{duration}s"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             click.echo(f"site broker {site.url}, cloud broker {cloud.url}, log {work}/log.db")
-            click.echo(f"{'time':>5}  {'logged':>8}  {'at cloud':>8}  {'in log':>7}  cloud")
+            click.echo(f"{'time':>5}  {'logged':>7}  {'at cloud':>8}  {'in log':>6}  cloud  "
+                       f"{'firing':>6}  {'fired':>5}  {'resolved':>8}  {'cmds':>4}  {'acked':>5}")
             start = time.monotonic()
             cut_at = _CUT_AFTER if cut_cloud > 0 else float("inf")
             cloud_up = True
+            events: Counter[str] = Counter()
             while not stop.wait(1.0):
                 elapsed = time.monotonic() - start
                 if cloud_up and elapsed >= cut_at:
@@ -112,18 +145,26 @@ def run_demo(duration: float, cut_cloud: float, rate: float, devices: int) -> in
                 elif not cloud_up and elapsed >= _CUT_AFTER + cut_cloud:
                     cloud.start()
                     cloud_up = True
-                logged = gw.store.next_seq - 1
-                arrived = counter.count()
-                click.echo(f"{elapsed:4.0f}s  {logged:8d}  {arrived:8d}  {logged - arrived:7d}  "
-                           f"{'up' if cloud_up else 'CUT'}")
+                logged = gw.store.counters["readings"]
+                arrived, events = consumer.snapshot()
+                firing = len(gw.rules.engine.firing()) if gw.rules else 0
+                click.echo(
+                    f"{elapsed:4.0f}s  {logged:7d}  {arrived:8d}  {logged - arrived:6d}  "
+                    f"{'up ' if cloud_up else 'CUT'}    {firing:6d}  {events['alert.fired']:5d}"
+                    f"  {events['alert.resolved']:8d}  {events['command.issued']:4d}  "
+                    f"{events['command.acknowledged']:5d}")
                 if sim.poll() is not None and cloud_up and arrived >= logged:
                     break
                 if elapsed > duration + cut_cloud + 30:
                     break
-            logged = gw.store.next_seq - 1
-            arrived = counter.count()
+            logged = gw.store.counters["readings"]
+            arrived, events = consumer.snapshot()
             click.echo(f"done: {logged} readings logged, {arrived} arrived at the cloud, "
-                       f"{logged - arrived} missing")
+                       f"{logged - arrived} missing; alerts fired {events['alert.fired']}, "
+                       f"resolved {events['alert.resolved']}; commands "
+                       f"{events['command.issued']} sent, "
+                       f"{events['command.acknowledged']} acknowledged, "
+                       f"{events['command.rejected']} rejected")
             return 0 if arrived == logged and logged > 0 else 1
         finally:
             if sim is not None and sim.poll() is None:
@@ -131,8 +172,8 @@ def run_demo(duration: float, cut_cloud: float, rate: float, devices: int) -> in
                 sim.wait(5)
             if gw is not None:
                 gw.request_stop()
-                time.sleep(0.1)
-            if counter is not None:
-                counter.close()
+                time.sleep(0.5)
+            if consumer is not None:
+                consumer.close()
             site.stop()
             cloud.stop()
