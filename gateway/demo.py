@@ -11,6 +11,7 @@ verifies and acknowledges it, the temperature falls and the alert resolves.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import signal
 import subprocess
@@ -29,6 +30,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
@@ -77,6 +81,38 @@ class _CloudConsumer:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+class _View:
+    """One line a second, or a live table when the output is a terminal (rich)."""
+
+    def __init__(self, *, live: bool) -> None:
+        self._live: Live | None = None
+        self._header = False
+        if live:
+            # Warnings (the cut cloud link) would tear the live table; the table shows them.
+            logging.getLogger("gateway").setLevel(logging.ERROR)
+            self._live = Live(Text("starting..."), refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def update(self, row: dict[str, str]) -> None:
+        if self._live is not None:
+            table = Table(title="Fieldgate demo")
+            table.add_column("")
+            table.add_column("")
+            for name, value in row.items():
+                style = "bold red" if value == "CUT" or (name == "firing" and value) else ""
+                table.add_row(name, value, style=style)
+            self._live.update(table)
+            return
+        if not self._header:
+            click.echo("  ".join(f"{name:>8}" for name in row if name != "firing"))
+            self._header = True
+        click.echo("  ".join(f"{value:>8}" for name, value in row.items() if name != "firing"))
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
 
 
 def _fleet_file() -> Path:
@@ -130,12 +166,12 @@ def run_demo(duration: float, cut_cloud: float) -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             click.echo(f"site broker {site.url}, cloud broker {cloud.url}, log {work}/log.db")
-            click.echo(f"{'time':>5}  {'logged':>7}  {'at cloud':>8}  {'in log':>6}  cloud  "
-                       f"{'firing':>6}  {'fired':>5}  {'resolved':>8}  {'cmds':>4}  {'acked':>5}")
+            view = _View(live=sys.stdout.isatty())
             start = time.monotonic()
             cut_at = _CUT_AFTER if cut_cloud > 0 else float("inf")
             cloud_up = True
             events: Counter[str] = Counter()
+            last_logged = 0
             while not stop.wait(1.0):
                 elapsed = time.monotonic() - start
                 if cloud_up and elapsed >= cut_at:
@@ -147,16 +183,35 @@ def run_demo(duration: float, cut_cloud: float) -> int:
                     cloud_up = True
                 logged = gw.store.counters["readings"]
                 arrived, events = consumer.snapshot()
-                firing = len(gw.rules.engine.firing()) if gw.rules else 0
-                click.echo(
-                    f"{elapsed:4.0f}s  {logged:7d}  {arrived:8d}  {logged - arrived:6d}  "
-                    f"{'up ' if cloud_up else 'CUT'}    {firing:6d}  {events['alert.fired']:5d}"
-                    f"  {events['alert.resolved']:8d}  {events['command.issued']:4d}  "
-                    f"{events['command.acknowledged']:5d}")
+                engine = gw.rules.engine if gw.rules else None
+                view.update({
+                    "time": f"{elapsed:.0f}s",
+                    "readings/s": str(logged - last_logged),
+                    "devices": str(len(engine.devices) if engine else 0),
+                    "logged": str(logged),
+                    "at cloud": str(arrived),
+                    "in log": str(logged - arrived),
+                    "cloud": "up" if cloud_up else "CUT",
+                    "firing": ", ".join(f"{r.split('/')[-1]}@{d}" for r, d in engine.firing())
+                    if engine else "",
+                    "fired": str(events["alert.fired"]),
+                    "resolved": str(events["alert.resolved"]),
+                    "cmds": str(events["command.issued"]),
+                    "acked": str(events["command.acknowledged"]),
+                })
+                last_logged = logged
                 if sim.poll() is not None and cloud_up and arrived >= logged:
                     break
                 if elapsed > duration + cut_cloud + 30:
                     break
+            view.close()
+            if sim.poll() is None:  # stopped early (Ctrl-C): stop publishing, let the log drain
+                sim.terminate()
+                sim.wait(5)
+            deadline = time.monotonic() + 5
+            while (consumer.snapshot()[0] < gw.store.counters["readings"]
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
             logged = gw.store.counters["readings"]
             arrived, events = consumer.snapshot()
             click.echo(f"done: {logged} readings logged, {arrived} arrived at the cloud, "
