@@ -99,6 +99,8 @@ class Simulator:
 
     def _publish(self, messages: list[Outgoing], lag: float) -> None:
         for out in messages:
+            if len(self._window) >= _WINDOW:
+                self._drain_window()
             self._window.append(self._client.publish(out.topic, out.payload, qos=out.qos))
             self.stats.published += 1
             if self._record is not None and out.reading is not None:
@@ -107,10 +109,13 @@ class Simulator:
         if lag > _LATE:
             self.stats.late += len(messages)
         self.stats.worst_lag = max(self.stats.worst_lag, lag)
-        if len(self._window) >= _WINDOW:
-            for info in self._window:
+
+    def _drain_window(self) -> None:
+        """Wait for the QoS 1 publishes in the window (QoS 0 ones are done when written)."""
+        for info in self._window:
+            if not info.is_published():
                 info.wait_for_publish(30)
-            self._window.clear()
+        self._window.clear()
 
     def run(self, duration: float, stop: Callable[[], bool]) -> RunStats:
         """Publish until ``duration`` wall seconds passed (0: forever) or ``stop()``."""
@@ -130,8 +135,7 @@ class Simulator:
                 wait = self.model.next_due() / scale - (time.monotonic() - t0)
                 if wait > 0:
                     time.sleep(min(wait, _MAX_SLEEP))
-            for info in self._window:
-                info.wait_for_publish(30)
+            self._drain_window()
         finally:
             self.stats.elapsed = time.monotonic() - t0
             self._client.disconnect()
