@@ -336,13 +336,17 @@ class LogStore:
                     break
             if last is None:
                 return
-            # Sequence numbers must survive the rows that carried them.
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                               (str(self.next_seq),))
-            self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
-            self.bytes -= freed
+            self._delete_through(last, freed)
             if reason is not None:
                 self._count_drop(reason, dropped)
+
+    def _delete_through(self, last: int, freed: int) -> None:
+        """Delete records with seq <= last (inside the caller's transaction)."""
+        # Sequence numbers must survive the rows that carried them.
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
+                           (str(self.next_seq),))
+        self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
+        self.bytes -= freed
 
     def _count_drop(self, reason: str, readings: int) -> None:
         if readings <= 0:
@@ -474,10 +478,7 @@ class LogStore:
                     undelivered += n
             if last is None:
                 return
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                               (str(self.next_seq),))
-            self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
-            self.bytes -= freed
+            self._delete_through(last, freed)
             self._count_drop("age", undelivered)
             if last != rows[-1][0] or len(rows) < 1000:
                 return
