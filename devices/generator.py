@@ -8,15 +8,20 @@ the course of a run.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 
-from devices.fleet import DeviceType, Fault, FaultKind, Fleet, Malformed, PayloadFormat
+from devices.fleet import DeviceType, Fault, FaultKind, Fleet, Malformed, Metric, PayloadFormat
+
+# Normal draws made per numpy call; larger blocks amortise the call, cost memory per device.
+_NORMALS_BLOCK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +37,33 @@ class Outgoing:
     fault: str | None = None               # fault kind, when one shaped this message
 
 
+class _Normals:
+    """Standard normal draws for one device, made in blocks by numpy: the same stream for
+    the same seed, at a fraction of the cost of one `random.gauss` call per draw."""
+
+    __slots__ = ("_at", "_block", "_gen")
+
+    def __init__(self, seed: str) -> None:
+        digest = hashlib.sha256(seed.encode()).digest()
+        self._gen = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "big")))
+        self._block: list[float] = []
+        self._at = 0
+
+    def next(self) -> float:
+        if self._at >= len(self._block):
+            self._block = self._gen.standard_normal(_NORMALS_BLOCK).tolist()
+            self._at = 0
+        value = self._block[self._at]
+        self._at += 1
+        return value
+
+
 @dataclass(slots=True)
 class _Device:
     id: str
     kind: str
     spec: DeviceType
-    rng: random.Random
+    rng: _Normals
     fault_rng: random.Random
     walk: dict[str, float] = field(default_factory=dict)
     effects: dict[tuple[str, str], float] = field(default_factory=dict)  # (metric, actuator)
@@ -47,6 +73,8 @@ class _Device:
     last_t: float = 0.0
     pending: list[dict[str, Any]] = field(default_factory=list)  # array batches being filled
     step: int = 0
+    # The fleet's faults that can hit this device, by kind, with their index in the fleet.
+    faults: dict[FaultKind, list[tuple[int, Fault]]] = field(default_factory=dict)
 
 
 class FleetModel:
@@ -65,11 +93,15 @@ class FleetModel:
                 dev_id = spec.id.format(type=kind, n=n)
                 self.devices.append(_Device(
                     id=dev_id, kind=kind, spec=spec,
-                    rng=random.Random(f"{self.seed}:{dev_id}"),
+                    rng=_Normals(f"{self.seed}:{dev_id}"),
                     fault_rng=random.Random(f"{self.seed}:{dev_id}:faults"),
                     actuators={a: spec.actuators[a].initial for a in spec.actuators},
                 ))
         self.by_id = {d.id: d for d in self.devices}
+        for index, fault in enumerate(fleet.faults):
+            for device in ([self.by_id[fault.device]] if fault.device in self.by_id
+                           else [] if fault.device else self.devices):
+                device.faults.setdefault(fault.kind, []).append((index, fault))
         self.fault_log: list[dict[str, Any]] = []
         self._fired: set[tuple[int, str]] = set()
         # Devices start spread over their first interval, as real ones do.
@@ -114,9 +146,10 @@ class FleetModel:
 
     def _active(self, device: _Device, kind: FaultKind, t: float,
                 metric: str | None = None) -> Fault | None:
-        for index, fault in enumerate(self.fleet.faults):
-            if fault.kind is not kind or (fault.device and fault.device != device.id):
-                continue
+        candidates = device.faults.get(kind)
+        if not candidates:
+            return None
+        for index, fault in candidates:
             if metric is not None and fault.metric and fault.metric != metric:
                 continue
             if fault.at is not None:
@@ -151,7 +184,7 @@ class FleetModel:
         hour = ((self.start + t) / 3600.0) % 24.0  # the physics runs on simulated time
         values: dict[str, float] = {}
         for name, m in device.spec.metrics.items():
-            walk = device.walk.get(name, 0.0) + (device.rng.gauss(0.0, m.walk) if m.walk else 0.0)
+            walk = device.walk.get(name, 0.0) + (m.walk * device.rng.next() if m.walk else 0.0)
             device.walk[name] = walk
             effect_total = 0.0
             for actuator, states in m.effects.items():
@@ -168,15 +201,9 @@ class FleetModel:
             value = (m.baseline
                      + m.daily_amplitude * math.cos(2 * math.pi * (hour - m.peak_hour) / 24.0)
                      + m.drift_per_hour * t / 3600.0 + walk + effect_total
-                     + (device.rng.gauss(0.0, m.noise) if m.noise else 0.0))
-            drift = self._active(device, FaultKind.DRIFT, t, name)
-            if drift is not None and drift.at is not None:
-                value += (drift.value or 1.0) * (t - drift.at) / 3600.0
-            if self._active(device, FaultKind.STUCK, t, name) is not None and name in device.last:
-                value = device.last[name]
-            spike = self._active(device, FaultKind.SPIKE, t, name)
-            if spike is not None:
-                value = spike.value if spike.value is not None else m.baseline * 10 + 100
+                     + (m.noise * device.rng.next() if m.noise else 0.0))
+            if device.faults:
+                value = self._metric_faults(device, name, m, value, t)
             if m.min is not None:
                 value = max(m.min, value)
             if m.max is not None:
@@ -189,10 +216,24 @@ class FleetModel:
             values[name] = round(value, m.digits)
         return values
 
+    def _metric_faults(self, device: _Device, name: str, m: Metric, value: float,
+                       t: float) -> float:
+        drift = self._active(device, FaultKind.DRIFT, t, name)
+        if drift is not None and drift.at is not None:
+            value += (drift.value or 1.0) * (t - drift.at) / 3600.0
+        if self._active(device, FaultKind.STUCK, t, name) is not None and name in device.last:
+            value = device.last[name]
+        spike = self._active(device, FaultKind.SPIKE, t, name)
+        if spike is not None:
+            value = spike.value if spike.value is not None else m.baseline * 10 + 100
+        return value
+
     def _emit(self, device: _Device, t: float) -> list[Outgoing]:
         spec = device.spec
         values = self._values(device, t)
         device.step += 1
+        if not device.faults:
+            return self._messages(device, t, {"ts": round(self.wall(t), 3), **values})
         if self._active(device, FaultKind.DROPOUT, t) is not None:
             return []
         ts = self.wall(t)
