@@ -241,3 +241,37 @@ def test_every_injected_malformed_payload_is_in_the_gateways_dlq(site, cloud, ma
     assert reasons == sorted(variants[f["variant"]] for f in faults)
     assert len(faults) == 5
 
+
+
+def test_qos0_fast_path_publishes_well_formed_packets(site):
+    fleet = parse_fleet({"seed": 3, "types": {"m": {
+        "count": 50, "id": "m-{n}", "interval": "100ms", "qos": 0, "format": "number",
+        "metrics": {"power": {"baseline": 4, "noise": 0.5}, "energy": {"baseline": 4,
+                                                                       "counter": True}}}}})
+    got: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+    watcher = mqtt_client(site.port)
+
+    def on_message(_c, _u, m):
+        with lock:
+            got.append((m.topic, m.payload))
+
+    watcher.on_message = on_message
+    watcher.subscribe("sensors/#", qos=0)
+    time.sleep(0.2)
+    model = FleetModel(fleet, start=time.time())
+    sim = Simulator(model, broker=site.url, key=None, say=lambda _line: None)
+    stats = sim.run(2.0, lambda: False)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with lock:
+            if len(got) >= stats.published:
+                break
+        time.sleep(0.05)
+    watcher.disconnect()
+    watcher.loop_stop()
+    assert stats.published >= 1500  # 50 devices x 2 metrics x 10/s x 2 s, less start-up
+    assert len(got) == stats.published
+    topics = {t for t, _ in got}
+    assert "sensors/m-1/power" in topics and "sensors/m-50/energy" in topics
+    assert all(isinstance(orjson.loads(p), float) for _, p in got)
