@@ -275,3 +275,22 @@ def test_qos0_fast_path_publishes_well_formed_packets(site):
     topics = {t for t, _ in got}
     assert "sensors/m-1/power" in topics and "sensors/m-50/energy" in topics
     assert all(isinstance(orjson.loads(p), float) for _, p in got)
+
+
+def test_each_example_fleet_has_example_rules_that_fit_it():
+    import fnmatch
+    import re
+
+    pairs = {"greenhouse": "greenhouse", "cold-chain": "cold-chain", "factory": "machines",
+             "energy": "energy"}
+    for fleet_name, rules_name in pairs.items():
+        fleet = load_fleet(ROOT / f"devices/fleets/{fleet_name}.yaml")
+        devices = FleetModel(fleet).by_id
+        metrics = {m for t in fleet.types.values() for m in t.metrics}
+        rules = yaml.safe_load((ROOT / f"rules/{rules_name}.yaml").read_text())
+        for group in rules["groups"]:
+            assert any(fnmatch.fnmatchcase(d, group["match"]["device"]) for d in devices), \
+                (fleet_name, group["name"])
+            for rule in group["rules"]:
+                used = set(re.findall(r"\w+\((\w+),", rule["expr"]))
+                assert used <= metrics, (fleet_name, rule["alert"], used - metrics)
