@@ -240,6 +240,17 @@ def test_every_injected_malformed_payload_is_in_the_gateways_dlq(site, cloud, ma
     reasons = sorted(r for (r,) in conn.execute("SELECT reason FROM dead_letters"))
     assert reasons == sorted(variants[f["variant"]] for f in faults)
     assert len(faults) == 5
+    # What the emulator recorded is what `gateway rules replay` reads.
+    (tmp_path / "warm.yaml").write_text(
+        "groups: [{name: g, rules: [{alert: Warm, expr: 'avg(temp, 1s) > 0'}]}]\n")
+    replayed = subprocess.run(
+        [sys.executable, "-m", "gateway", "rules", "replay", "--rules",
+         str(tmp_path / "warm.yaml"), "--input", str(tmp_path / "record.jsonl"),
+         "--format", "jsonl"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert replayed.returncode == 0, replayed.stderr
+    fired = {orjson.loads(line)["device"] for line in replayed.stdout.splitlines()
+             if orjson.loads(line)["type"] == "io.fieldgate.alert.fired"}
+    assert fired == {"em-1", "em-2"}
 
 
 
