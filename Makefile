@@ -27,6 +27,7 @@ check: lint types test
 bench: $(PY)
 	$(PY) bench/bench_path.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_devices.py
 
 sample: $(PY)
 	$(PY) -m gateway config sample > deploy/gateway.example.yaml
