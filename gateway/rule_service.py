@@ -110,6 +110,9 @@ class RuleService:
         logged: list[Event] = []
         for event in events:
             if isinstance(event, CommandEvent):
+                # Keep the engine's order in the log: the alert, then the command it caused.
+                self._store.append_events(logged)
+                logged = []
                 self._commands.send(event.device, event.action, dict(event.params), cause={
                     "group": event.group, "rule": event.rule, "trigger": str(event.trigger),
                     "device": event.source_device})

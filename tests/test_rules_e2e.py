@@ -74,6 +74,8 @@ def test_threshold_gives_alert_event_and_signed_command(site, cloud, make_gatewa
     assert cmd["sig"] == sign(b"k3y", "gh-1", cmd)
     assert CloudCollector.wait_for(
         lambda: "io.fieldgate.command.issued" in at_cloud.types(), 10)
+    order = [t for t in at_cloud.types() if t.startswith("io.fieldgate.")]
+    assert order.index("io.fieldgate.alert.fired") < order.index("io.fieldgate.command.issued")
 
     # Restart while firing: no second "fired".
     assert gw.stop() == 0
