@@ -44,9 +44,12 @@ def _head(row: dict[str, Any], where: str) -> tuple[str, float]:
     if not isinstance(device, str) or not device:
         raise ValueError(f"{where}: needs a device")
     try:
-        return device, float(ts)  # type: ignore[arg-type]
+        seconds = float(ts)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"{where}: ts {ts!r} is not epoch seconds") from None
+    if not 0 <= seconds < 1e11:
+        raise ValueError(f"{where}: ts {ts!r} is not epoch seconds (milliseconds?)")
+    return device, seconds
 
 
 def _jsonl(path: Path) -> Iterator[Reading]:

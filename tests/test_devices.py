@@ -305,3 +305,11 @@ def test_each_example_fleet_has_example_rules_that_fit_it():
             for rule in group["rules"]:
                 used = set(re.findall(r"\w+\((\w+),", rule["expr"]))
                 assert used <= metrics, (fleet_name, rule["alert"], used - metrics)
+                for action in rule.get("actions", []):
+                    command = action["command"]
+                    actuators = {a: s for t in fleet.types.values()
+                                 for a, s in t.actuators.items()}
+                    assert command["action"] in actuators, (fleet_name, command)
+                    state = command["params"]["state"]
+                    state = {True: "on", False: "off"}.get(state, state)
+                    assert state in actuators[command["action"]].states, (fleet_name, command)

@@ -197,3 +197,18 @@ def test_events_get_seqs_between_readings(tmp_path):
                                now=NOW) == [2, 3]
     store.append([_msg(1)], now=NOW)
     assert store.next_seq == 5
+
+
+def test_full_disk_while_logging_events_and_state_is_survived(tmp_path):
+    from gateway.events import Event
+
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store.append([_msg(0)], now=NOW)
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    big = {"pad": "x" * 20_000}
+    assert store.append_events([Event("io.fieldgate.test", "d", NOW, big)] * 5, now=NOW) == []
+    store.save_state("engine", b"y" * 50_000)
+    assert store.full
+    assert store.counters["dropped.disk_full_events"] == 5
+    assert store.counters["state_saves_failed"] == 1

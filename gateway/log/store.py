@@ -265,10 +265,15 @@ class LogStore:
         return AppendResult(accepted, readings, len(dead))
 
     def save_state(self, name: str, value: bytes) -> None:
-        """Keep a component's state (the rule engine's alert states) with the log, durably."""
+        """Keep a component's state (the rule engine's alert states) with the log, durably.
+        On a full disk the previous state stays and the log reports itself full."""
         try:
             self._conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, value))
         except sqlite3.Error as err:
+            if _is_disk_full(err):
+                self._enter_full("disk is full", disk=True)
+                self.counters["state_saves_failed"] += 1
+                return
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
 
     def load_state(self, name: str) -> bytes | None:
@@ -299,6 +304,10 @@ class LogStore:
         except sqlite3.Error as err:
             self._rollback()
             self._recount()
+            if _is_disk_full(err):
+                self._enter_full("disk is full", disk=True)
+                self._count_drop("disk_full_events", len(events))
+                return []
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         self.next_seq = seqs[-1] + 1
         self.bytes += added
