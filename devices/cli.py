@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import orjson
@@ -19,7 +19,7 @@ from devices.generator import FleetModel
 from devices.simulator import Simulator
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     raise SystemExit(code)
 
@@ -46,10 +46,14 @@ def _builtin_fleet(count: int, rate: float, fmt: str, qos: int) -> Fleet:
 
 def _read_key(key_file: Path | None, key_env: str | None) -> bytes | None:
     if key_file is not None:
+        # Read as the gateway reads commands.key_file: the first line, stripped.
         try:
-            return key_file.read_text(encoding="utf-8").strip().encode()
+            lines = key_file.read_text(encoding="utf-8").splitlines()
         except OSError as err:
             _fail(f"cannot read --key-file {str(key_file)!r}: {err.strerror}", 2)
+        if not lines or not lines[0].strip():
+            _fail(f"--key-file {str(key_file)!r} is empty", 2)
+        return lines[0].strip().encode()
     if key_env is not None:
         value = os.environ.get(key_env)
         if value is None:

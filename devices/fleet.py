@@ -157,6 +157,10 @@ class Fault(_Model):
     def _when(self) -> Fault:
         if (self.at is None) == (self.probability is None):
             raise ValueError("give exactly one of at or probability")
+        if self.probability is not None and self.kind in (FaultKind.DRIFT, FaultKind.STUCK,
+                                                          FaultKind.DROPOUT, FaultKind.SKEW):
+            raise ValueError(f"{self.kind.value} lasts a while: give at and duration, "
+                             "not probability")
         return self
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import select
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from devices.generator import FleetModel, Outgoing
 _WINDOW = 5000
 # The loop sleeps at most this long, so that commands are applied promptly.
 _MAX_SLEEP = 0.05
+# A broker that takes nothing for this long is given up on.
+_WRITE_TIMEOUT = 30.0
 # QoS 0 packets are written once this many bytes are waiting (fewer, larger writes).
 _RAW_CHUNK = 64 * 1024
 # A message published this much after its time counts as late: the fleet is faster than
@@ -160,10 +163,13 @@ class Simulator:
         sock = client.socket()
         if sock is None:
             raise OSError("lost the broker")
+        deadline = time.monotonic() + _WRITE_TIMEOUT
         while self._raw:
             try:
                 sent = sock.send(self._raw)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                if time.monotonic() > deadline:
+                    raise OSError("the broker stopped reading") from None
                 select.select([], [sock], [], 1.0)
                 continue
             del self._raw[:sent]

@@ -175,6 +175,9 @@ def rules_check(files: tuple[Path, ...]) -> None:
     from gateway.engine import load_rule_files
 
     files = tuple(f for f in files if not f.name.endswith(".test.yaml"))
+    if not files:
+        _fail(ConfigError(["no rule files given (test files are run by `gateway rules test`)"]),
+              2)
     try:
         groups = load_rule_files(list(files))
     except ConfigError as err:
@@ -256,12 +259,22 @@ def rules_reload(config_path: Path) -> None:
         for line in err.problems:
             click.echo(line, err=True)
         raise SystemExit(2) from None
+    if not cfg.rules:
+        _fail(ConfigError(["rules: the config names no rule files; nothing to reload"]), 2)
     path = pid_path(cfg)
+    missing = FieldgateError(f"no running gateway for this config (no usable {str(path)!r})")
     try:
         pid = int(path.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        # A pid file left by a crash may name another process now: check it is ours.
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
-        _fail(FieldgateError(f"no running gateway for this config (no usable {str(path)!r})"))
+        _fail(missing)
+    if b"gateway" not in cmdline:
+        _fail(missing)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError:
+        _fail(missing)
     click.echo(f"reload sent to gateway pid {pid}")
 
 

@@ -134,6 +134,7 @@ def run_demo(duration: float, cut_cloud: float) -> int:
         sim: subprocess.Popen[bytes] | None = None
         consumer: _CloudConsumer | None = None
         gw: Gateway | None = None
+        gateway_thread: threading.Thread | None = None
         stop = threading.Event()
 
         def on_signal(_sig: int, _frame: FrameType | None) -> None:
@@ -207,7 +208,6 @@ def run_demo(duration: float, cut_cloud: float) -> int:
             view.close()
             if sim.poll() is None:  # stopped early (Ctrl-C): stop publishing, let the log drain
                 sim.terminate()
-                sim.wait(5)
             deadline = time.monotonic() + 5
             while (consumer.snapshot()[0] < gw.store.counters["readings"]
                    and time.monotonic() < deadline):
@@ -224,10 +224,15 @@ def run_demo(duration: float, cut_cloud: float) -> int:
         finally:
             if sim is not None and sim.poll() is None:
                 sim.terminate()
-                sim.wait(5)
+                try:
+                    sim.wait(5)
+                except subprocess.TimeoutExpired:
+                    sim.kill()
+                    sim.wait()
             if gw is not None:
                 gw.request_stop()
-                time.sleep(0.5)
+                if gateway_thread is not None:
+                    gateway_thread.join(15)  # its clean stop before the brokers and files go
             if consumer is not None:
                 consumer.close()
             site.stop()

@@ -2,8 +2,9 @@
 
 Readings reach the engine only after they are durable; every ``engine.tick`` interval the
 rules are evaluated, alert/device events go into the log (and so to the uplink) and rule
-actions go out as signed commands. Alert state is saved with the log after every change,
-so a restart neither re-fires a firing alert nor forgets it. SIGHUP reloads the rule files;
+actions go out as signed commands. Alert state is saved with the log after every tick that
+changed an alert, and at shutdown, so a restart neither re-fires a firing alert nor forgets
+it (a pending `for:` timer that had not fired yet starts again). SIGHUP reloads the rule files;
 a file with a mistake leaves the running rules in place.
 """
 
