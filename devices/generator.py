@@ -208,11 +208,11 @@ class FleetModel:
                 value = max(m.min, value)
             if m.max is not None:
                 value = min(m.max, value)
+            device.last[name] = value  # the modelled value: what `stuck` holds still
             if m.counter:
                 dt_h = device.spec.interval / 3600.0
                 value = device.counters.get(name, 0.0) + abs(value) * dt_h
                 device.counters[name] = value
-            device.last[name] = value
             values[name] = round(value, m.digits)
         return values
 

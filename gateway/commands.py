@@ -14,6 +14,7 @@ import hmac
 import itertools
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from gateway.log.store import LogStore
 from gateway.mqtt.link import MqttLink
 
 ACK_FILTER = "devices/+/cmd/ack"
+_ANSWERS_REMEMBERED = 10_000
 ISSUED = "io.fieldgate.command.issued"
 ACKNOWLEDGED = "io.fieldgate.command.acknowledged"
 REJECTED = "io.fieldgate.command.rejected"
@@ -52,6 +54,9 @@ class CommandSender:
         self._link = link
         self._store = store
         self._counter = itertools.count(1)
+        # Answers already logged, by (device, command id): a redelivered acknowledgement
+        # (the site broker resends what was not PUBACKed) is logged once.
+        self._answered: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def send(self, device: str, action: str, params: dict[str, Any], *,
              cause: dict[str, Any] | None = None, now: float | None = None) -> str:
@@ -70,8 +75,8 @@ class CommandSender:
         })])
         return cid
 
-    def acknowledgement(self, topic: str, payload: bytes, now: float) -> Event:
-        """The event for a device's answer on devices/<id>/cmd/ack."""
+    def acknowledgement(self, topic: str, payload: bytes, now: float) -> Event | None:
+        """The event for a device's answer on devices/<id>/cmd/ack (None: seen before)."""
         device = topic.split("/")[1]
         try:
             ack = orjson.loads(payload)
@@ -79,6 +84,12 @@ class CommandSender:
             ack = None
         if not isinstance(ack, dict):
             return Event(REJECTED, device, now, {"reason": "unreadable acknowledgement"})
+        seen = (device, str(ack.get("id")))
+        if seen in self._answered:
+            return None
+        self._answered[seen] = None
+        if len(self._answered) > _ANSWERS_REMEMBERED:
+            self._answered.popitem(last=False)
         ok = ack.get("status") == "ok"
         data = {"id": ack.get("id"), "status": ack.get("status")}
         if not ok:

@@ -91,7 +91,7 @@ class Gateway:
     def request_reload(self, _signum: int | None = None, _frame: FrameType | None = None) -> None:
         self._reload = True
 
-    def _command_answer(self, topic: str, payload: bytes, now: float) -> Event:
+    def _command_answer(self, topic: str, payload: bytes, now: float) -> Event | None:
         assert self.commands is not None
         return self.commands.acknowledgement(topic, payload, now)
 

@@ -87,3 +87,19 @@ def test_signed_command_reaches_the_device_and_its_answer_is_logged(
 def test_sign_matches_a_known_vector():
     cmd = {"id": "x", "ts": 1.5, "action": "fan", "params": {"state": "on"}}
     assert sign(b"k", "d", cmd) == sign(b"k", "d", {**cmd, "sig": "ignored"})
+
+
+def test_a_redelivered_acknowledgement_is_logged_once(tmp_path):
+    from gateway.commands import CommandSender
+
+    class _NoLink:
+        def publish(self, *_a, **_k):
+            return 1
+
+    sender = CommandSender("gw", None, _NoLink(), None)  # type: ignore[arg-type]
+    ack = orjson.dumps({"id": "gw-1-1", "status": "ok"})
+    first = sender.acknowledgement("devices/d/cmd/ack", ack, 1.0)
+    assert first is not None and first.type == "io.fieldgate.command.acknowledged"
+    assert sender.acknowledgement("devices/d/cmd/ack", ack, 2.0) is None
+    other = sender.acknowledgement("devices/e/cmd/ack", ack, 2.0)
+    assert other is not None  # same id from another device is another answer

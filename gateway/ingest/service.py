@@ -38,7 +38,7 @@ _IDLE_WAKE = 0.25
 
 class IngestService:
     def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics,
-                 on_ack: Callable[[str, bytes, float], Event] | None = None,
+                 on_ack: Callable[[str, bytes, float], Event | None] | None = None,
                  on_readings: Callable[[list[Reading]], None] | None = None) -> None:
         """``on_ack`` turns a device's answer on devices/<id>/cmd/ack into an event; with it,
         the site session also subscribes to those answers. ``on_readings`` gets every batch
@@ -133,7 +133,9 @@ class IngestService:
         answers: list[Event] = []
         for msg in pending:
             if self._on_ack is not None and is_ack_topic(msg.topic):
-                answers.append(self._on_ack(msg.topic, msg.payload, now))
+                answer = self._on_ack(msg.topic, msg.payload, now)
+                if answer is not None:
+                    answers.append(answer)
                 order.append(-1)
                 continue
             if msg.sub_ids:
