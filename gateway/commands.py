@@ -42,8 +42,9 @@ def sign(key: bytes, device: str, command: dict[str, Any]) -> str:
 
 
 def is_ack_topic(topic: str) -> bool:
-    parts = topic.split("/")
-    return len(parts) == 4 and parts[0] == "devices" and parts[2:] == ["cmd", "ack"]
+    # Asked of every site message: the suffix test alone rejects readings.
+    return (topic.endswith("/cmd/ack") and topic.startswith("devices/")
+            and topic.count("/") == 3)
 
 
 class CommandSender:

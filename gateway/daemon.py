@@ -71,7 +71,7 @@ class Gateway:
         self.rules: RuleService | None = None
         self.ingest = IngestService(cfg, self.store, self.metrics,
                                     on_ack=self._command_answer,
-                                    on_readings=self._to_rules)
+                                    on_readings=self._to_rules if cfg.rules else None)
         # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
                                       self.store)

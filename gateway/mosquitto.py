@@ -71,9 +71,8 @@ class Mosquitto:
             passwd = self.dir / "passwd"
             passwd.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
             passwd.chmod(0o600)
-            subprocess.run([str(Path(find_mosquitto()).parent.parent / "bin" / "mosquitto_passwd")
-                            if not shutil.which("mosquitto_passwd") else "mosquitto_passwd",
-                            "-U", str(passwd)], check=True)
+            tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+            subprocess.run([tool, "-U", str(passwd)], check=True)
             conf = conf.replace("allow_anonymous true", "allow_anonymous false")
             conf += f"password_file {passwd}\n"
         self.conf.write_text(conf + extra)

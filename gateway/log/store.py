@@ -247,12 +247,8 @@ class LogStore:
                     self._trim_dead_letters(self._dlq_count + len(dead))
             conn.execute("COMMIT")
         except sqlite3.Error as err:
-            self._rollback()
-            self._recount()
-            if _is_disk_full(err):
-                self._enter_full("disk is full", disk=True)
-                return AppendResult(0, 0, 0)
-            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+            self._write_failed(err)
+            return AppendResult(0, 0, 0)
         self._dlq_count = min(self._dlq_count + len(dead), self._cfg.dlq_max_rows)
         for entry in dead:
             self.counters[f"dead_letters.{entry[2]}"] += 1
@@ -270,11 +266,8 @@ class LogStore:
         try:
             self._conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, value))
         except sqlite3.Error as err:
-            if _is_disk_full(err):
-                self._enter_full("disk is full", disk=True)
-                self.counters["state_saves_failed"] += 1
-                return
-            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+            self._write_failed(err)
+            self.counters["state_saves_failed"] += 1
 
     def load_state(self, name: str) -> bytes | None:
         row = self._conn.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
@@ -302,13 +295,9 @@ class LogStore:
             self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
-            self._rollback()
-            self._recount()
-            if _is_disk_full(err):
-                self._enter_full("disk is full", disk=True)
-                self._count_drop("disk_full_events", len(events))
-                return []
-            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+            self._write_failed(err)
+            self._count_drop("disk_full_events", len(events))
+            return []
         self.next_seq = seqs[-1] + 1
         self.bytes += added
         self.counters["events"] += len(events)
@@ -427,6 +416,15 @@ class LogStore:
             for k, v in changed:
                 self._counters_saved[k] = v
 
+    def _write_failed(self, err: sqlite3.Error) -> None:
+        """After a failed write: undo it; a full disk makes the log refuse (reported, retried
+        later); any other error is raised as LogError."""
+        self._rollback()
+        self._recount()
+        if not _is_disk_full(err):
+            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+        self._enter_full("disk is full", disk=True)
+
     def _rollback(self) -> None:
         try:
             self._conn.execute("ROLLBACK")
@@ -451,12 +449,8 @@ class LogStore:
             self._save_state()
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
-            self._rollback()
-            self._recount()
-            if _is_disk_full(err):
-                self._enter_full("disk is full", disk=True)
-                return
-            raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
+            self._write_failed(err)
+            return
         if (self._full and time.monotonic() >= self._disk_retry_at
                 and self.bytes <= int(self._cfg.max_bytes * _TRIM_TO)):
             self._leave_full()

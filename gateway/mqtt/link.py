@@ -325,6 +325,7 @@ class MqttLink:
         read = self._client.loop_read
         in_packet = self._client._in_packet  # noqa: SLF001 - is paho inside a packet?
         deliver = self._on_message
+        received = time.time()  # one clock read per wake-up, not per message
         while sock.buffered and not paused():
             if deliver is not None and in_packet["command"] == 0 and self._connected:
                 buf, pos = sock.buffer
@@ -332,7 +333,7 @@ class MqttLink:
                 if publish is not None:
                     sock.consume(publish.end)
                     deliver(InboundMessage(publish.topic, publish.payload, publish.qos,
-                                           publish.mid, publish.dup, time.time()))
+                                           publish.mid, publish.dup, received))
                     continue
             if read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self.socket() is not sock:
                 return
