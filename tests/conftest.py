@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from gateway.mosquitto import Mosquitto, free_port
 
@@ -147,3 +148,9 @@ def _no_unexpected_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+# No deadlines: a loaded CI core or a Raspberry Pi runs examples several times slower, and
+# speed is measured in bench/, not asserted here.
+settings.register_profile("fieldgate", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fieldgate")
