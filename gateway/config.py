@@ -231,8 +231,9 @@ class LogSection(_Section):
 
     path: Path = Field(Path("/var/lib/fieldgate/log.db"), description="Log database file")
     max_bytes: ByteSize = Field(
-        1024**3, ge=64 * 1024,
-        description="Cap on stored record bytes; delivered records go first",
+        1024**3, ge=256 * 1024,
+        description="Cap on the log file's used bytes (records, dead letters, state; the "
+        "file stays within about 32 KiB of it, plus the WAL); delivered records go first",
     )
     max_age: Duration = Field(7 * 86400.0, gt=0,
                               description="Records older than this are removed")

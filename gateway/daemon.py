@@ -97,13 +97,15 @@ class Gateway:
 
     def _watch_gauges(self) -> None:
         """Gauges computed when /metrics is scraped, so they are never stale."""
+        # Read from the log's snapshot: the scrape runs in another thread, and the snapshot
+        # is replaced whole after each commit, never changed in place.
         store, metrics = self.store, self.metrics
-        metrics.log_bytes.set_function(lambda: store.bytes)
-        metrics.log_full.set_function(lambda: int(store.full))
+        metrics.log_bytes.set_function(lambda: store.snapshot.bytes)
+        metrics.log_full.set_function(lambda: int(store.snapshot.full))
         metrics.pending.set_function(lambda: self.ingest.pending)
 
         def depth(sink: str) -> Callable[[], int]:
-            return lambda: max(0, store.next_seq - store.cursors().get(sink, store.next_seq))
+            return lambda: store.snapshot.depth(sink)
 
         for name in store.cursors():
             metrics.depth.labels(name).set_function(depth(name))

@@ -182,7 +182,7 @@ def run_demo(duration: float, cut_cloud: float) -> int:
                 elif not cloud_up and elapsed >= _CUT_AFTER + cut_cloud:
                     cloud.start()
                     cloud_up = True
-                logged = gw.store.counters["readings"]
+                logged = gw.store.snapshot.counters["readings"]
                 arrived, events = consumer.snapshot()
                 engine = gw.rules.engine if gw.rules else None
                 view.update({
@@ -209,10 +209,10 @@ def run_demo(duration: float, cut_cloud: float) -> int:
             if sim.poll() is None:  # stopped early (Ctrl-C): stop publishing, let the log drain
                 sim.terminate()
             deadline = time.monotonic() + 5
-            while (consumer.snapshot()[0] < gw.store.counters["readings"]
+            while (consumer.snapshot()[0] < gw.store.snapshot.counters["readings"]
                    and time.monotonic() < deadline):
                 time.sleep(0.1)
-            logged = gw.store.counters["readings"]
+            logged = gw.store.snapshot.counters["readings"]
             arrived, events = consumer.snapshot()
             click.echo(f"done: {logged} readings logged, {arrived} arrived at the cloud, "
                        f"{logged - arrived} missing; alerts fired {events['alert.fired']}, "

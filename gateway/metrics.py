@@ -76,9 +76,11 @@ class GatewayMetrics:
         self.commits = Counter("fieldgate_log_commits", "Group commits of the log", registry=r)
         self.pending = Gauge("fieldgate_ingest_pending", "Messages received and not yet "
                              "durable (unacknowledged)", registry=r)
-        self.log_bytes = Gauge("fieldgate_log_bytes", "Record bytes in the log", registry=r)
+        self.log_bytes = Gauge("fieldgate_log_bytes", "Bytes of the log file in use (what "
+                               "log.max_bytes caps)", registry=r)
         self.log_full = Gauge("fieldgate_log_full", "1 while the log refuses readings", registry=r)
-        self.depth = Gauge("fieldgate_log_undelivered_readings", "Readings waiting for a sink",
+        self.depth = Gauge("fieldgate_log_undelivered_readings", "Records (readings and "
+                           "events) waiting for a sink",
                            ["sink"], registry=r)
         self.link_up = Gauge("fieldgate_link_connected", "1 while connected", ["link"], registry=r)
         self.connect_failures = Counter("fieldgate_link_connect_failures", "Failed connection "

@@ -141,7 +141,8 @@ def test_ranges_and_cross_checks():
                           "uplink": {"backoff_min": 0}, "log": {"max_age": "0s"}})
     assert [p.split(":")[0] for p in problems] == ["site.keepalive", "log.max_age",
                                                    "uplink.backoff_min"]
-    problems = _problems({"gateway_id": "g", "log": {"max_bytes": "64KiB"}})
+    problems = _problems({"gateway_id": "g", "log": {"max_bytes": "1MiB"},
+                          "ingest": {"max_payload": "512KiB"}})
     assert "at least 4x ingest.max_payload" in problems[0]
 
 

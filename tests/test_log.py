@@ -72,27 +72,57 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
 
 
 def test_drop_oldest_prefers_delivered_then_counts(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_bytes=65536), "gw", ["uplink"])
+    cap = 256 * 1024
+    store = LogStore(_cfg(tmp_path, max_bytes=cap), "gw", ["uplink"])
     store.cursor("uplink")
-    store.append([_msg(i) for i in range(300)], now=NOW)
-    store.ack("uplink", 301)           # all 300 delivered
-    store.append([_msg(i) for i in range(300, 900)], now=NOW)
-    assert store.bytes <= 65536
+    store.append([_msg(i) for i in range(1000)], now=NOW)
+    store.ack("uplink", 1001)          # all 1000 delivered
+    store.append([_msg(i) for i in range(1000, 2000)], now=NOW)
+    assert _file_used(tmp_path) <= cap
     assert store.counters["dropped.cap"] == 0  # only delivered readings made room
-    store.append([_msg(i) for i in range(900, 1500)], now=NOW)
-    assert store.bytes <= 65536
+    store.append([_msg(i) for i in range(2000, 4000)], now=NOW)
+    assert _file_used(tmp_path) <= cap
     dropped = store.counters["dropped.cap"]
     assert dropped > 0
     kept = _bodies(store, tmp_path / "log.db")
-    assert kept[-1]["i"] == 1499      # the newest survive
-    assert len([r for r in kept if r["seq"] >= 301]) == 1200 - dropped
+    assert kept[-1]["i"] == 3999      # the newest survive
+    assert len([r for r in kept if r["seq"] >= 1001]) == 3000 - dropped
+    # What was dropped is no longer owed: the depth counts what the sink can still get.
+    assert store.snapshot.depth("uplink") == len(kept)
+
+
+def test_cap_holds_the_real_file_size(tmp_path):
+    """The cap is the file, not an estimate of record bytes: fill it many times over with
+    rows of every size and the file (database and WAL) stays within the cap and the WAL
+    limit."""
+    cap = 1024 * 1024
+    store = LogStore(_cfg(tmp_path, max_bytes=cap), "gw", ["uplink"])
+    for round_ in range(40):
+        pad = "x" * (round_ * 37 % 900)
+        msgs = [Message("sensors/d/telemetry", b"{}", 0,
+                        [("d", 1000.0 + i, {"v": float(i), "pad": pad})] * (1 + i % 5), 0.0)
+                for i in range(200)]
+        store.append(msgs, now=NOW)
+        assert _file_used(tmp_path) <= cap
+    store.close()
+    assert (tmp_path / "log.db").stat().st_size <= cap + 64 * 1024
+
+
+def _file_used(tmp_path) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "log.db")
+    pages, free, size = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                         for p in ("page_count", "freelist_count", "page_size"))
+    conn.close()
+    return (pages - free) * size
 
 
 def test_refuse_accepts_a_prefix_then_nothing(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw", ["uplink"])
+    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
     store.cursor("uplink")
-    result = store.append([_msg(i) for i in range(2000)], now=NOW)
-    assert 0 < result.accepted < 2000
+    result = store.append([_msg(i) for i in range(8000)], now=NOW)
+    assert 0 < result.accepted < 8000
     assert store.full
     assert store.append([_msg(5000)], now=NOW).accepted == 0
     assert store.counters["full_episodes"] == 1
@@ -126,14 +156,28 @@ def test_expiry_drops_old_records_and_counts_undelivered(tmp_path):
     assert [r["i"] for r in _bodies(store, tmp_path / "log.db")] == [10, 11]
 
 
-def test_redelivery_detection_uses_the_tail(tmp_path):
+def test_redelivery_is_recognised_by_packet_id_whatever_the_window(tmp_path):
+    """A broker with an unlimited in-flight window (Mosquitto max_inflight_messages 0) may
+    redeliver any of 65535 messages: each is recognised, before and after a restart, dead
+    letters too; a new message that reuses a packet id with other content is not."""
     store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
-    msgs = [_msg(i) for i in range(5)]
-    store.append(msgs, now=NOW)
-    store.remember_tail(3)
-    assert store.is_redelivery(msgs[4].key)
-    assert not store.is_redelivery(msgs[4].key)   # each original matches once
-    assert not store.is_redelivery(msgs[0].key)   # older than the tail
+    msgs = [_msg(i) for i in range(1, 5001)]
+    bad = [Message("t/x", b"\xff", message_key("t/x", b"\xff", 6000 + i),
+                   DeadLetter(Reason.BAD_JSON, "not JSON"), 5.0) for i in range(3)]
+    store.append(msgs + bad, now=NOW)
+    assert all(store.is_redelivery(m.key) for m in msgs + bad)
+    assert all(store.is_redelivery(m.key) for m in msgs[:10])  # redelivered twice
+    store.close()
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    assert all(store.is_redelivery(m.key) for m in msgs + bad)
+    # Packet id 7 reused (its PUBACK went through) for a new message, then redelivered.
+    payload = b'{"i":70}'
+    new = Message("sensors/d/telemetry", payload, message_key("sensors/d/telemetry", payload, 7),
+                  [("d", 5000.0, {"i": 70})], 0.0)
+    assert not store.is_redelivery(new.key)
+    store.append([new], now=NOW)
+    assert store.is_redelivery(new.key)
+    assert not store.is_redelivery(msgs[6].key)       # the older use of id 7
 
 
 def test_seq_never_goes_back_after_everything_was_removed(tmp_path):
@@ -167,14 +211,14 @@ def test_full_disk_is_survived_and_reported(tmp_path, caplog):
 
 
 def test_a_removed_sink_does_not_pin_the_log(tmp_path, caplog):
-    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw", ["uplink"])
+    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
     store.cursor("uplink")
     store.close()
-    store = LogStore(_cfg(tmp_path, max_bytes=65536, when_full="refuse"), "gw", [])
+    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", [])
     assert "not configured" in caplog.text
-    for k in range(10):  # 10x the cap: nothing waits for the removed sink
-        assert store.append([_msg(i) for i in range(k * 200, k * 200 + 200)], now=NOW).accepted \
-            == 200
+    for k in range(20):  # 10x the cap: nothing waits for the removed sink
+        assert store.append([_msg(i) for i in range(k * 1000, k * 1000 + 1000)],
+                            now=NOW).accepted == 1000
     assert not store.full
 
 

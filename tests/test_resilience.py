@@ -149,10 +149,10 @@ def test_malformed_flood_between_good_readings(site, cloud, make_gateway, tmp_pa
 
 def test_cap_drop_oldest_keeps_newest_and_counts(site, cloud, make_gateway):
     cloud.stop()
-    gw = make_gateway(site, cloud, log={"max_bytes": "64KiB", "when_full": "drop_oldest"},
+    gw = make_gateway(site, cloud, log={"max_bytes": "256KiB", "when_full": "drop_oldest"},
                       ingest={"max_payload": "4KiB"}).start()
     pub = Publisher(site.port)
-    n = 3000  # ~100 bytes each in the log: about 5x the cap
+    n = 12000  # ~100 bytes each in the log: about 5x the cap
     for i in range(n):
         pub.publish("sensors/d/telemetry", orjson.dumps({"i": i, "pad": 1234567.5}))
     pub.close()
@@ -173,10 +173,10 @@ def test_cap_drop_oldest_keeps_newest_and_counts(site, cloud, make_gateway):
 
 def test_cap_refuse_backpressures_site_and_loses_nothing(site, cloud, make_gateway):
     cloud.stop()
-    gw = make_gateway(site, cloud, log={"max_bytes": "64KiB", "when_full": "refuse"},
+    gw = make_gateway(site, cloud, log={"max_bytes": "256KiB", "when_full": "refuse"},
                       ingest={"max_payload": "4KiB"}).start()
     pub = Publisher(site.port)
-    n = 3000
+    n = 6000  # about 2.5x the cap
     for i in range(n):
         pub.publish("sensors/d/telemetry", orjson.dumps({"i": i, "pad": 1234567.5}))
     pub.close()

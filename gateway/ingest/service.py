@@ -85,7 +85,6 @@ class IngestService:
     def _on_connected(self) -> None:
         # Anything still pending belongs to the previous connection.
         self._drop_pending()
-        self._store.remember_tail(self._cfg.site.receive_maximum)
         filters = list(self._topics.filters)
         if self._on_ack is not None:
             filters.append((ACK_FILTER, None))

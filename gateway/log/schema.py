@@ -7,7 +7,14 @@ from pathlib import Path
 
 from gateway.errors import LogCorruptError, LogError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Schema changes that an older log file is brought up to on open, by the version they lead to.
+MIGRATIONS = {
+    # v2: dead letters keep their site message key, so a redelivered bad message is
+    # recognised like a redelivered good one.
+    2: "ALTER TABLE dead_letters ADD COLUMN msg_key INTEGER NOT NULL DEFAULT 0",
+}
 
 # Records cost a little more than their body on disk (row header, rowid, index entries); this
 # estimate makes the byte cap track the file's real growth closely enough.
@@ -34,7 +41,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     detail   TEXT    NOT NULL,
     size     INTEGER NOT NULL,     -- size of the payload as received
     payload  BLOB    NOT NULL,     -- the payload, truncated to log.dlq_max_payload
-    replayed REAL                  -- when `gateway log replay` sent it again
+    replayed REAL,                 -- when `gateway log replay` sent it again
+    msg_key  INTEGER NOT NULL DEFAULT 0  -- as in records (0: not from the site broker)
 );
 """
 
@@ -57,6 +65,8 @@ def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) < SCHEMA_VERSION:
+                _migrate(conn, int(row[0]))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise LogError(
                     f"Log file {str(path)!r} has schema {row[0]}, this gateway reads "
@@ -78,3 +88,11 @@ def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
         raise LogError(f"Log file {str(path)!r}: {err.strerror}; check log.path and "
                        "the user the gateway runs as") from None
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute("BEGIN")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute(MIGRATIONS[target])
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+    conn.execute("COMMIT")

@@ -6,6 +6,7 @@ import sqlite3
 from typing import Any
 
 from gateway.log.schema import ROW_OVERHEAD
+from gateway.log.store import readings_total
 
 
 def log_stats(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -21,12 +22,16 @@ def log_stats(conn: sqlite3.Connection) -> dict[str, Any]:
         sinks[sink] = {"next_seq": cursor, "undelivered": depth, "oldest_undelivered": since}
     dlq = dict(conn.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason"))
     counters = dict(conn.execute("SELECT name, value FROM counters ORDER BY name"))
+    saved = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+    next_seq = max(last_end or 1, int(saved[0]) if saved else 1)
+    # Derived, like the daemon's: every reading and every event took one seq.
+    counters["readings"] = readings_total(next_seq, counters.get("events", 0))
     return {
         "records": rows,
         "readings": readings,
         "bytes": body + rows * ROW_OVERHEAD,
         "first_seq": first,
-        "next_seq": last_end,
+        "next_seq": next_seq,
         "oldest": oldest,
         "sinks": sinks,
         "dead_letters": dlq,

@@ -2,8 +2,13 @@
 
 One thread writes (the ingest loop). Sinks read with their own connection (``LogReader``)
 and report progress with ``ack``, which only touches memory under a lock; the writer makes
-cursors durable with its next commit. A crash can therefore make a sink resend a little:
+cursors durable at most once a second. A crash can therefore make a sink resend a little:
 delivery is at-least-once and every reading carries its ``seq`` for de-duplication.
+
+Counters are committed in the transaction that changes the data they count (a dead letter
+and its counter, a trim and its drop counter), and the number of readings ever logged is
+derived from the sequence numbers, so no crash can make them disagree with the data. An
+idle log writes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +39,17 @@ KIND_EVENT = 1
 # When the cap is hit, trim to this fraction of it so that trimming is not paid on every
 # following commit; a lower value frees more at once but throws away more history.
 _TRIM_TO = 0.9
-# How often expired records are removed and cursors/counters are made durable when idle.
+# How often expired records are removed and moved cursors are made durable. Each save is a
+# page write (flash wear): longer saves writes, a crash then makes sinks resend more.
 _HOUSEKEEPING_EVERY = 1.0
+# Within this many bytes of the cap, appends measure the file instead of estimating: the
+# file can outgrow the cap by about this much; smaller measures more often.
+_NEAR_CAP = 32 * 1024
 # After the disk filled up, wait this long before trying to write again.
 _DISK_FULL_RETRY = 10.0
-# Message keys remembered for spotting site redeliveries; must exceed the messages a broker
-# can have unacknowledged in one session (site.receive_maximum, at most 65535).
-_TAIL_KEYS = 65_536
+# Site messages whose keys are read back at start-up to recognise redeliveries: every packet
+# id (1..65535) that can be in flight, with room for the ones reused since.
+_TAIL_KEYS = 131_072
 # A drop episode (logged once at its start and once at its end) ends after this long without
 # a drop; shorter logs more lines during a long outage, longer reports the end later.
 _DROP_EPISODE_QUIET = 60.0
@@ -58,6 +67,21 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSnapshot:
+    """The log as of its last commit, for threads other than the writer (/metrics)."""
+
+    next_seq: int
+    bytes: int
+    full: bool
+    counters: dict[str, int]   # persisted counters, plus "readings" (derived from seq)
+    cursors: dict[str, int]    # sink -> next seq it has not delivered
+
+    def depth(self, sink: str) -> int:
+        """Records (readings and events) the sink has still to deliver."""
+        return max(0, self.next_seq - self.cursors.get(sink, self.next_seq))
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     accepted: int       # messages made durable (a prefix of those offered)
     readings: int       # readings among them
@@ -69,6 +93,11 @@ def message_key(topic: str, payload: bytes, mid: int) -> int:
     packet id (MQTT 4.4), so the id plus a checksum of topic and payload tells a redelivery
     from a new message that merely carries the same value."""
     return (mid << 32) | zlib.crc32(payload, zlib.crc32(topic.encode()))
+
+
+def readings_total(next_seq: int, events: int) -> int:
+    """Readings ever logged: every reading and every event took one sequence number."""
+    return max(0, next_seq - 1 - events)
 
 
 class LogStore:
@@ -89,6 +118,7 @@ class LogStore:
         # Sequence numbers never go back, even when every record was delivered and removed:
         # consumers de-duplicate by seq.
         self.next_seq: int = max(row[0], int(saved[0]) if saved else 1)
+        # Bytes the log occupies (used pages of the file); the cap is held against this.
         self.bytes: int = row[1] + row[2] * ROW_OVERHEAD
         # Only configured sinks hold records back; a sink that was removed from the config
         # must not pin the log (its cursor stays in the file, for `gateway log stats`).
@@ -98,25 +128,22 @@ class LogStore:
                         name)
         self._cursors: dict[str, int] = {k: v for k, v in stored.items() if k in sinks}
         self._cursors_dirty = False
-        self.counters: Counter[str] = Counter(
+        self._counters: Counter[str] = Counter(
             dict(self._conn.execute("SELECT name, value FROM counters"))
         )
-        self._counters_saved = Counter(self.counters)
+        # Older logs kept a running count of readings; it is derived from seq now.
+        self._counters.pop("readings", None)
+        self._unsaved: Counter[str] = Counter()  # counted while nothing could be written
         self._full = False
         self._disk_retry_at = 0.0
         self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
-        self._recent_keys: Counter[int] = Counter()
-        # Keys of the last messages appended, newest last; seeded from the file so that a
-        # restart recognises redeliveries too. Kept in memory because delivered rows may be
-        # removed (at the cap) before the site broker redelivers their messages.
-        self._tail: deque[int] = deque(
-            (k for (k,) in self._conn.execute(
-                "SELECT msg_key FROM (SELECT seq, msg_key FROM records ORDER BY seq DESC "
-                "LIMIT ?) ORDER BY seq", (_TAIL_KEYS,))),
-            maxlen=_TAIL_KEYS,
-        )
-        self._last_housekeeping = 0.0
+        # For each packet id, the checksum of the last site message logged under it (records
+        # and dead letters alike); seeded from the file so a restart recognises redeliveries.
+        self._last_by_mid: dict[int, int] = self._read_packet_ids()
+        self._last_housekeeping = -_HOUSEKEEPING_EVERY
         self._dlq_count: int = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        self.bytes = self._used_bytes()
+        self.snapshot: LogSnapshot = self._snapshot()
 
     @property
     def path(self) -> Path:
@@ -158,14 +185,14 @@ class LogStore:
         with self._lock:
             return dict(self._cursors)
 
+    @property
+    def counters(self) -> Counter[str]:
+        """Every counter as of the last commit, "readings" included (derived from seq)."""
+        return Counter(self.snapshot.counters)
+
     def counter_snapshot(self) -> dict[str, int]:
-        """A copy of the persisted counters, safe to take from another thread."""
-        for _ in range(10):
-            try:
-                return dict(self.counters)
-            except RuntimeError:  # the writer added a key while we copied; try again
-                continue
-        return {}
+        """The counters as of the last commit (safe from any thread: an immutable copy)."""
+        return dict(self.snapshot.counters)
 
     def oldest_seq(self) -> int:
         row = self._conn.execute("SELECT MIN(seq) FROM records").fetchone()
@@ -175,23 +202,50 @@ class LogStore:
         with self._lock:
             return min(self._cursors.values(), default=self.next_seq)
 
+    def _snapshot(self) -> LogSnapshot:
+        counters = dict(self._counters + self._unsaved)
+        counters["readings"] = readings_total(self.next_seq, counters.get("events", 0))
+        with self._lock:
+            cursors = dict(self._cursors)
+        return LogSnapshot(self.next_seq, self.bytes, self._full, counters, cursors)
+
+    def _publish(self) -> None:
+        """Hand the metrics thread a consistent picture (one reference swap, no shared dicts)."""
+        self.snapshot = self._snapshot()
+
+    def _used_bytes(self) -> int:
+        """Bytes of the file in use: pages minus free pages (as of this transaction). The file
+        itself does not shrink; freed pages are reused, so it stays near the cap."""
+        pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
     # -- redeliveries -------------------------------------------------------------------------
 
-    def remember_tail(self, rows: int) -> None:
-        """Take the keys of the last ``rows`` messages, to recognise site redeliveries.
-
-        Called on every (re)connect to the site broker: the broker redelivers (DUP flag)
-        messages it sent in the last session and had no PUBACK for; those are among the last
-        ones we appended (at most receive_maximum of them, when the broker holds to it).
-        """
-        tail = list(self._tail)[-rows:]
-        self._recent_keys = Counter(tail)
+    def _read_packet_ids(self) -> dict[int, int]:
+        """Packet id -> checksum of the last site message logged under it, from the file."""
+        # Two uses of one packet id are a commit apart (the broker reuses an id only after
+        # our PUBACK, sent after the commit), so ordering by time finds the last one.
+        rows = self._conn.execute(
+            "SELECT t, o, k FROM (SELECT created AS t, seq AS o, msg_key AS k FROM records "
+            "WHERE msg_key != 0 ORDER BY seq DESC LIMIT :n) "
+            "UNION ALL SELECT t, o, k FROM (SELECT ts AS t, id AS o, msg_key AS k "
+            "FROM dead_letters WHERE msg_key != 0 ORDER BY id DESC LIMIT :n) ORDER BY t, o",
+            {"n": _TAIL_KEYS},
+        ).fetchall()
+        return {key >> 32: key & 0xFFFFFFFF for _, _, key in rows}
 
     def is_redelivery(self, key: int) -> bool:
-        if self._recent_keys[key] > 0:
-            self._recent_keys[key] -= 1
-            return True
-        return False
+        """True when a DUP message is one already logged.
+
+        A broker reuses a packet id only after our PUBACK for its previous message, so a
+        redelivery (DUP) carries the id of a message we logged and did not get to
+        acknowledge, or of one we never logged. It was logged exactly when the last message
+        logged under that id has the same topic and payload. This holds whatever the broker's
+        in-flight window (Mosquitto's max_inflight_messages 0 included).
+        """
+        return self._last_by_mid.get(key >> 32) == key & 0xFFFFFFFF
 
     # -- appending ----------------------------------------------------------------------------
 
@@ -203,15 +257,18 @@ class LogStore:
         """
         now = time.time() if now is None else now
         rows: list[tuple[int, int, int, float, int, bytes]] = []
-        dead: list[tuple[float, str, str, str, int, bytes]] = []
+        dead: list[tuple[float, str, str, str, int, bytes, int]] = []
         seq = self.next_seq
         added = 0
         readings = 0
         accepted = 0
         refused = False
-        limit = self._cfg.max_bytes
+        # Once full, stay full until sinks made room for a good part of the cap: accepting
+        # one message per freed row would pause and resume the site session endlessly.
+        limit = int(self._cfg.max_bytes * _TRIM_TO) if self._full else self._cfg.max_bytes
         dlq_cap = self._cfg.dlq_max_payload
         conn = self._conn
+        counted: Counter[str] = Counter()
         try:
             # Room is made inside the transaction: the rows dropped at the cap and the rows
             # that replace them are committed together, or neither is.
@@ -220,7 +277,8 @@ class LogStore:
                 outcome = msg.outcome
                 if isinstance(outcome, DeadLetter):
                     dead.append((msg.received, msg.topic, outcome.reason.value,
-                                 outcome.detail, len(msg.payload), msg.payload[:dlq_cap]))
+                                 outcome.detail, len(msg.payload), msg.payload[:dlq_cap],
+                                 msg.key))
                     accepted += 1
                     continue
                 body = b",".join(
@@ -228,9 +286,18 @@ class LogStore:
                      for i, (dev, ts, metrics) in enumerate(outcome)]
                 )
                 size = len(body) + ROW_OVERHEAD
-                if self.bytes + added + size > limit and not self._make_room(added + size):
-                    refused = True
-                    break
+                if self.bytes + added + size > limit - _NEAR_CAP:
+                    # Near the cap estimates are not enough: write what is pending and
+                    # measure the file, then make room for this row if it needs it (before
+                    # inserting more, so freed pages are reused and the file does not grow).
+                    if rows:
+                        conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+                        rows.clear()
+                        self.bytes = self._used_bytes()
+                        added = 0
+                    if self.bytes + size > limit and not self._make_room(size, counted):
+                        refused = True
+                        break
                 rows.append((seq, len(outcome), KIND_TELEMETRY, now, msg.key, body))
                 seq += len(outcome)
                 readings += len(outcome)
@@ -238,36 +305,56 @@ class LogStore:
                 accepted += 1
             if rows:
                 conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+            if readings:
+                self._hold_cap(counted)
             if dead:
                 conn.executemany(
-                    "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
-                    "VALUES (?,?,?,?,?,?)", dead,
+                    "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload, "
+                    "msg_key) VALUES (?,?,?,?,?,?,?)", dead,
                 )
+                for entry in dead:
+                    counted[f"dead_letters.{entry[2]}"] += 1
                 if self._dlq_count + len(dead) > self._cfg.dlq_max_rows:
-                    self._trim_dead_letters(self._dlq_count + len(dead))
+                    counted["dead_letters_evicted"] += self._trim_dead_letters(
+                        self._dlq_count + len(dead))
+            self._write_counters(counted)
             conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._write_failed(err)
             return AppendResult(0, 0, 0)
         self._dlq_count = min(self._dlq_count + len(dead), self._cfg.dlq_max_rows)
-        for entry in dead:
-            self.counters[f"dead_letters.{entry[2]}"] += 1
-        self.counters["readings"] += readings
+        self._counted(counted)
         self.next_seq = seq
-        self.bytes += added
-        self._tail.extend(msg.key for msg in messages[:accepted])
+        last = self._last_by_mid
+        for msg in messages[:accepted]:
+            if msg.key >> 32:
+                last[msg.key >> 32] = msg.key & 0xFFFFFFFF
+        self.bytes = self._used_bytes()
         if not refused:
             self._leave_full()
+        self._publish()
         return AppendResult(accepted, readings, len(dead))
+
+    def _write_counters(self, delta: Counter[str]) -> None:
+        """Add to the persisted counters inside the caller's transaction, with any counted
+        while nothing could be written; the caller then calls ``_counted(delta)``."""
+        delta.update(self._unsaved)
+        if delta:
+            self._conn.executemany(
+                "INSERT INTO counters VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                list(delta.items()),
+            )
+
+    def _counted(self, delta: Counter[str]) -> None:
+        """After the commit that wrote ``delta``."""
+        self._counters.update(delta)
+        self._unsaved.clear()
 
     def save_state(self, name: str, value: bytes) -> None:
         """Keep a component's state (the rule engine's alert states) with the log, durably.
         On a full disk the previous state stays and the log reports itself full."""
-        try:
-            self._conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, value))
-        except sqlite3.Error as err:
-            self._write_failed(err)
-            self.counters["state_saves_failed"] += 1
+        self.append_events_with_state((), (name, value))
 
     def load_state(self, name: str) -> bytes | None:
         row = self._conn.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
@@ -280,73 +367,119 @@ class LogStore:
         at the cap, room is made as for readings (drop_oldest), or the cap is exceeded by
         them (refuse).
         """
-        if not events:
+        return self.append_events_with_state(events, None, now)
+
+    def append_events_with_state(self, events: Sequence[Event],
+                                 state: tuple[str, bytes] | None,
+                                 now: float | None = None) -> list[int]:
+        """Log events and a component's state (name, value) in one transaction, so a crash
+        cannot keep one without the other (an alert logged as fired but saved as pending
+        would fire again, and resend its command)."""
+        if not events and state is None:
             return []
         now = time.time() if now is None else now
         seqs = list(range(self.next_seq, self.next_seq + len(events)))
         rows = [(seq, 1, KIND_EVENT, now, 0, render(event, self._gateway_id, seq))
                 for seq, event in zip(seqs, events, strict=True)]
         added = sum(len(r[5]) + ROW_OVERHEAD for r in rows)
+        counted: Counter[str] = Counter()
         try:
             self._conn.execute("BEGIN")
-            if self.bytes + added > self._cfg.max_bytes \
+            if rows and self.bytes + added > self._cfg.max_bytes \
                     and self._cfg.when_full is WhenFull.DROP_OLDEST:
-                self._make_room(added)
-            self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+                self._make_room(added, counted)
+            if rows:
+                self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
+                counted["events"] += len(rows)
+            if state is not None:
+                self._conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", state)
+            self._write_counters(counted)
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._write_failed(err)
-            self._count_drop("disk_full_events", len(events))
+            if events:
+                self._count_drop("disk_full_events", len(events), persist=False)
+            if state is not None:
+                self._unsaved["state_saves_failed"] += 1
+            self._publish()
             return []
-        self.next_seq = seqs[-1] + 1
-        self.bytes += added
-        self.counters["events"] += len(events)
+        if seqs:
+            self.next_seq = seqs[-1] + 1
+        self._counted(counted)
+        self.bytes = self._used_bytes()
+        self._publish()
         return seqs
 
-    def _make_room(self, incoming: int) -> bool:
+    def _hold_cap(self, counted: Counter[str]) -> None:
+        """After inserting: row sizes only estimate the pages they fill, so measure the file
+        and, under drop_oldest, trim what the estimate missed in the same transaction."""
+        self.bytes = self._used_bytes()
+        if self.bytes > self._cfg.max_bytes and self._cfg.when_full is WhenFull.DROP_OLDEST:
+            target = int(self._cfg.max_bytes * _TRIM_TO)
+            self._delete_oldest(target, below=self._delivered_below(), reason=None,
+                                counted=counted)
+            self._delete_oldest(target, below=None, reason="cap", counted=counted)
+
+    def _make_room(self, incoming: int, counted: Counter[str]) -> bool:
         """Trim so that ``incoming`` more bytes fit; False when the policy says refuse."""
         target = int(self._cfg.max_bytes * _TRIM_TO) - incoming
-        self._delete_oldest(target, below=self._delivered_below(), reason=None)
-        if self.bytes <= target or self.bytes + incoming <= self._cfg.max_bytes:
+        self._delete_oldest(target, below=self._delivered_below(), reason=None,
+                            counted=counted)
+        limit = int(self._cfg.max_bytes * _TRIM_TO) if self._full else self._cfg.max_bytes
+        if self.bytes <= target or self.bytes + incoming <= limit:
             return True
         if self._cfg.when_full is WhenFull.REFUSE:
             self._enter_full(f"log.max_bytes {self._cfg.max_bytes} reached")
             return False
-        self._delete_oldest(target, below=None, reason="cap")
+        self._delete_oldest(target, below=None, reason="cap", counted=counted)
         return True
 
-    def _delete_oldest(self, target: int, below: int | None, reason: str | None) -> None:
-        """Delete the oldest rows until ``bytes <= target`` (only rows with seq < below)."""
+    def _delete_oldest(self, target: int, below: int | None, reason: str | None,
+                       counted: Counter[str]) -> None:
+        """Delete the oldest rows until the log's used bytes are ``<= target`` (only rows with
+        seq < below). Row sizes guide each step; the file's used pages decide when to stop."""
         while self.bytes > target:
             rows = self._conn.execute(
                 "SELECT seq, n, length(body) FROM records ORDER BY seq LIMIT 1000"
             ).fetchall()
             last = None
+            end = 0
             freed = 0
             dropped = 0
             for seq, n, size in rows:
                 if below is not None and seq + n > below:
                     break
-                last = seq
+                last, end = seq, seq + n
                 freed += size + ROW_OVERHEAD
                 dropped += n
                 if self.bytes - freed <= target:
                     break
             if last is None:
                 return
-            self._delete_through(last, freed)
+            self._delete_through(last, end)
             if reason is not None:
-                self._count_drop(reason, dropped)
+                self._count_drop(reason, dropped, counted)
 
-    def _delete_through(self, last: int, freed: int) -> None:
-        """Delete records with seq <= last (inside the caller's transaction)."""
+    def _delete_through(self, last: int, end: int) -> None:
+        """Delete records with seq <= last (inside the caller's transaction); ``end`` is the
+        first seq after them. Sinks whose cursor was behind skip what is gone, so their depth
+        counts only what they can still deliver."""
         # Sequence numbers must survive the rows that carried them.
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
                            (str(self.next_seq),))
         self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
-        self.bytes -= freed
+        with self._lock:
+            moved = {k: end for k, v in self._cursors.items() if v < end}
+            if moved:
+                self._cursors.update(moved)
+                self._conn.executemany("INSERT OR REPLACE INTO cursors VALUES (?, ?)",
+                                       moved.items())
+        self.bytes = self._used_bytes()
 
-    def _count_drop(self, reason: str, readings: int) -> None:
+    def _count_drop(self, reason: str, readings: int, counted: Counter[str] | None = None,
+                    *, persist: bool = True) -> None:
+        """Count dropped readings: into ``counted`` (committed with the deletion), or straight
+        into memory when nothing can be written (``persist=False``)."""
         if readings <= 0:
             return
         if reason not in self._drop_episodes:
@@ -355,7 +488,10 @@ class LogStore:
         episode = self._drop_episodes.setdefault(reason, [0, 0.0])
         episode[0] += readings
         episode[1] = time.monotonic()
-        self.counters[f"dropped.{reason}"] += readings
+        if persist and counted is not None:
+            counted[f"dropped.{reason}"] += readings
+        else:
+            self._unsaved[f"dropped.{reason}"] += readings
 
     def _end_drop_episodes(self) -> None:
         now = time.monotonic()
@@ -372,49 +508,40 @@ class LogStore:
             log.warning("Log full (%s): refusing new readings until %s", why,
                         "space is freed" if disk else "sinks catch up")
             self._full = True
-            self.counters["full_episodes"] += 1
+            self._unsaved["full_episodes"] += 1
 
     def _leave_full(self) -> None:
         if self._full:
             log.info("Log accepting readings again")
             self._full = False
 
-    def _trim_dead_letters(self, count: int) -> None:
+    def _trim_dead_letters(self, count: int) -> int:
         excess = count - self._cfg.dlq_max_rows
         self._conn.execute(
             "DELETE FROM dead_letters WHERE id IN "
             "(SELECT id FROM dead_letters ORDER BY id LIMIT ?)", (excess,)
         )
-        self.counters["dead_letters_evicted"] += excess
+        return excess
 
     def _recount(self) -> None:
         """Re-read sizes after a rolled-back transaction (trimming may have been undone)."""
-        body, rows = self._conn.execute(
-            "SELECT COALESCE(SUM(length(body)), 0), count(*) FROM records").fetchone()
-        self.bytes = body + rows * ROW_OVERHEAD
+        self.bytes = self._used_bytes()
         self._dlq_count = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
-
-    def _save_state(self) -> None:
-        """Write next_seq, cursors and changed counters; called inside a transaction.
-
-        Once a second (housekeeping), not per commit: each of these rows sits on its own
-        page, and writing them with every group commit tripled the bytes written and
-        fsynced. A crash can lose up to a second of counter increments and cursor progress
-        (the sink then resends; consumers de-duplicate by seq), never a reading.
-        """
-        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                           (str(self.next_seq),))
         with self._lock:
-            if self._cursors_dirty:
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO cursors VALUES (?, ?)", self._cursors.items()
-                )
-                self._cursors_dirty = False
-        changed = [(k, v) for k, v in self.counters.items() if self._counters_saved[k] != v]
-        if changed:
-            self._conn.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?)", changed)
-            for k, v in changed:
-                self._counters_saved[k] = v
+            self._cursors.update(
+                (k, v) for k, v in self._conn.execute("SELECT sink, next_seq FROM cursors")
+                if k in self._cursors and v > self._cursors[k])
+
+    def _save_cursors(self) -> bool:
+        """Write moved cursors (inside a transaction); False when nothing moved."""
+        with self._lock:
+            if not self._cursors_dirty:
+                return False
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO cursors VALUES (?, ?)", self._cursors.items()
+            )
+            self._cursors_dirty = False
+            return True
 
     def _write_failed(self, err: sqlite3.Error) -> None:
         """After a failed write: undo it; a full disk makes the log refuse (reported, retried
@@ -424,6 +551,7 @@ class LogStore:
         if not _is_disk_full(err):
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         self._enter_full("disk is full", disk=True)
+        self._publish()
 
     def _rollback(self) -> None:
         try:
@@ -434,30 +562,42 @@ class LogStore:
     # -- housekeeping -------------------------------------------------------------------------
 
     def housekeeping(self, now: float | None = None, *, force: bool = False) -> None:
-        """Expire old records and persist cursors; cheap to call on every loop turn."""
-        now = time.time() if now is None else now
-        if not force and now - self._last_housekeeping < _HOUSEKEEPING_EVERY:
+        """Expire old records and persist moved cursors; cheap to call on every loop turn.
+
+        Scheduled on the monotonic clock (a wall-clock step back must not stop it); expiry
+        compares wall-clock times, as records are stamped. Writes nothing when nothing
+        changed, so an idle gateway does not wear its SD card.
+        """
+        mono = time.monotonic()
+        if not force and mono - self._last_housekeeping < _HOUSEKEEPING_EVERY:
             return
-        self._last_housekeeping = now
+        self._last_housekeeping = mono
+        now = time.time() if now is None else now
+        counted: Counter[str] = Counter()
+        retry_full = self._full and mono >= self._disk_retry_at
         try:
             self._conn.execute("BEGIN")
-            self._expire(now - self._cfg.max_age)
-            if self._full and time.monotonic() >= self._disk_retry_at:
+            self._expire(now - self._cfg.max_age, counted)
+            if retry_full:
                 # Sinks may have caught up: delivered records make room for new ones.
                 target = int(self._cfg.max_bytes * _TRIM_TO)
-                self._delete_oldest(target, below=self._delivered_below(), reason=None)
-            self._save_state()
+                self._delete_oldest(target, below=self._delivered_below(), reason=None,
+                                    counted=counted)
+            self._save_cursors()
+            self._write_counters(counted)
+            # An empty transaction writes nothing to the file.
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._write_failed(err)
             return
-        if (self._full and time.monotonic() >= self._disk_retry_at
-                and self.bytes <= int(self._cfg.max_bytes * _TRIM_TO)):
+        self._counted(counted)
+        if retry_full and self.bytes <= int(self._cfg.max_bytes * _TRIM_TO):
             self._leave_full()
         if self._drop_episodes:
             self._end_drop_episodes()
+        self._publish()
 
-    def _expire(self, cutoff: float) -> None:
+    def _expire(self, cutoff: float, counted: Counter[str]) -> None:
         """Remove records appended before ``cutoff``, oldest first, in seq order.
 
         Walks the primary key from the oldest row and stops at the first younger one, so
@@ -470,19 +610,18 @@ class LogStore:
                 "SELECT seq, n, length(body), created FROM records ORDER BY seq LIMIT 1000"
             ).fetchall()
             last = None
-            freed = 0
+            end = 0
             undelivered = 0
-            for seq, n, size, created in rows:
+            for seq, n, _size, created in rows:
                 if created >= cutoff:
                     break
-                last = seq
-                freed += size + ROW_OVERHEAD
+                last, end = seq, seq + n
                 if seq + n > delivered:
                     undelivered += n
             if last is None:
                 return
-            self._delete_through(last, freed)
-            self._count_drop("age", undelivered)
+            self._delete_through(last, end)
+            self._count_drop("age", undelivered, counted)
             if last != rows[-1][0] or len(rows) < 1000:
                 return
 
