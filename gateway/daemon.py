@@ -8,6 +8,7 @@ broker, commit, acknowledge, publish due batches, read PUBACKs.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -40,6 +41,34 @@ def pid_path(cfg: GatewayConfig) -> Path:
     return cfg.log.path.with_name(cfg.log.path.name + ".pid")
 
 
+class PidLock:
+    """The pid file beside the log, locked for the life of the process (flock): a second
+    gateway on the same log is refused at start, and a stale file left by a crash is
+    taken over (the kernel dropped its lock with the process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FieldgateError(
+                f"Log {str(path.with_suffix(''))!r} is in use by gateway pid {other}; stop it "
+                "first, or give this one another log.path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
 class Sink(Protocol):
     """What the loop needs from a sink."""
 
@@ -63,7 +92,12 @@ class Gateway:
         self.cfg = cfg
         self.metrics = GatewayMetrics()
         enabled = [name for name, (configured, _) in SINKS.items() if configured(cfg)]
-        self.store = LogStore(cfg.log, cfg.gateway_id, enabled)
+        self._pid = PidLock(pid_path(cfg))
+        try:
+            self.store = LogStore(cfg.log, cfg.gateway_id, enabled)
+        except FieldgateError:
+            self._pid.release()
+            raise
         self.metrics.watch_log(self.store.counter_snapshot)
         self.sinks: list[Sink] = [SINKS[name][1](cfg, self.store, self.metrics)
                                   for name in enabled]
@@ -127,11 +161,10 @@ class Gateway:
                 self.metrics.serve(self.cfg.metrics.listen)
             except FieldgateError:
                 self.store.close()
+                self._pid.release()
                 raise
         log.info("Gateway %r running: site %r, %d sink(s)", self.cfg.gateway_id,
                  self.ingest.link.where, len(self.sinks))
-        pid_file = pid_path(self.cfg)
-        pid_file.write_text(f"{os.getpid()}\n")
         code = 0
         try:
             self._loop()
@@ -151,7 +184,7 @@ class Gateway:
                 for sink in self.sinks:
                     sink.finish()
                 self.store.close()
-                pid_file.unlink(missing_ok=True)
+                self._pid.release()
         log.info("Gateway stopped")
         return code
 

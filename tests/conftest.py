@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, settings
 from gateway.mosquitto import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# What `gateway run` logs once its site subscriptions are acknowledged (SUBACK).
+READY = "Ready: site subscriptions in place"
 
 
 @pytest.fixture
@@ -58,9 +60,23 @@ class GatewayProcess:
         self.config.write_text(yaml.safe_dump(cfg))
         self.stderr = tmp_path / "gateway.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._ready_before = 0
+        # Substrings of ERROR lines this test provokes on purpose; any other ERROR line or
+        # traceback in the process's stderr fails the test at teardown.
+        self.expected_errors: list[str] = []
+
+    def expect_error(self, text: str) -> GatewayProcess:
+        self.expected_errors.append(text)
+        return self
+
+    def unexpected_errors(self) -> list[str]:
+        return [line for line in self.log().splitlines()
+                if (" ERROR " in line or line.startswith("Traceback"))
+                and not any(text in line for text in self.expected_errors)]
 
     def launch(self) -> GatewayProcess:
         """Start the process without waiting for it to connect."""
+        self._ready_before = self.log().count(READY)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr.open("ab"),
@@ -70,17 +86,16 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         self.launch()
         assert self.proc is not None
-        # Ready when the site subscription is in place: /metrics answers after wiring, and
-        # the site link reports connected.
-        deadline = time.monotonic() + 15
+        # Ready when the gateway says so: it logs READY once the site broker acknowledged
+        # every subscription (SUBACK). Polled often; the bound only catches a hang.
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log()}")
-            if self.metric('fieldgate_link_connected{link="site"}') == 1.0:
-                time.sleep(0.2)  # the SUBSCRIBE follows the CONNACK
+            if self.log().count(READY) > self._ready_before:
                 return self
-            time.sleep(0.05)
-        raise RuntimeError(f"gateway did not connect: {self.log()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"gateway did not get ready: {self.log()}")
 
     def metric(self, name: str) -> float | None:
         import urllib.request
@@ -136,6 +151,8 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
     for gw in made:
         if gw.proc is not None and gw.proc.poll() is None:
             gw.kill()
+    unexpected = [line for gw in made for line in gw.unexpected_errors()]
+    assert not unexpected, f"gateway logged errors the test did not expect: {unexpected}"
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,9 @@ def test_threshold_gives_alert_event_and_signed_command(site, cloud, make_gatewa
     (tmp_path / "cmd.key").write_text("k3y")
     gw = make_gateway(site, cloud, rules=[str(rules / "*.yaml")],
                       engine={"tick": "100ms", "offline_after": None},
-                      commands={"key_file": str(tmp_path / "cmd.key")}).start()
+                      commands={"key_file": str(tmp_path / "cmd.key")})
+    gw.expect_error("Rule reload failed, keeping the running rules")  # the broken file below
+    gw.start()
     at_cloud = Events(cloud.port, gw.gateway_id)
     at_site = Events(site.port, gw.gateway_id)
     pub = Publisher(site.port)

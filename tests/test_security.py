@@ -86,6 +86,7 @@ def test_wrong_password_is_reported_retried_and_loses_nothing(site, tls_cloud, m
                                                               pki, tmp_path, monkeypatch):
     gw = make_gateway(site, None, cloud={"url": tls_cloud.url, "ca_file": str(pki[0]),
                                          "username": "gw", "password_env": "FG_TEST_PW"})
+    gw.expect_error("refused the connection: Not authorized")
     monkeypatch.setenv("FG_TEST_PW", "wrong-password")
     gw.start()
     pub = Publisher(site.port)

@@ -110,6 +110,7 @@ class MqttLink:
         max_inflight: int = 20,
         will: tuple[str, bytes] | None = None,
         on_connected: Callable[[], None] | None = None,
+        on_subscribed: Callable[[], None] | None = None,
         on_message: Callable[[InboundMessage], None] | None = None,
         on_published: Callable[[int, int], None] | None = None,
         on_state: Callable[[bool], None] | None = None,
@@ -120,6 +121,8 @@ class MqttLink:
         self._backoff = backoff
         self._clean_start = clean_start
         self._on_connected = on_connected
+        self._on_subscribed = on_subscribed
+        self._suback_wait: dict[int, str] = {}  # SUBSCRIBE packet id -> filter
         self._on_message = on_message
         self._on_published = on_published
         self._on_state = on_state
@@ -166,6 +169,7 @@ class MqttLink:
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_unsubscribe = self._handle_unsubscribe
+        client.on_subscribe = self._handle_subscribe
         self._client = client
 
     @property
@@ -189,6 +193,7 @@ class MqttLink:
             return
         self._connected = True
         self._connecting_since = None
+        self._suback_wait.clear()
         self.server_receive_maximum = getattr(_p, "ReceiveMaximum", 65535)
         self.server_max_packet = getattr(_p, "MaximumPacketSize", None)
         self._backoff.reset()
@@ -224,6 +229,18 @@ class MqttLink:
             self._on_message(InboundMessage(topic, payload, msg.qos, msg.mid,
                                             bool(msg.dup), time.time(),
                                             tuple(ids) if ids else ()))
+
+    def _handle_subscribe(self, _c: Any, _u: Any, mid: int, codes: list[ReasonCode],
+                          _p: Any) -> None:
+        topic = self._suback_wait.pop(mid, None)
+        if topic is None:
+            return
+        for rc in codes:
+            if rc.is_failure:
+                log.error("%s broker %r refused the subscription to %r: %s; check its ACL",
+                          self.name.capitalize(), self.where, topic, rc.getName())
+        if not self._suback_wait and self._on_subscribed is not None:
+            self._on_subscribed()
 
     def _handle_unsubscribe(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         if mid == self._barrier_mid:
@@ -398,7 +415,9 @@ class MqttLink:
             if sub_id is not None:
                 props = _properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = sub_id
-            self._client.subscribe(topic, options=options, properties=props)
+            _, mid = self._client.subscribe(topic, options=options, properties=props)
+            if mid is not None:
+                self._suback_wait[mid] = topic
 
     def ack(self, mid: int, qos: int) -> None:
         self._client.ack(mid, qos)
