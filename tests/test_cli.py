@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import orjson
+import pytest
 import yaml
+from click.testing import CliRunner
 
 from tests.mqtt_helpers import CloudCollector, Publisher
 
@@ -20,12 +24,42 @@ def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           capture_output=True, timeout=60, env=env)
 
 
-def test_every_command_has_help_with_an_example():
-    for args in (["run"], ["check"], ["config", "sample"], ["log", "stats"], ["log", "dlq"],
-                 ["log", "replay"]):
-        out = gateway(*args, "--help")
-        assert out.returncode == 0, out.stderr
-        assert "Example:" in out.stdout, args
+def _leaf_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            found += _leaf_commands(cmd, (*path, name))
+        else:
+            found.append((*path, name))
+    return found
+
+
+@pytest.mark.parametrize("cli", ["gateway", "devices"])
+def test_every_command_has_help_with_an_example(cli):
+    """Walks the whole command tree, so a new command cannot ship without its --help."""
+    module = importlib.import_module(f"{cli}.cli")
+    commands = _leaf_commands(module.main)
+    assert len(commands) >= (11 if cli == "gateway" else 2)
+    runner = CliRunner()
+    for args in commands:
+        out = runner.invoke(module.main, [*args, "--help"])
+        assert out.exit_code == 0, (args, out.output)
+        assert "Example" in out.output, f"{cli} {' '.join(args)} --help has no example"
+
+
+def test_a_second_gateway_on_the_same_log_is_refused(site, make_gateway):
+    first = make_gateway(site, None).start()
+    second = make_gateway(site, None)
+    second.config = first.config
+    second.launch()
+    assert second.proc is not None
+    assert second.proc.wait(60) == 1
+    lines = [ln for ln in second.log().splitlines() if "in use by gateway pid" in ln]
+    assert lines == [f"error: Log {str(first.config.parent / 'log.db')!r} is in use by "
+                     f"gateway pid {first.proc.pid}; stop it first, or give this one another "
+                     "log.path"]
+    assert first.proc.poll() is None, "the running gateway is untouched"
+    assert first.stop() == 0
 
 
 def test_check_ok_and_problems(tmp_path):
