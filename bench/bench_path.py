@@ -444,6 +444,14 @@ class GatewayProc:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
 
+    def write_bytes(self) -> int:
+        """Bytes this process sent to storage (/proc/<pid>/io): the log's flash wear."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+        return 0
+
     def sys_cpu(self) -> float:
         assert self.ps is not None
         return float(self.ps.cpu_times().system)
@@ -748,9 +756,11 @@ class Bench:
         # Idle cost (wake-ups with no traffic), which a paced load pays on top of the work.
         idle = 2.0 if self.quick else 5.0
         time.sleep(0.5)
-        g0, b0 = gw.cpu(), bare.cpu()
+        g0, b0, w0 = gw.cpu(), bare.cpu(), gw.write_bytes()
         time.sleep(idle)
         out["gw_idle_cpu_ms_per_s"] = (gw.cpu() - g0) / idle * 1000
+        out["gw_idle_disk_bytes_per_s"] = (gw.write_bytes() - w0) / idle
+        self.say(f"    idle: {out['gw_idle_disk_bytes_per_s']:.0f} bytes/s written to disk")
         out["bare_idle_cpu_ms_per_s"] = (bare.cpu() - b0) / idle * 1000
         for rate in rates:
             n = int(rate * secs)
@@ -763,10 +773,19 @@ class Bench:
                 pub.expect("ready", 15)
                 time.sleep(0.5)   # let the previous run's tail settle
                 sys0 = gw.sys_cpu() if label == "gw" else 0.0
+                wb0 = gw.write_bytes()
                 cpu0 = cpu_of()
                 pub.go()
                 pres, why = wait_arrivals(sub, pub, n, timeout=secs * 3 + 30)
                 cpu1 = cpu_of()
+                if label == "gw":
+                    # Flash wear per reading against the bytes the sensors sent.
+                    payload = len(_single_payload(n // 2, time.time()))
+                    written = (gw.write_bytes() - wb0) / n
+                    out[f"gw_{rate}_disk_bytes_per_reading"] = written
+                    out[f"gw_{rate}_disk_per_payload"] = written / payload
+                    self.say(f"    paced {rate}/s: {written:.0f} bytes written to disk per "
+                             f"reading, {written / payload:.2f}x its {payload}-byte payload")
                 r = self._throughput(sub, pub, pres, why, cpu1 - cpu0, None)
                 if label == "gw" and cpu1 > cpu0:
                     r["cpu_sys_share"] = (gw.sys_cpu() - sys0) / (cpu1 - cpu0)
