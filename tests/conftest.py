@@ -84,7 +84,9 @@ class GatewayProcess:
         return self
 
     def start(self) -> GatewayProcess:
-        self.launch()
+        return self.launch().wait_ready()
+
+    def wait_ready(self) -> GatewayProcess:
         assert self.proc is not None
         # Ready when the gateway says so: it logs READY once the site broker acknowledged
         # every subscription (SUBACK). Polled often; the bound only catches a hang.

@@ -23,6 +23,24 @@ def client(port: int, client_id: str = "") -> paho.Client:
     return c
 
 
+def subscribe_and_wait(c: paho.Client, topics: list[tuple[str, int]],
+                       timeout: float = 30) -> None:
+    """Subscribe and return once the broker's SUBACK arrived (readiness by the protocol)."""
+    acked = threading.Event()
+    previous = c.on_subscribe
+
+    def on_subscribe(*args: Any) -> None:
+        acked.set()
+        if previous is not None:
+            previous(*args)
+
+    c.on_subscribe = on_subscribe
+    c.subscribe(topics)
+    if not acked.wait(timeout):
+        raise TimeoutError(f"no SUBACK for {topics}")
+    c.on_subscribe = previous
+
+
 class Publisher:
     """Publishes at QoS 1 and waits for every PUBACK."""
 
@@ -67,13 +85,15 @@ class CloudCollector:
                              client_id=f"collector-{gateway_id}-{CloudCollector._count}")
         self.c.reconnect_delay_set(0.1, 0.5)
         self.c.on_message = self._on_message
+        self._subscribed = threading.Event()
         self.c.on_connect = lambda c, *_: c.subscribe(f"fieldgate/{gateway_id}/#", qos=1)
+        self.c.on_subscribe = lambda *_: self._subscribed.set()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.c.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.c.loop_start()
-        self.wait_for(self.c.is_connected, 10)
-        time.sleep(0.1)
+        if not self._subscribed.wait(30):   # SUBACK: from here on nothing is missed
+            raise TimeoutError("cloud collector got no SUBACK")
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         body = orjson.loads(msg.payload)

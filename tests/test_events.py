@@ -15,6 +15,7 @@ from gateway.log.store import LogStore, Message, message_key
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import poll_links
 from gateway.sinks.uplink import UplinkSink
+from tests.mqtt_helpers import subscribe_and_wait
 
 
 def _msg(i: int) -> Message:
@@ -38,9 +39,8 @@ def test_events_are_cloudevents_on_their_topic_in_log_order(cloud, tmp_path):
 
     sub.on_message = on_message
     sub.connect("127.0.0.1", cloud.port)
-    sub.subscribe("fieldgate/gw-ev/#", qos=1)
     sub.loop_start()
-    time.sleep(0.2)
+    subscribe_and_wait(sub, [("fieldgate/gw-ev/#", 1)])
 
     store = LogStore(cfg.log, cfg.gateway_id, ["uplink"])
     sink = UplinkSink(cfg, store, GatewayMetrics())

@@ -13,7 +13,7 @@ import orjson
 
 from gateway.commands import sign
 from tests.conftest import ROOT
-from tests.mqtt_helpers import CloudCollector, Publisher, client
+from tests.mqtt_helpers import CloudCollector, Publisher, client, subscribe_and_wait
 
 RULES = """\
 groups:
@@ -38,8 +38,8 @@ class Events:
         self.got: list[tuple[str, dict]] = []
         self.c = client(port)
         self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, orjson.loads(m.payload)))
-        self.c.subscribe([(f"fieldgate/{gateway_id}/events/#", 1), ("devices/+/cmd", 1)])
-        time.sleep(0.2)
+        subscribe_and_wait(self.c, [(f"fieldgate/{gateway_id}/events/#", 1),
+                                    ("devices/+/cmd", 1)])
 
     def types(self) -> list[str]:
         return [body.get("type", topic) for topic, body in self.got]
@@ -60,7 +60,7 @@ def test_threshold_gives_alert_event_and_signed_command(site, cloud, make_gatewa
     pub = Publisher(site.port)
     pub.publish("sensors/gh-1/telemetry", orjson.dumps({"temp": 21.0}))
     pub.wait()
-    time.sleep(0.5)
+    assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_readings_total") == 1.0, 30)
     pub.publish("sensors/gh-1/telemetry", orjson.dumps({"temp": 35.5}))
     pub.wait()
     assert CloudCollector.wait_for(lambda: "io.fieldgate.alert.fired" in at_cloud.types(), 10), \

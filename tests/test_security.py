@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.mosquitto import Mosquitto
-from tests.mqtt_helpers import CloudCollector, Publisher
+from tests.mqtt_helpers import CloudCollector, Publisher, subscribe_and_wait
 
 PASSWORD = "correct-horse-battery-staple"
 
@@ -53,9 +52,9 @@ def _tls_subscriber(port: int, ca: Path, topic: str) -> tuple[paho.Client, list[
     c.tls_set_context(ssl.create_default_context(cafile=str(ca)))
     c.username_pw_set("reader", "reader-pw")
     c.on_message = lambda _c, _u, m: got.append(m.payload)
-    c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
     c.connect("127.0.0.1", port)
     c.loop_start()
+    subscribe_and_wait(c, [(topic, 1)])
     return c, got
 
 
@@ -66,7 +65,6 @@ def test_readings_cross_a_tls_link_with_a_password_from_a_file(site, tls_cloud, 
     gw = make_gateway(site, None, cloud={"url": tls_cloud.url, "ca_file": str(pki[0]),
                                          "username": "gw", "password_file": str(pw)}).start()
     sub, got = _tls_subscriber(tls_cloud.port, pki[0], "fieldgate/gw-test/telemetry")
-    time.sleep(0.3)
     pub = Publisher(site.port)
     for i in range(100):
         pub.publish("sensors/d/telemetry", orjson.dumps({"i": i}))
