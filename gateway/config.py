@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.clock import ClockCheck
 from gateway.errors import ConfigError, SecretError
 from gateway.units import ByteSize, Duration
 
@@ -202,11 +203,24 @@ class Ingest(_Section):
     max_payload: ByteSize = Field(64 * 1024, description="Largest accepted payload")
     max_metrics: int = Field(64, ge=1, description="Most metrics in one reading")
     max_readings: int = Field(1000, ge=1, description="Most readings in one JSON array")
+    max_device_id: int = Field(
+        128, ge=1, le=1024,
+        description="Longest device id (characters) taken from a topic; longer ones and ids "
+        "with characters other than letters, digits and _ . - : @ ~ are dead-lettered "
+        "(bad_device)",
+    )
     max_past: Duration = Field(
         30 * 86400.0, gt=0, description="Readings timestamped further in the past are rejected"
     )
     max_future: Duration = Field(
         300.0, ge=0, description="Readings timestamped further in the future are rejected"
+    )
+    clock_check: ClockCheck = Field(
+        ClockCheck.AUTO,
+        description="When the system clock counts as unsynchronised (readings then kept and "
+        "marked clock_unsynced instead of rejected as ts_out_of_range): auto (before this "
+        "release, or no NTP sync per the kernel where a time-sync service runs), kernel (the "
+        "kernel's NTP status alone), off (always trust the clock)",
     )
     commit_interval: Duration = Field(
         0.05, gt=0, le=1,
