@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.config import split_host_port
 from gateway.errors import FieldgateError
 
 
@@ -100,9 +101,9 @@ class GatewayMetrics:
         self.registry.register(_PersistedCounters(source))
 
     def serve(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
         try:
-            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+            host, port = split_host_port(listen)
+            start_http_server(port, addr=host, registry=self.registry)
         except (OSError, ValueError) as err:
             raise FieldgateError(f"metrics.listen {listen!r}: {err}; choose a free host:port "
                                  "or set it to null") from None
