@@ -89,7 +89,12 @@ class GatewayMetrics:
         self.uplink_readings = Counter("fieldgate_uplink_readings", "Readings acknowledged by "
                                        "the cloud broker", registry=r)
         self.uplink_rejected = Counter("fieldgate_uplink_rejected", "Batches the cloud broker "
-                                       "refused (negative PUBACK), retried", registry=r)
+                                       "refused, by PUBACK reason code (0x95 also: a record "
+                                       "over the broker's Maximum Packet Size)", ["code"],
+                                       registry=r)
+        self.uplink_dead_lettered = Counter("fieldgate_uplink_dead_lettered_readings",
+                                            "Readings the cloud broker refused for good, moved "
+                                            "to the dead-letter table", registry=r)
         self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
                                      "after a rejection", registry=r)
 

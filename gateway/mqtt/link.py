@@ -78,6 +78,27 @@ class Backoff:
         self.attempts = 0
 
 
+def puback_reason(code: int) -> str:
+    """The name of a PUBACK reason code, e.g. 0x87 -> "Not authorized"."""
+    if code == 0x95:  # not a PUBACK code in MQTT 5, but brokers send it (and DISCONNECT)
+        return "Packet too large"
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=code).getName())
+    except (KeyError, ValueError):
+        return "unknown reason"
+
+
+def packet_size(topic: str, payload: bytes, properties: int) -> int:
+    """Bytes of a QoS 1 PUBLISH packet with ``properties`` bytes of properties: what a
+    broker's Maximum Packet Size is compared with."""
+    remaining = 2 + len(topic.encode()) + 2 + _varint_len(properties) + properties + len(payload)
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _varint_len(value: int) -> int:
+    return 1 if value < 128 else 2 if value < 16_384 else 3 if value < 2_097_152 else 4
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho: untyped
 
