@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,10 @@ def run(config_path: Path, log_level: str) -> None:
     Example:
       gateway run -c /etc/fieldgate/gateway.yaml
     """
+    # Until the daemon's handlers are in place (opening the log, loading rules: seconds on a
+    # Pi), a SIGHUP (`systemctl reload`) would kill it; note it and reload once running.
+    early_reload: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: early_reload.append(signum))
     from gateway.daemon import Gateway  # the wiring imports paho etc.; keep --help fast
 
     cfg = _load(config_path)
@@ -81,6 +86,8 @@ def run(config_path: Path, log_level: str) -> None:
     try:
         gw = Gateway(cfg)
         gw.install_signal_handlers()
+        if early_reload:
+            gw.request_reload()
         code = gw.run()
     except FieldgateError as err:
         _fail(err)

@@ -19,11 +19,38 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.clock import ClockCheck
 from gateway.errors import ConfigError, SecretError
 from gateway.units import ByteSize, Duration
 
 _SECRET_FIELDS = {"password", "secret", "key", "token"}
 _TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+
+
+def _check_host(host: str) -> bool:
+    """A DNS name or an IP address (IPv6 without brackets)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return bool(_HOSTNAME.match(host))
+    return True
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` -> (host, port); ValueError saying the fix."""
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    example = "write host:port, e.g. 127.0.0.1:9108 or [::1]:9108"
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not host:port; {example}")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} has port {port_text!r}, not 1-65535; {example}")
+    if not _check_host(host):
+        raise ValueError(f"{value!r} has host {host!r}, not a host name or IP address; {example}")
+    return host, int(port_text)
 
 
 class _Section(BaseModel):
@@ -50,7 +77,8 @@ class Link(_Section):
         description="Broker URL: mqtt://host:port (plain) or mqtts://host:port (TLS)",
     )
     client_id: str | None = Field(
-        None, description="MQTT client id; default fieldgate-<gateway_id> (site) or "
+        None, min_length=1, max_length=65535,
+        description="MQTT client id; default fieldgate-<gateway_id> (site) or "
         "fieldgate-<gateway_id>-cloud (cloud)"
     )
     username: str | None = Field(None, description="User name, if the broker wants one")
@@ -74,12 +102,22 @@ class Link(_Section):
             )
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
+        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
         if not parts.hostname:
-            raise ValueError(f"{value!r} has no host; write e.g. mqtt://127.0.0.1:1883")
+            raise ValueError(f"{value!r} has no host; {example}")
+        if not _check_host(parts.hostname):
+            raise ValueError(f"{value!r}: {parts.hostname!r} is not a host name or IP address; "
+                             f"{example}")
         try:
-            _ = parts.port
-        except ValueError as err:
-            raise ValueError(f"{value!r} has a bad port") from err
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"{value!r} has a port outside 1-65535 (leave it out for the "
+                             f"default 1883/8883); {example}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r} has a path or query, which MQTT has no use for; "
+                             f"{example}")
         return value
 
     @property
@@ -92,7 +130,8 @@ class Link(_Section):
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        port = urlsplit(self.url).port
+        return (8883 if self.tls else 1883) if port is None else port
 
     def ssl_context(self, name: str = "") -> ssl.SSLContext:
         """The TLS context for this link; ConfigError naming the file when one is unusable."""
@@ -199,14 +238,28 @@ class Subscription(_Section):
 class Ingest(_Section):
     """Decoding and validation of inbound payloads; what fails goes to the dead-letter table."""
 
-    max_payload: ByteSize = Field(64 * 1024, description="Largest accepted payload")
+    max_payload: ByteSize = Field(64 * 1024, ge=16, le=256 * 1024**2,
+                                  description="Largest accepted payload")
     max_metrics: int = Field(64, ge=1, description="Most metrics in one reading")
     max_readings: int = Field(1000, ge=1, description="Most readings in one JSON array")
+    max_device_id: int = Field(
+        128, ge=1, le=1024,
+        description="Longest device id (characters) taken from a topic; longer ones and ids "
+        "with characters other than letters, digits and _ . - : @ ~ are dead-lettered "
+        "(bad_device)",
+    )
     max_past: Duration = Field(
         30 * 86400.0, gt=0, description="Readings timestamped further in the past are rejected"
     )
     max_future: Duration = Field(
         300.0, ge=0, description="Readings timestamped further in the future are rejected"
+    )
+    clock_check: ClockCheck = Field(
+        ClockCheck.AUTO,
+        description="When the system clock counts as unsynchronised (readings then kept and "
+        "marked clock_unsynced instead of rejected as ts_out_of_range): auto (before this "
+        "release, or no NTP sync per the kernel where a time-sync service runs), kernel (the "
+        "kernel's NTP status alone), off (always trust the clock)",
     )
     commit_interval: Duration = Field(
         0.05, gt=0, le=1,
@@ -249,7 +302,8 @@ class LogSection(_Section):
     )
     dlq_max_rows: int = Field(100_000, ge=1, description="Cap on dead letters kept (oldest go)")
     dlq_max_payload: ByteSize = Field(
-        4096, description="Raw bytes kept per dead letter (longer payloads are truncated)"
+        4096, ge=0, le=16 * 1024**2,
+        description="Raw bytes kept per dead letter (longer payloads are truncated)"
     )
 
 
@@ -257,7 +311,8 @@ class Uplink(_Section):
     """Forwarding to the cloud broker under fieldgate/<gateway_id>/."""
 
     batch_max_readings: int = Field(500, ge=1, description="Most readings in one message")
-    batch_max_bytes: ByteSize = Field(256 * 1024, description="Largest message payload")
+    batch_max_bytes: ByteSize = Field(256 * 1024, ge=4096, le=256 * 1024**2,
+                                      description="Largest message payload")
     batch_max_delay: Duration = Field(
         0.2, gt=0, description="Longest a reading waits for its batch to fill"
     )
@@ -304,8 +359,16 @@ class Metrics(_Section):
     """Prometheus /metrics endpoint."""
 
     listen: str | None = Field(
-        "127.0.0.1:9108", description="host:port for /metrics; null turns it off"
+        "127.0.0.1:9108", description="host:port for /metrics ([::1]:9108 for IPv6); null "
+        "turns it off"
     )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
 
 
 class GatewayConfig(_Section):
@@ -404,6 +467,21 @@ def read_secret(path: Path | None, env: str | None, what: str) -> str | None:
     return None
 
 
+def _exposed(path: Path | None) -> str:
+    """What is wrong with a secret file's permissions (empty when nothing is): like ssh with
+    a private key, a secret that every user of the machine can read is refused."""
+    if path is None:
+        return ""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""  # reported by the read
+    if mode & 0o007:
+        return (f"{str(path)!r} can be read or written by every user (mode {mode & 0o777:04o}); "
+                f"run: chmod 600 {path} (or 640 with the gateway's group)")
+    return ""
+
+
 def _problems(err: ValidationError) -> list[str]:
     lines = []
     for item in err.errors():
@@ -469,6 +547,17 @@ def check_config(cfg: GatewayConfig) -> list[str]:
         cfg.commands.key()
     except SecretError as err:
         problems.append(f"commands.key: {err}")
+    secrets: list[tuple[str, Path | None]] = [("commands.key_file", cfg.commands.key_file)]
+    for name, link in links:
+        secrets += [(f"{name}.password_file", link.password_file),
+                    (f"{name}.key_file", link.key_file)]
+    for field, secret in secrets:
+        problem = _exposed(secret)
+        if problem:
+            problems.append(f"{field}: {problem}")
+    if cfg.log.path.is_dir():
+        problems.append(f"log.path: {str(cfg.log.path)!r} is a directory; name a file in it, "
+                        "e.g. log.db")
     parent = cfg.log.path.parent
     if not parent.exists():
         problems.append(f"log.path: directory {str(parent)!r} does not exist; create it "

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.config import split_host_port
 from gateway.errors import FieldgateError
 
 
@@ -90,7 +91,12 @@ class GatewayMetrics:
         self.uplink_readings = Counter("fieldgate_uplink_readings", "Readings acknowledged by "
                                        "the cloud broker", registry=r)
         self.uplink_rejected = Counter("fieldgate_uplink_rejected", "Batches the cloud broker "
-                                       "refused (negative PUBACK), retried", registry=r)
+                                       "refused, by PUBACK reason code (0x95 also: a record "
+                                       "over the broker's Maximum Packet Size)", ["code"],
+                                       registry=r)
+        self.uplink_dead_lettered = Counter("fieldgate_uplink_dead_lettered_readings",
+                                            "Readings the cloud broker refused for good, moved "
+                                            "to the dead-letter table", registry=r)
         self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
                                      "after a rejection", registry=r)
 
@@ -102,9 +108,9 @@ class GatewayMetrics:
         self.registry.register(_PersistedCounters(source))
 
     def serve(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
         try:
-            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+            host, port = split_host_port(listen)
+            start_http_server(port, addr=host, registry=self.registry)
         except (OSError, ValueError) as err:
             raise FieldgateError(f"metrics.listen {listen!r}: {err}; choose a free host:port "
                                  "or set it to null") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -23,6 +24,8 @@ def parse_size(value: object) -> int:
         raise ValueError("expected a size such as 256KiB or 1GiB")
     if isinstance(value, int):
         return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     match = _SIZE_RE.match(str(value))
     if not match:
         raise ValueError(f"{value!r} is not a size; write e.g. 512B, 256KiB, 1GiB")
@@ -42,6 +45,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 500ms, 30s, 5m, 1h, 7d")
     if isinstance(value, int | float):
+        if not math.isfinite(value):  # YAML's .inf and .nan
+            raise ValueError(f"{value!r} is not a duration; write e.g. 500ms, 30s, 5m, 1h, 7d")
         return float(value)
     match = _DURATION_RE.match(str(value))
     if not match:

@@ -77,6 +77,7 @@ def test_subscription_templates_are_checked():
 def test_secrets_from_file_and_env(tmp_path, monkeypatch):
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
+    pw.chmod(0o600)
     cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
                         "cloud": {"url": "mqtts://h", "username": "u", "password_file": str(pw)}})
     assert cfg.cloud is not None and cfg.cloud.password() == "s3cret"
@@ -154,3 +155,80 @@ def test_unusable_tls_files_are_one_line_each(tmp_path):
     problems = check_config(cfg)
     assert len(problems) == 1
     assert problems[0].startswith("cloud.ca_file:") and "not a usable CA bundle" in problems[0]
+
+
+# -- what `check` passed and `run` then tripped over --------------------------------------
+
+@pytest.mark.parametrize(("section", "field", "value", "hint"), [
+    ("metrics", "listen", "127.0.0.1:70000", "not 1-65535"),
+    ("metrics", "listen", "nonsense", "is not host:port"),
+    ("metrics", "listen", "127.0.0.1:", "not 1-65535"),
+    ("site", "url", "mqtt://127.0.0.1:0", "port outside 1-65535"),
+    ("site", "url", "mqtt://127.0.0.1:65536", "port outside 1-65535"),
+    ("site", "url", "mqtt://bad host:1883", "not a host name"),
+    ("site", "url", "mqtt://127.0.0.1:1883/topic", "has a path"),
+    ("site", "client_id", "", "at least 1 character"),
+    ("uplink", "batch_max_delay", float("inf"), "not a duration"),
+    ("uplink", "batch_max_bytes", 0, "greater than or equal to 4096"),
+    ("ingest", "max_payload", 0, "greater than or equal to 16"),
+])
+def test_check_and_run_refuse_what_run_would_trip_over(tmp_path, section, field, value, hint):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                                    section: {field: value}}))
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        assert result.exit_code == 2, (command, result.output, result.exception)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"{path}: {section}.{field}: "), lines[0]
+        assert hint in lines[0]
+
+
+def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
+    cfg = parse_config({"gateway_id": "g", "site": {"url": "mqtt://[::1]"},
+                        "cloud": {"url": "mqtts://h"}, "metrics": {"listen": "[::1]:9108"}})
+    assert (cfg.site.host, cfg.site.port) == ("::1", 1883)
+    assert cfg.cloud is not None and cfg.cloud.port == 8883
+
+
+@pytest.mark.parametrize("field", ["commands.key_file", "cloud.password_file",
+                                   "cloud.key_file", "site.password_file"])
+def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    secret = tmp_path / "secret"
+    secret.write_text("k3y-material\n")
+    secret.chmod(0o644)
+    section, name = field.split(".")
+    data: dict = {"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                  section: {name: str(secret)}}
+    if section == "cloud":
+        data["cloud"]["url"] = "mqtt://127.0.0.1:1884"
+        if name == "key_file":
+            cert = tmp_path / "cert.pem"
+            cert.write_text("x")
+            data["cloud"]["cert_file"] = str(cert)
+    problems = check_config(parse_config(data))
+    assert f"{field}: {str(secret)!r} can be read or written by every user (mode 0644); " \
+        f"run: chmod 600 {secret} (or 640 with the gateway's group)" in problems
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"{field}: " in result.stderr
+        assert "k3y-material" not in result.output + result.stderr
+    secret.chmod(0o640)  # group-readable (root:fieldgate) is how services share secrets
+    assert not [p for p in check_config(parse_config(data)) if p.startswith(field)]
+
+
+def test_log_path_that_is_a_directory(tmp_path):
+    problems = check_config(parse_config({"gateway_id": "g", "log": {"path": str(tmp_path)}}))
+    assert any(p.startswith("log.path:") and "is a directory" in p for p in problems)

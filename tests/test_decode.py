@@ -19,14 +19,67 @@ NOW = 1_800_000_000.0
 @pytest.fixture
 def decoder() -> Decoder:
     cfg = GatewayConfig(gateway_id="t")
-    return Decoder(Ingest(max_payload=1024, max_metrics=4, max_readings=3),
+    return Decoder(Ingest(max_payload=1024, max_metrics=4, max_readings=3, clock_check="off"),
                    TopicTemplates(cfg.subscriptions))
 
 
 def test_object_with_epoch_ts(decoder):
     payload = b'{"ts": 1799999999.5, "temp": 21.4, "on": true}'
     out = decoder.decode("sensors/gh-1/telemetry", payload, NOW)
-    assert out == [("gh-1", 1799999999.5, {"temp": 21.4, "on": True})]
+    assert out == [("gh-1", 1799999999.5, {"temp": 21.4, "on": 1})]
+
+
+def test_booleans_are_one_and_zero_from_decode_on(decoder):
+    # One meaning everywhere: the log, the rules, the uplink and InfluxDB see numbers.
+    out = decoder.decode("sensors/d/telemetry", b'[{"door": true}, {"door": false}]', NOW)
+    assert not isinstance(out, DeadLetter)
+    assert [m["door"] for _, _, m in out] == [1, 0]
+    assert all(type(m["door"]) is int for _, _, m in out)
+    assert orjson.dumps(out[0][2]) == b'{"door":1}'
+    bare = decoder.decode("sensors/d/relay", b"true", NOW)
+    assert not isinstance(bare, DeadLetter)
+    assert bare == [("d", NOW, {"relay": 1})] and type(bare[0][2]["relay"]) is int
+    bare = decoder.decode("sensors/d/relay", b" false", NOW)
+    assert not isinstance(bare, DeadLetter) and type(bare[0][2]["relay"]) is int
+
+
+def test_utf8_bom_before_valid_json_is_accepted(decoder):
+    out = decoder.decode("sensors/d/telemetry", b'\xef\xbb\xbf{"t": 1.5}', NOW)
+    assert out == [("d", NOW, {"t": 1.5})]
+    assert decoder.decode("sensors/d/t", b"\xef\xbb\xbf2", NOW) == [("d", NOW, {"t": 2})]
+    out = decoder.decode("sensors/d/telemetry", b'\xef\xbb\xbf{"t": NaN}', NOW)
+    assert isinstance(out, DeadLetter) and out.reason is Reason.NON_FINITE
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"a": 1, "a": 2}',
+    b'{"a": 1, "ts": 1799999999, "ts": 1799999998}',
+    b'[{"a": 1}, {"b": 1 ,  "b" : 2}]',
+])
+def test_a_key_twice_in_one_object_is_a_dead_letter(decoder, payload):
+    out = decoder.decode("sensors/d/telemetry", payload, NOW)
+    assert isinstance(out, DeadLetter), out
+    assert out.reason is Reason.DUPLICATE_KEY and "appears twice" in out.detail
+
+
+def test_same_key_in_different_readings_is_fine(decoder):
+    out = decoder.decode("sensors/d/telemetry", b'[{"a": 1, "b": 2}, {"a": 3, "b": 4}]', NOW)
+    assert not isinstance(out, DeadLetter)
+    assert [m for _, _, m in out] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+
+
+def test_device_ids_are_capped_and_checked(decoder):
+    long_id = "d" * 20_000
+    out = decoder.decode(f"sensors/{long_id}/telemetry", b'{"t": 1}', NOW)
+    assert isinstance(out, DeadLetter) and out.reason is Reason.BAD_DEVICE
+    assert "ingest.max_device_id 128" in out.detail and len(out.detail) < 300
+    assert not isinstance(decoder.decode(f"sensors/{'d' * 128}/t", b"1", NOW), DeadLetter)
+    for bad in ("a b", "a,b", "a=b", 'a"b', "a\\b", "a\x00b", "a\tb", "$x", "a*b"):
+        out = decoder.decode(f"sensors/{bad}/telemetry", b'{"t": 1}', NOW)
+        assert isinstance(out, DeadLetter) and out.reason is Reason.BAD_DEVICE, bad
+    for good in ("gh-1", "aa:bb:cc:dd:ee:ff", "esp32_01.north", "küche-2", "dev@site~3"):
+        out = decoder.decode(f"sensors/{good}/telemetry", b'{"t": 1}', NOW)
+        assert out == [(good, NOW, {"t": 1})]
 
 
 def test_rfc3339_ts_and_missing_ts(decoder):
@@ -62,6 +115,12 @@ def test_most_specific_template_wins(decoder):
         ("sensors/d/telemetry", b"x" * 1025, Reason.TOO_LARGE),
         ("sensors/d/telemetry", b"{", Reason.BAD_JSON),
         ("sensors/d/telemetry", b"\xff\xfe\x00", Reason.BAD_JSON),
+        ("sensors/d/telemetry", b'{"a": "\xff"}', Reason.BAD_JSON),
+        ("sensors/d/telemetry", b'\xff\xfe{\x00"\x00a\x00"\x00:\x001\x00}\x00', Reason.BAD_JSON),
+        ("sensors/d/telemetry", b'{"a": "\\ud800"}', Reason.BAD_JSON),
+        ("sensors/d/telemetry", b'{"x": NaN, "y": ', Reason.BAD_JSON),
+        ("sensors/d/telemetry", b'{"x": -Infinity}', Reason.NON_FINITE),
+        ("sensors/d/telemetry", b'{"clock_unsynced": 1}', Reason.BAD_NAME),
         ("sensors/d/telemetry", b'{"x": NaN}', Reason.NON_FINITE),
         ("sensors/d/telemetry", b'{"x": Infinity}', Reason.NON_FINITE),
         ("sensors/d/telemetry", b'{"x": 1e999}', Reason.NON_FINITE),
@@ -111,25 +170,29 @@ names = st.from_regex(r"\A[a-z_][a-z0-9_]{0,10}\Z").filter(
        st.floats(min_value=NOW - 86400, max_value=NOW + 60))
 def test_valid_payloads_round_trip(readings, ts):
     templates = TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON)])
-    decoder = Decoder(Ingest(max_payload=1 << 20, max_metrics=4, max_readings=3), templates)
+    decoder = Decoder(Ingest(max_payload=1 << 20, max_metrics=4, max_readings=3,
+                             clock_check="off"), templates)
     payload = orjson.dumps([{"ts": ts, **r} for r in readings])
     out = decoder.decode("s/dev/j", payload, NOW)
     assert not isinstance(out, DeadLetter), out
     assert [(d, t) for d, t, _ in out] == [("dev", ts)] * len(readings)
     assert [m for _, _, m in out] == readings
+    # booleans become 1/0 (ints), every other value keeps its type
+    assert [{k: type(v) for k, v in m.items()} for _, _, m in out] == \
+        [{k: int if type(v) is bool else type(v) for k, v in r.items()} for r in readings]
 
 
 @settings(max_examples=500)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_raise(payload):
     cfg = GatewayConfig(gateway_id="t")
-    decoder = Decoder(Ingest(), TopicTemplates(cfg.subscriptions))
+    decoder = Decoder(Ingest(clock_check="off"), TopicTemplates(cfg.subscriptions))
     for topic in ("sensors/d/telemetry", "sensors/d/m"):
         out = decoder.decode(topic, payload, NOW)
         if not isinstance(out, DeadLetter):
             for _, ts, metrics in out:
                 assert math.isfinite(ts)
-                assert all(type(v) in (int, float, bool) for v in metrics.values())
+                assert all(type(v) in (int, float) for v in metrics.values())
                 assert all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
 
 
@@ -140,7 +203,7 @@ def test_arbitrary_bytes_never_raise(payload):
                     max_leaves=10))
 def test_arbitrary_json_values_are_accepted_or_dead_lettered(value):
     cfg = GatewayConfig(gateway_id="t")
-    decoder = Decoder(Ingest(), TopicTemplates(cfg.subscriptions))
+    decoder = Decoder(Ingest(clock_check="off"), TopicTemplates(cfg.subscriptions))
     try:
         payload = orjson.dumps(value)
     except TypeError:

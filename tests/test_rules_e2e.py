@@ -50,6 +50,7 @@ def test_threshold_gives_alert_event_and_signed_command(site, cloud, make_gatewa
     rules.mkdir()
     (rules / "house.yaml").write_text(RULES)
     (tmp_path / "cmd.key").write_text("k3y")
+    (tmp_path / "cmd.key").chmod(0o600)  # a key every user can read is refused
     gw = make_gateway(site, cloud, rules=[str(rules / "*.yaml")],
                       engine={"tick": "100ms", "offline_after": None},
                       commands={"key_file": str(tmp_path / "cmd.key")})

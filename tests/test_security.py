@@ -62,6 +62,7 @@ def test_readings_cross_a_tls_link_with_a_password_from_a_file(site, tls_cloud, 
                                                                pki, tmp_path):
     pw = tmp_path / "cloud.pw"
     pw.write_text(PASSWORD + "\n")
+    pw.chmod(0o600)  # a password every user can read is refused
     gw = make_gateway(site, None, cloud={"url": tls_cloud.url, "ca_file": str(pki[0]),
                                          "username": "gw", "password_file": str(pw)}).start()
     sub, got = _tls_subscriber(tls_cloud.port, pki[0], "fieldgate/gw-test/telemetry")

@@ -2,6 +2,20 @@
 
 A message is accepted or rejected whole: an array with one bad reading goes to the
 dead-letter table as it arrived, so that `gateway log replay` can send it again after a fix.
+
+Decisions (README.md, "What goes in and out"):
+
+- Booleans are numbers from here on: ``true`` is 1 and ``false`` is 0, as JSON in an object
+  and as a bare value on a number topic, so the log, the rules, the uplink and InfluxDB all
+  see one type per metric.
+- A UTF-8 byte order mark before valid JSON is dropped; the payload is accepted.
+- A key twice in one object is a ``duplicate_key`` dead letter: which value the device
+  meant cannot be known, and JSON parsers disagree on which one wins.
+- Device ids (from the topic) are at most ``ingest.max_device_id`` characters of letters,
+  digits and ``_ . - : @ ~`` (``bad_device`` otherwise): they become topic levels of
+  commands and InfluxDB tags.
+- While the system clock is not synchronised (``gateway.clock``), device timestamps are
+  kept as sent and every reading is marked ``clock_unsynced: 1``.
 """
 
 from __future__ import annotations
@@ -16,16 +30,24 @@ from typing import Any
 
 import orjson
 
+from gateway.clock import NOT_AFTER, NOT_BEFORE, ClockState
 from gateway.config import Ingest, PayloadFormat
 from gateway.ingest.topics import TopicMatch, TopicTemplates
 
-# device, ts (epoch seconds), metrics as they arrived (numbers and bools)
+# device, ts (epoch seconds), metrics (int or float; booleans arrive as 1 and 0)
 Reading = tuple[str, float, dict[str, Any]]
 
+# Added to every reading decoded while the system clock was not synchronised.
+CLOCK_FLAG = "clock_unsynced"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
-_RESERVED = frozenset({"seq", "device", "ts", "gateway"})
-# Metric names seen and found valid; bounded like the topic cache.
+_DEVICE_RE = re.compile(r"^[\w.:@~-]+$")
+_RESERVED = frozenset({"seq", "device", "ts", "gateway", CLOCK_FLAG})
+# Metric names and device ids seen and found valid; bounded like the topic cache.
 _NAMES_MAX = 16_384
+_BOM = b"\xef\xbb\xbf"
+# Every key in a JSON text ends with a quote followed by a colon; strings can add more
+# matches (they only cost an exact check), so fewer matches than keys never happens.
+_KEY_END = re.compile(rb'"[ \t\n\r]*:')
 
 
 class Reason(StrEnum):
@@ -41,6 +63,8 @@ class Reason(StrEnum):
     NO_METRICS = "no_metrics"
     WRONG_TYPE = "wrong_type"
     BAD_NAME = "bad_name"
+    DUPLICATE_KEY = "duplicate_key"
+    BAD_DEVICE = "bad_device"
     BAD_TIMESTAMP = "bad_timestamp"
     TS_OUT_OF_RANGE = "ts_out_of_range"
 
@@ -60,23 +84,51 @@ class _Reject(Exception):  # noqa: N818 - internal control flow, never escapes t
 class Decoder:
     """Turns (topic, payload) into readings, or a DeadLetter saying why not."""
 
-    def __init__(self, cfg: Ingest, topics: TopicTemplates) -> None:
+    def __init__(self, cfg: Ingest, topics: TopicTemplates, *,
+                 clock: ClockState | None = None) -> None:
+        """``clock`` says whether ``now`` can be trusted; default: per ingest.clock_check."""
         self._cfg = cfg
         self._topics = topics
+        self._clock = clock if clock is not None else ClockState(cfg.clock_check)
         self._names: set[str] = set()
+        self._devices: set[str] = set()
+        self._unsynced = False
 
     def decode(self, topic: str, payload: bytes, now: float) -> list[Reading] | DeadLetter:
         match = self._topics.match(topic)
         if match is None:
-            return DeadLetter(Reason.UNKNOWN_TOPIC, f"topic {topic!r} matches no template")
+            return DeadLetter(Reason.UNKNOWN_TOPIC, f"topic {topic[:200]!r} matches no template")
+        if match.device not in self._devices:
+            problem = self._check_device(match.device)
+            if problem:
+                return DeadLetter(Reason.BAD_DEVICE, problem)
         if len(payload) > self._cfg.max_payload:
             return DeadLetter(
                 Reason.TOO_LARGE, f"{len(payload)} bytes > max_payload {self._cfg.max_payload}"
             )
+        self._unsynced = not self._clock.check(now)
         try:
-            return self._decode(match, payload, now)
+            out = self._decode(match, payload, now)
         except _Reject as rej:
             return DeadLetter(rej.reason, rej.detail)
+        if self._unsynced:
+            for reading in out:
+                reading[2][CLOCK_FLAG] = 1
+        return out
+
+    def _check_device(self, device: str) -> str:
+        """Empty when ``device`` is a usable id (and remembered), else what is wrong."""
+        limit = self._cfg.max_device_id
+        if len(device) > limit:
+            return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
+                    f"ingest.max_device_id {limit}")
+        if not _DEVICE_RE.match(device):
+            return (f"device id {device!r} has characters other than letters, digits and "
+                    "_ . - : @ ~")
+        if len(self._devices) >= _NAMES_MAX:
+            self._devices.clear()
+        self._devices.add(device)
+        return ""
 
     def _decode(self, match: TopicMatch, payload: bytes, now: float) -> list[Reading]:
         value = _loads(payload)
@@ -84,9 +136,14 @@ class Decoder:
             assert match.metric is not None
             self._check_name(match.metric)
             _check_value(match.metric, value)
+            if type(value) is bool:
+                value = int(value)
             return [(match.device, now, {match.metric: value})]
         if isinstance(value, dict):
-            return [self._reading(match.device, value, now, -1)]
+            keys = len(value)
+            out = [self._reading(match.device, value, now, -1)]
+            _check_unique_keys(payload, keys)
+            return out
         if isinstance(value, list):
             if not value:
                 raise _Reject(Reason.BAD_SHAPE, "empty array")
@@ -98,10 +155,13 @@ class Decoder:
             out = []
             reading = self._reading
             device = match.device
+            keys = 0
             for i, item in enumerate(value):
                 if type(item) is not dict:
                     raise _Reject(Reason.BAD_SHAPE, f"reading {i} is {_kind(item)}, not an object")
+                keys += len(item)
                 out.append(reading(device, item, now, i))
+            _check_unique_keys(payload, keys)
             return out
         raise _Reject(Reason.BAD_SHAPE, f"payload is {_kind(value)}, not an object or array")
 
@@ -135,7 +195,9 @@ class Decoder:
             if kind is float:
                 if not math.isfinite(value):
                     _check_value(name, value, _where(index))
-            elif kind is not int and kind is not bool:
+            elif kind is bool:
+                obj[name] = 1 if value else 0  # replaces a value: safe while iterating
+            elif kind is not int:
                 _check_value(name, value, _where(index))
         return (device, ts, obj)
 
@@ -166,24 +228,77 @@ class Decoder:
             ts = parsed.timestamp()
         else:
             raise _Reject(Reason.BAD_TIMESTAMP, f"{where}ts is {_kind(raw)}")
-        if not (now - self._cfg.max_past <= ts <= now + self._cfg.max_future):
-            raise _Reject(
-                Reason.TS_OUT_OF_RANGE,
-                f"{where}ts {ts!r} is more than max_past before or max_future after now",
-            )
-        return ts
+        if now - self._cfg.max_past <= ts <= now + self._cfg.max_future:
+            return ts
+        if self._unsynced and NOT_BEFORE - self._cfg.max_past <= ts <= NOT_AFTER:
+            # Our clock is the one in doubt: keep the device's time (the reading is flagged).
+            return ts
+        raise _Reject(
+            Reason.TS_OUT_OF_RANGE,
+            f"{where}ts {ts!r} is more than max_past before or max_future after now",
+        )
 
 
 def _loads(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as err:
-        # orjson refuses NaN and Infinity; tell those apart from broken JSON for the operator.
+        error = err
+    if payload.startswith(_BOM):
+        payload = payload[len(_BOM):]
         try:
-            json.loads(payload)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise _Reject(Reason.BAD_JSON, f"not JSON: {err}") from None
-        raise _Reject(Reason.NON_FINITE, "payload contains NaN or Infinity") from None
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as err:
+            error = err
+    # orjson refuses NaN and Infinity; tell those apart from broken JSON for the operator.
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _Reject(Reason.BAD_JSON, f"not UTF-8 ({err.reason} at byte {err.start})") \
+            from None
+    constants: list[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return 0.0
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):  # 1e999
+            constants.append(literal)
+        return value
+
+    try:
+        json.loads(text, parse_constant=constant, parse_float=number)
+    except (ValueError, RecursionError):
+        raise _Reject(Reason.BAD_JSON, f"not JSON: {error}") from None
+    if constants:
+        raise _Reject(Reason.NON_FINITE, f"payload contains {constants[0]}")
+    raise _Reject(Reason.BAD_JSON, f"not JSON: {error}")
+
+
+def _check_unique_keys(payload: bytes, keys: int) -> None:
+    """``keys``: the keys the parsed objects hold; fewer than the text has means a key
+    came twice (the parser kept the last). Counting costs one regex scan; the exact check
+    runs only when the count says there may be a duplicate."""
+    if len(_KEY_END.findall(payload)) <= keys:
+        return
+    duplicates: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> None:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                duplicates.append(key)
+            seen.add(key)
+
+    try:
+        json.loads(payload.removeprefix(_BOM).decode("utf-8"), object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return  # orjson read it; nothing more to learn here
+    if duplicates:
+        raise _Reject(Reason.DUPLICATE_KEY,
+                      f"key {duplicates[0][:80]!r} appears twice in one object")
 
 
 def _check_value(name: str, value: object, where: str = "") -> None:
@@ -191,7 +306,7 @@ def _check_value(name: str, value: object, where: str = "") -> None:
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
             raise _Reject(Reason.NON_FINITE, f"{where}metric {name!r} is not finite")
-    elif kind is not int and kind is not bool:
+    elif kind is not int and kind is not bool:  # a bool becomes 1 or 0 after this check
         raise _Reject(Reason.WRONG_TYPE, f"{where}metric {name!r} is {_kind(value)}, not a number")
 
 

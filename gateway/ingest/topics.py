@@ -10,6 +10,9 @@ from gateway.config import PayloadFormat, Subscription
 # this is nearly always a hit. The cap bounds memory against a flood of random topics; when
 # it is reached the cache is cleared (cheap, and refilled at once by live devices).
 _CACHE_MAX = 65_536
+# Only topics up to this length are cached: MQTT allows 65,535-byte topics, and a flood of
+# long random ones would otherwise hold gigabytes. Real topics are far shorter.
+_CACHE_TOPIC_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,8 @@ class TopicTemplates:
         except KeyError:
             pass
         found = self._match(topic)
+        if len(topic) > _CACHE_TOPIC_MAX:
+            return found
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[topic] = found

@@ -410,6 +410,42 @@ class LogStore:
         self._publish()
         return seqs
 
+    def dead_letter_records(self, first: int, end: int, *, topic: str, reason: str,
+                            detail: str, now: float | None = None) -> int | None:
+        """Copy the records with seq in [first, end) to the dead-letter table, one row each:
+        a sink's destination refused them for good (``gateway log dlq`` shows them). The
+        records stay in the log for other sinks; the caller moves its cursor past them.
+        Returns the readings they held, or None when the copy could not be written."""
+        now = time.time() if now is None else now
+        cap = self._cfg.dlq_max_payload
+        dead = []
+        for seq, n, kind, body in self._conn.execute(
+                "SELECT seq, n, kind, body FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
+                (first, end)):
+            payload = bytes(body) if kind == KIND_EVENT else b"[" + bytes(body) + b"]"
+            dead.append((now, topic, reason, f"{detail}; seq {seq}-{seq + n - 1}", n,
+                         len(payload), payload[:cap]))
+        if not dead:
+            return 0
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
+                "VALUES (?,?,?,?,?,?)", [(*d[:4], *d[5:]) for d in dead])
+            counted: Counter[str] = Counter({f"dead_letters.{reason}": len(dead)})
+            if self._dlq_count + len(dead) > self._cfg.dlq_max_rows:
+                counted["dead_letters_evicted"] += self._trim_dead_letters(
+                    self._dlq_count + len(dead))
+            self._write_counters(counted)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._write_failed(err)
+            return None
+        self._dlq_count = min(self._dlq_count + len(dead), self._cfg.dlq_max_rows)
+        self._counted(counted)
+        self._publish()
+        return sum(int(d[4]) for d in dead)
+
     def _hold_cap(self, counted: Counter[str]) -> None:
         """After inserting: row sizes only estimate the pages they fill, so measure the file
         and, under drop_oldest, trim what the estimate missed in the same transaction."""

@@ -44,6 +44,8 @@ _CONNECT_TIMEOUT = 10.0
 # arrived just before a DISCONNECT, and redeliver those messages in the next session.
 _BARRIER_TIMEOUT = 1.0
 _BARRIER_TOPIC = "$fieldgate/barrier"
+# paho's reason code for a connection that broke without a DISCONNECT packet.
+_UNSPECIFIED = 0x80
 
 
 class InboundMessage(NamedTuple):
@@ -76,6 +78,27 @@ class Backoff:
         self.attempts = 0
 
 
+def puback_reason(code: int) -> str:
+    """The name of a PUBACK reason code, e.g. 0x87 -> "Not authorized"."""
+    if code == 0x95:  # not a PUBACK code in MQTT 5, but brokers send it (and DISCONNECT)
+        return "Packet too large"
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=code).getName())
+    except (KeyError, ValueError):
+        return "unknown reason"
+
+
+def packet_size(topic: str, payload: bytes, properties: int) -> int:
+    """Bytes of a QoS 1 PUBLISH packet with ``properties`` bytes of properties: what a
+    broker's Maximum Packet Size is compared with."""
+    remaining = 2 + len(topic.encode()) + 2 + _varint_len(properties) + properties + len(payload)
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _varint_len(value: int) -> int:
+    return 1 if value < 128 else 2 if value < 16_384 else 3 if value < 2_097_152 else 4
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho: untyped
 
@@ -83,8 +106,11 @@ def _properties(packet_type: int) -> Properties:
 class _Client(paho.Client):
     """paho's client with our coalescing socket in place of the raw one."""
 
+    last_socket: CoalescingSocket | None = None
+
     def _create_socket(self) -> Any:
-        return CoalescingSocket(cast(socket.socket, super()._create_socket()))
+        self.last_socket = CoalescingSocket(cast(socket.socket, super()._create_socket()))
+        return self.last_socket
 
 
 class MqttLink:
@@ -130,6 +156,7 @@ class MqttLink:
         self._connected = False
         self._next_attempt = 0.0
         self._connecting_since: float | None = None
+        self._retry_scheduled = False  # for the current attempt (paho may report twice)
         self._connector: threading.Thread | None = None
         self._connect_error: BaseException | None = None
         self._last_misc = 0.0
@@ -189,6 +216,7 @@ class MqttLink:
                 log.error("%s broker %r refused the connection: %s; retrying with backoff",
                           self.name.capitalize(), self.where, rc.getName())
                 self._outage_logged = True
+            # paho reports the disconnect that follows too; one attempt, one backoff step.
             self._schedule_retry()
             return
         self._connected = True
@@ -206,16 +234,34 @@ class MqttLink:
         if self._on_connected is not None:
             self._on_connected()
 
-    def _handle_disconnect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+    def _handle_disconnect(self, _c: Any, _u: Any, flags: Any, rc: ReasonCode | None,
+                           props: Any) -> None:
         was = self._connected
         self._connected = False
         if was and self._on_state is not None:
             self._on_state(False)
         if was and not self._closing and not self._paused:
             log.warning("Lost %s broker %r (%s); reconnecting with backoff", self.name,
-                        self.where, rc.getName() if rc is not None else "connection lost")
+                        self.where, self._why_lost(flags, rc, props))
             self._outage_logged = True
-        self._schedule_retry()
+        if not self._retry_scheduled:
+            self._schedule_retry()
+
+    def _why_lost(self, flags: Any, rc: ReasonCode | None, props: Any) -> str:
+        """The real reason: the broker's DISCONNECT reason, else what the socket saw (paho
+        calls every lost connection "Unspecified error")."""
+        if getattr(flags, "is_disconnect_packet_from_server", False) and rc is not None:
+            text = getattr(props, "ReasonString", None)
+            why = f"broker sent DISCONNECT: {rc.getName()} (0x{rc.value:02x})"
+            return f"{why}: {text!r}" if text else why
+        if rc is not None and rc.value != _UNSPECIFIED:
+            return rc.getName()
+        sock = self._client.last_socket
+        if sock is not None and sock.error:
+            return sock.error
+        if sock is not None and sock.eof:
+            return "the broker closed the connection"
+        return "connection lost"
 
     def _handle_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
@@ -266,6 +312,7 @@ class MqttLink:
 
     def _schedule_retry(self) -> None:
         self._connecting_since = None
+        self._retry_scheduled = True
         self._next_attempt = time.monotonic() + self._backoff.next_delay()
 
     def _connect_blocking(self) -> None:
@@ -282,6 +329,7 @@ class MqttLink:
 
     def _start_connect(self) -> None:
         self._connect_error = None
+        self._retry_scheduled = False
         self._connector = threading.Thread(target=self._connect_blocking,
                                            name=f"connect-{self.name}", daemon=True)
         self._connector.start()

@@ -31,6 +31,7 @@ class CoalescingSocket:
         self._rpos = 0
         self._wbuf = bytearray()
         self._eof = False
+        self.error: str | None = None  # why the connection broke, when the kernel said
         self.saturated = False  # the last fill stopped at FILL_MAX: the kernel may hold more
 
     # -- reading --------------------------------------------------------------------------
@@ -54,9 +55,10 @@ class CoalescingSocket:
                 data = self._sock.recv(READ_CHUNK)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
-            except OSError:
+            except OSError as err:
                 # Reset or broken: paho sees end-of-stream and reports the disconnect.
                 self._eof = True
+                self.error = err.strerror or str(err)
                 break
             if not data:
                 self._eof = True
@@ -113,6 +115,9 @@ class CoalescingSocket:
                 sent = self._sock.send(self._wbuf)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
+            except OSError as err:
+                self.error = err.strerror or str(err)
+                raise
             del self._wbuf[:sent]
 
     # -- the rest is the socket's ---------------------------------------------------------

@@ -4,7 +4,14 @@ Batches go to ``fieldgate/<gateway_id>/telemetry`` as ``{"gateway": ..., "readin
 with every reading carrying its ``seq``. At most ``uplink.max_inflight`` batches wait for
 their PUBACK; the cursor advances over the acknowledged prefix only, so a crash or a cut
 link resends (at-least-once) and never skips. paho resends unacknowledged batches itself
-after a reconnect; a batch the broker refuses (negative PUBACK) is sent again after a delay.
+after a reconnect.
+
+A negative PUBACK is sorted by its reason code (``verdict``, the table in README.md):
+retried after a delay, retried a bounded number of times, split, or, when it can never be
+accepted, copied to the dead-letter table (``gateway log dlq``) so that the cursor moves on:
+one record the broker refuses must not stop forwarding. Batches respect the Maximum Packet
+Size the broker announced in CONNACK; a single record larger than that is dead-lettered
+without being sent (Mosquitto answers an oversize PUBLISH by disconnecting).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -23,7 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.log.reader import LogReader
 from gateway.log.store import KIND_EVENT, LogStore
 from gateway.metrics import GatewayMetrics
-from gateway.mqtt.link import Backoff, MqttLink
+from gateway.mqtt.link import Backoff, MqttLink, packet_size, puback_reason
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +41,40 @@ _DRAIN_ON_STOP = 2.0
 # The loop wakes for every site message anyway, and each wake-up runs step(), which sees new
 # readings; this is only how long the sink may sleep when nothing at all happens.
 _POLL_MAX = 1.0
-# A negative PUBACK with this reason (packet too large) halves the batch size, down to this.
+# A batch refused with a reason that may pass (0x80 unspecified, 0x83 implementation
+# specific) is sent this many times in all, then dead-lettered: more rides out longer broker
+# trouble, fewer lets one bad record hold up the rest for less time (with backoff_max 60 s,
+# 5 tries take up to ~2 minutes).
+_RETRY_LIMIT = 5
 _PACKET_TOO_LARGE = 0x95
-_MIN_BATCH_BYTES = 4096
+# Bytes of PUBLISH properties we add besides the user properties (content type etc.).
+_PROPERTY_SLACK = 64
+
+
+class Verdict(StrEnum):
+    """What the uplink does with a batch after the broker's PUBACK."""
+
+    DELIVERED = "delivered"      # below 0x80, including 0x10 no matching subscribers
+    RETRY = "retry"              # send again after a delay, _RETRY_LIMIT times, then dead-letter
+    BACK_OFF = "back_off"        # send again after a delay, as long as it takes
+    SPLIT = "split"              # send again in halves; a single record: dead-letter
+    DEAD_LETTER = "dead_letter"  # can never pass: dead-letter at once
+
+
+_VERDICTS = {
+    0x87: Verdict.DEAD_LETTER,   # not authorized (the broker's ACL)
+    0x90: Verdict.DEAD_LETTER,   # topic name invalid
+    0x99: Verdict.DEAD_LETTER,   # payload format invalid
+    0x97: Verdict.BACK_OFF,      # quota exceeded: it passes once the quota renews
+    _PACKET_TOO_LARGE: Verdict.SPLIT,
+}
+
+
+def verdict(code: int) -> Verdict:
+    """The uplink's decision for a PUBACK reason code; anything unknown is retried, bounded."""
+    if code < 0x80:
+        return Verdict.DELIVERED
+    return _VERDICTS.get(code, Verdict.RETRY)
 
 
 @dataclass(slots=True)
@@ -44,7 +83,10 @@ class _Batch:
     first: int     # first seq in the batch
     end: int       # seq after the last reading in the batch
     readings: int
-    state: int = 0  # 0 in flight, 1 acknowledged, -1 refused
+    rows: int      # log records in the batch
+    size: int      # bytes of the records (before gzip)
+    topic: str
+    state: int = 0  # 0 in flight, 1 settled (acknowledged or dead-lettered), -1 refused
 
 
 class UplinkSink:
@@ -67,7 +109,11 @@ class UplinkSink:
         self._retry_at = 0.0
         self._retry = Backoff(self._up.backoff_min, self._up.backoff_max)
         self._last_status = 0.0
-        self._max_bytes = self._up.batch_max_bytes
+        # After a "packet too large": (seq the split ends at, byte bound until then).
+        self._split: tuple[int, int] | None = None
+        self._refused_first = -1   # first seq of the batch refused last, and how often
+        self._refusals = 0
+        self._logged_codes: set[int] = set()
         self._failures = 0
         self.link = MqttLink(
             name="cloud",
@@ -108,33 +154,74 @@ class UplinkSink:
         batch = self._by_mid.pop(mid, None)
         if batch is None:
             return  # a status message
-        if reason < 0x80:
+        action = verdict(reason)
+        if action is Verdict.DELIVERED:
             batch.state = 1
         else:
-            batch.state = -1
-            self._metrics.uplink_rejected.inc()
-            if reason == _PACKET_TOO_LARGE and self._max_bytes > _MIN_BATCH_BYTES:
-                # Split and retry: smaller batches from now on (Telegraf's 413 rule).
-                self._max_bytes = max(_MIN_BATCH_BYTES, self._max_bytes // 2)
-            log.warning("Cloud broker refused batch seq %d-%d (reason 0x%02x); sending it "
-                        "again after a delay", batch.first, batch.end - 1, reason)
+            self._metrics.uplink_rejected.labels(f"0x{reason:02x}").inc()
+            self._refused(batch, reason, action)
+        self._settle()
+
+    def _refused(self, batch: _Batch, code: int, action: Verdict) -> None:
+        if action is Verdict.RETRY:
+            same = batch.first == self._refused_first
+            self._refusals = self._refusals + 1 if same else 1
+            self._refused_first = batch.first
+            if self._refusals >= _RETRY_LIMIT:
+                action = Verdict.DEAD_LETTER
+        if action is Verdict.SPLIT:
+            if batch.rows == 1:
+                action = Verdict.DEAD_LETTER
+            else:
+                self._split = (batch.end, max(1, batch.size // 2))
+        if action is Verdict.DEAD_LETTER:
+            batch.state = 1 if self._dead_letter(batch, code, puback_reason(code)) else -1
+            return
+        batch.state = -1
+        log.warning("Cloud broker refused batch seq %d-%d (%s, 0x%02x); sending it again%s",
+                    batch.first, batch.end - 1, puback_reason(code), code,
+                    " in smaller batches" if action is Verdict.SPLIT else " after a delay")
+
+    def _dead_letter(self, batch: _Batch, code: int, why: str) -> bool:
+        """Copy the batch's records to the dead-letter table; False if that failed (the batch
+        is then retried later)."""
+        reason = f"{NAME}_rejected:0x{code:02x}"
+        readings = self._store.dead_letter_records(
+            batch.first, batch.end, topic=batch.topic, reason=reason,
+            detail=f"{NAME}: cloud broker refused it: {why} (0x{code:02x})")
+        if readings is None:
+            return False
+        self._metrics.uplink_dead_lettered.inc(readings)
+        if code not in self._logged_codes:  # later ones: counted on /metrics
+            self._logged_codes.add(code)
+            log.warning("Cloud broker refused seq %d-%d for good (%s, 0x%02x); moved to the "
+                        "dead-letter table: gateway log dlq --reason %s", batch.first,
+                        batch.end - 1, why, code, reason)
+        return True
+
+    def _settle(self) -> None:
+        """Move the cursor over the settled prefix; rewind to a refused batch once
+        everything sent after it is settled too."""
         inflight = self._inflight
         acked_to = None
         while inflight and inflight[0].state == 1:
             done = inflight.popleft()
             acked_to = done.end
-            self._metrics.uplink_batches.inc()
-            self._metrics.uplink_readings.inc(done.readings)
+            if done.mid >= 0:
+                self._metrics.uplink_batches.inc()
+                self._metrics.uplink_readings.inc(done.readings)
         if acked_to is not None:
             self._store.ack(NAME, acked_to)
             self._retry.reset()
+            if self._split is not None and acked_to >= self._split[0]:
+                self._split = None
         if inflight and inflight[0].state == -1 and all(b.state != 0 for b in inflight):
             # Everything after the refused batch is settled: rewind and resend from it.
             resend = sum(b.readings for b in inflight)
             self._metrics.uplink_resent.inc(resend)
             self._next = inflight[0].first
             inflight.clear()
-            self._retry_at = time.monotonic() + self._retry.next_delay()
+            self._retry_at = time.monotonic() + (0.0 if self._split else self._retry.next_delay())
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -169,13 +256,34 @@ class UplinkSink:
                 payload = self._head + b",".join([r.body for r in rows]) + b"]}"
                 topic = self._telemetry_topic
                 content_type = "application/json"
+            size = sum(len(r.body) for r in rows)
             if up.gzip:
                 payload = gzip.compress(payload, compresslevel=5)
                 props.append(("content-encoding", "gzip"))
+            readings = sum(r.n for r in rows)
+            end = rows[-1].seq + rows[-1].n
+            limit = self.link.server_max_packet
+            wire = packet_size(topic, payload, _props_size(props, content_type))
+            if limit is not None and wire > limit:
+                if len(rows) > 1:   # the estimate was short: fewer rows, at once
+                    self._split = (end, max(1, size // 2))
+                    continue
+                # One record larger than the broker takes: it can never be sent.
+                self._metrics.uplink_rejected.labels(f"0x{_PACKET_TOO_LARGE:02x}").inc()
+                batch = _Batch(-1, rows[0].seq, end, readings, 1, size, topic)
+                if not self._dead_letter(batch, _PACKET_TOO_LARGE,
+                                         f"{wire} bytes > the broker's Maximum Packet Size "
+                                         f"{limit}"):
+                    self._retry_at = now + self._retry.next_delay()
+                    return
+                batch.state = 1
+                self._inflight.append(batch)
+                self._next = end
+                self._settle()
+                continue
             mid = self.link.publish(topic, payload, qos=1, user_properties=props,
                                     content_type=content_type)
-            readings = sum(r.n for r in rows)
-            batch = _Batch(mid, rows[0].seq, rows[-1].seq + rows[-1].n, readings)
+            batch = _Batch(mid, rows[0].seq, end, readings, len(rows), size, topic)
             self._inflight.append(batch)
             self._by_mid[mid] = batch
             self._next = batch.end
@@ -187,11 +295,13 @@ class UplinkSink:
         return max(1, min(self._up.max_inflight, self.link.server_receive_maximum - 2))
 
     def _batch_bytes(self) -> int:
-        limit = self._max_bytes
+        limit = self._up.batch_max_bytes
+        if self._split is not None:
+            limit = min(limit, self._split[1])
         if self.link.server_max_packet is not None:
             # Leave room for the fixed header, topic and properties.
             limit = min(limit, self.link.server_max_packet - 512)
-        return max(_MIN_BATCH_BYTES, limit) - len(self._head) - 2
+        return max(1, limit - len(self._head) - 2)
 
     def _can_publish(self, now: float) -> bool:
         return (self.link.connected and len(self._inflight) < self._max_inflight()
@@ -229,3 +339,9 @@ class UplinkSink:
                               qos=1, retain=True, content_type="application/json")
         self.link.close(wait=1.0)
         self._reader.close()
+
+
+def _props_size(user: list[tuple[str, str]], content_type: str) -> int:
+    """Bytes of the PUBLISH properties we send (user properties, content type, slack)."""
+    return (sum(5 + len(k.encode()) + len(v.encode()) for k, v in user)
+            + 3 + len(content_type.encode()) + _PROPERTY_SLACK)
