@@ -15,7 +15,7 @@ from gateway.influx.points import ReadingEncoder, event_line
 
 # Text that stresses escaping: the line protocol's separators, quotes, backslashes, control
 # characters and non-ASCII letters, mixed with ordinary ones.
-_SPECIAL = list(' ,="\\\n\t\r') + ["é", "温", "🌡", "ß"]
+_SPECIAL = [*' ,="\\\n\t\r', "é", "温", "🌡", "ß"]
 text = st.text(alphabet=st.one_of(st.sampled_from(_SPECIAL), st.characters(
     codec="utf-8", exclude_categories=("Cs",))), max_size=12)
 names = text.filter(lambda s: not s.startswith("#"))
@@ -50,7 +50,8 @@ metric_names = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_.\-]{0,12}\Z")
        metrics=st.dictionaries(metric_names.filter(lambda n: n not in {"seq", "ts", "device"}),
                                numbers, min_size=1, max_size=6),
        ts=st.floats(0, 4e9), precision=st.sampled_from(list(Precision)))
-@example(device="gh 1,a=b", labels={}, metrics={"temp": 21, "on": True, "big": 2**60, "inf": math.inf},
+@example(device="gh 1,a=b", labels={},
+         metrics={"temp": 21, "on": True, "big": 2**60, "inf": math.inf},
          ts=1732600000.123, precision=Precision.MS)
 def test_reading_encoder_matches_point(device, labels, metrics, ts, precision):
     encoder = ReadingEncoder(measurement_name="telemetry", gateway="gw 1", site="north,2",

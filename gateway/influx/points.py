@@ -110,9 +110,10 @@ class ReadingEncoder:
 def event_line(event: Mapping[str, Any], *, gateway: str, site: str,
                precision: Precision) -> str:
     """A CloudEvent from the log as a point in ``events``; ``""`` if it cannot be one."""
-    data = event.get("data")
-    data = data if isinstance(data, dict) else {}
-    cause = data.get("cause") if isinstance(data.get("cause"), dict) else {}
+    raw = event.get("data")
+    data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    raw = data.get("cause")
+    cause: dict[str, Any] = raw if isinstance(raw, dict) else {}
     tags = {
         "type": str(event.get("type", "")),
         "rule": str(data.get("rule") or cause.get("rule") or ""),

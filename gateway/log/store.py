@@ -260,6 +260,34 @@ class LogStore:
             self._leave_full()
         return AppendResult(accepted, readings, len(dead))
 
+    def add_dead_letters(self, entries: Sequence[tuple[str, str, str, bytes]],
+                         now: float | None = None) -> bool:
+        """Dead-letter records a sink's destination refused for good, each (topic, reason,
+        detail, payload); counted under ``dead_letters.<reason>`` like ingest's. False if
+        they could not be written (full disk): the sink keeps them and tries again."""
+        if not entries:
+            return True
+        now = time.time() if now is None else now
+        cap = self._cfg.dlq_max_payload
+        rows = [(now, topic, reason, detail, len(payload), payload[:cap])
+                for topic, reason, detail, payload in entries]
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
+                "VALUES (?,?,?,?,?,?)", rows,
+            )
+            if self._dlq_count + len(rows) > self._cfg.dlq_max_rows:
+                self._trim_dead_letters(self._dlq_count + len(rows))
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._write_failed(err)
+            return False
+        self._dlq_count = min(self._dlq_count + len(rows), self._cfg.dlq_max_rows)
+        for row in rows:
+            self.counters[f"dead_letters.{row[2]}"] += 1
+        return True
+
     def save_state(self, name: str, value: bytes) -> None:
         """Keep a component's state (the rule engine's alert states) with the log, durably.
         On a full disk the previous state stays and the log reports itself full."""
