@@ -304,6 +304,10 @@ class InfluxSink:
 
     def _send_health(self, now: float) -> None:
         self._next_health = now + self._cfg.health_interval
+        if self._failing is not None:
+            # Backing off: a retry of the data finds out first; health waits its turn.
+            self._metrics.influx_health_dropped.inc()
+            return
         self._sent = None
         self._worker.submit(self._health().encode())
 
@@ -341,11 +345,14 @@ class InfluxSink:
         outcome = classify(result.status)
         self._requests[outcome].inc()
         chunk, self._sent = self._sent, None
-        if chunk is None:  # health: a snapshot, not worth a retry
+        if chunk is None:  # health: a snapshot, not worth a retry of its own
             if outcome is Outcome.OK:
                 self._written["health"].inc()
-            else:
-                self._metrics.influx_health_dropped.inc()
+                return
+            self._metrics.influx_health_dropped.inc()
+            if outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+                return
+            self._failed(outcome, result, now)
             return
         assert self._batch is not None
         assert self._batch.chunks[0] is chunk
@@ -373,6 +380,10 @@ class InfluxSink:
             else:
                 self._retry_at = now + self._retry.next_delay()
             return
+        self._failed(outcome, result, now)
+
+    def _failed(self, outcome: Outcome, result: WriteResult, now: float) -> None:
+        """The server cannot take writes now: keep the data, wait, try again."""
         self._up.set(0)
         self._episode(outcome, result)
         delay = self._retry.next_delay()
