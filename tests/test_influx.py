@@ -100,11 +100,16 @@ def test_v1_every_reading_once_with_tags_fields_and_time(site, influx, make_gate
             assert (p["zone"], p["room"]) == (("b", "x y") if d == 1 else ("a", None))
     # Every metric is a float field, even those that arrived as integers.
     keys = influx.query('SHOW FIELD KEYS FROM "telemetry"', DB)["results"][0]["series"][0]
-    assert {k: t for k, t in keys["values"]} == {"temp": "float", "hum": "float", "i": "float"}
+    assert dict(keys["values"]) == {"temp": "float", "hum": "float", "i": "float"}
     # The gateway's health lands in `fieldgate`, with the sink's depth and link states.
-    assert wait_for(lambda: any(h["depth_influx"] == 0 for h in influx.points(DB, "fieldgate")))
-    health = influx.points(DB, "fieldgate")[-1]
-    assert health["readings_total"] == total and health["link_site"] == 1
+    def settled() -> list[dict[str, Any]]:
+        return [h for h in influx.points(DB, "fieldgate")
+                if h["readings_total"] == total and h["depth_influx"] == 0]
+
+    assert wait_for(lambda: bool(settled()))
+    health = settled()[-1]
+    assert (health["link_site"], health["gateway"], health["site"]) == (1, gw.gateway_id,
+                                                                         "north")
     assert {"depth_influx", "dead_letters_total", "dropped_total", "log_bytes",
             "readings_per_s"} <= set(health)
     # `gateway log stats` and /metrics show the sink's depth, and what it wrote.
