@@ -209,6 +209,13 @@ def test_one_unwritable_point_is_dead_lettered_the_rest_written(site, influx, ma
     assert "InfluxDB refused a point, dead-lettered" in gw.log()
 
 
+def expect_error(gw: Any, text: str) -> Any:
+    """Declare an ERROR line the test provokes (for conftests that fail on unexpected ones)."""
+    if hasattr(gw, "expect_error"):
+        gw.expect_error(text)
+    return gw
+
+
 def gw_log_path(gw: Any) -> Path:
     return Path(str(gw.config)).with_name("log.db")
 
@@ -219,8 +226,9 @@ def test_wrong_password_then_fixed_nothing_lost(tmp_path, site, make_gateway):
         server.create_database(DB)
         pw = tmp_path / "influx.pw"
         pw.write_text("not-the-password\n")
-        gw = make_gateway(site, None, influx=v1(server, username="admin",
-                                                password_file=str(pw))).start()
+        gw = expect_error(make_gateway(site, None, influx=v1(
+            server, username="admin", password_file=str(pw))), "refused our credentials")
+        gw.start()
         publish(site.port, 2, 100)
         assert wait_for(lambda: (gw.metric(
             'fieldgate_influx_requests_total{outcome="auth"}') or 0) >= 2)
@@ -240,7 +248,9 @@ def test_wrong_password_then_fixed_nothing_lost(tmp_path, site, make_gateway):
 def test_missing_database_then_created_nothing_lost(tmp_path, site, make_gateway):
     server = InfluxD(tmp_path).start()
     try:
-        gw = make_gateway(site, None, influx=v1(server, database="plant")).start()
+        gw = expect_error(make_gateway(site, None, influx=v1(server, database="plant")),
+                          "has no database")
+        gw.start()
         publish(site.port, 2, 50)
         assert wait_for(lambda: (gw.metric(
             'fieldgate_influx_requests_total{outcome="not_found"}') or 0) >= 2)
@@ -264,7 +274,8 @@ def test_v2_missing_bucket_names_it_keeps_data_and_the_token(tmp_path, site, mak
         token.write_text("s3cret-token\n")
         gw = make_gateway(site, None, influx={
             "url": server.url, "api": "v2", "org": "o", "bucket": "plant",
-            "token_file": str(token), "backoff_min": "100ms", "backoff_max": "300ms"}).start()
+            "token_file": str(token), "backoff_min": "100ms", "backoff_max": "300ms"})
+        expect_error(gw, "has no bucket").start()
         publish(site.port, 1, 20)
         assert wait_for(lambda: (gw.metric(
             'fieldgate_influx_requests_total{outcome="not_found"}') or 0) >= 1)
