@@ -28,6 +28,7 @@ bench: $(PY)
 	$(PY) bench/bench_path.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_devices.py
+	$(PY) bench/bench_influx.py
 
 sample: $(PY)
 	$(PY) -m gateway config sample > deploy/gateway.example.yaml

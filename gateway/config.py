@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.clock import ClockCheck
 from gateway.errors import ConfigError, SecretError
+from gateway.influx.lineproto import Precision
 from gateway.units import ByteSize, Duration
 
 _SECRET_FIELDS = {"password", "secret", "key", "token"}
@@ -371,6 +372,130 @@ class Metrics(_Section):
         return value
 
 
+# -- influx: the InfluxDB sink (gateway/sinks/influx.py) ---------------------------------
+
+class InfluxApi(StrEnum):
+    V1 = "v1"
+    V2 = "v2"
+
+
+class Influx(_Section):
+    """Writing readings, events and the gateway's health to InfluxDB (the influx sink).
+
+    Measurements: telemetry (tags gateway, site, device and device_labels; a float field
+    per metric), events (alerts, commands) and fieldgate (the gateway's health).
+    """
+
+    url: str = Field("http://127.0.0.1:8086",
+                     description="InfluxDB base URL: http://host:port or https://host:port")
+    api: InfluxApi = Field(
+        InfluxApi.V1,
+        description="v1: /write with database, retention_policy, username, password "
+        "(InfluxDB 1.x, as `apt install influxdb` ships it); v2: /api/v2/write with token, "
+        "org, bucket (InfluxDB 2.x, 3.x, 1.8+, VictoriaMetrics)",
+    )
+    database: str = Field("fieldgate", min_length=1, description="v1: database to write to")
+    retention_policy: str | None = Field(
+        None, description="v1: retention policy; default: the database's default")
+    username: str | None = Field(None, description="v1: user name, if auth is enabled")
+    password_file: Path | None = Field(None, description="v1: file holding the password")
+    password_env: str | None = Field(None, description="v1: environment variable holding "
+                                     "the password")
+    token_file: Path | None = Field(None, description="v2: file holding the API token "
+                                    "(InfluxDB 1.8: username:password)")
+    token_env: str | None = Field(None, description="v2: environment variable holding the "
+                                  "API token")
+    org: str | None = Field(None, description="v2: organization (any name for "
+                            "VictoriaMetrics); required with api: v2")
+    bucket: str = Field("fieldgate", min_length=1, description="v2: bucket to write to")
+    precision: Precision = Field(
+        Precision.MS, description="Timestamp precision written: s, ms, us or ns; readings "
+        "of one device closer together than this overwrite each other")
+    measurement: str = Field("telemetry", pattern=r"^[^#\s][^\n]{0,199}$",
+                             description="Measurement for readings")
+    site: str | None = Field(None, description="Value of the site tag; default: gateway_id")
+    batch_max_points: int = Field(5000, ge=1, le=1_000_000,
+                                  description="Most points in one write request")
+    batch_max_bytes: ByteSize = Field(
+        1024 * 1024, ge=4096, description="Largest write request body (before gzip); a "
+        "413 from the server halves it")
+    batch_max_delay: Duration = Field(
+        1.0, gt=0, description="Longest a reading waits for its batch to fill; shorter "
+        "shows readings sooner at more requests per second")
+    gzip: bool = Field(False, description="Compress request bodies (saves bandwidth to a "
+                       "remote server, costs CPU on the gateway)")
+    timeout: Duration = Field(10.0, gt=0, description="HTTP timeout of one write request")
+    backoff_min: Duration = Field(1.0, gt=0, description="First retry delay after a failed "
+                                  "write")
+    backoff_max: Duration = Field(60.0, gt=0, description="Longest retry delay (with jitter)")
+    ca_file: Path | None = Field(None, description="CA bundle to verify the server (https); "
+                                 "default: the system trust store")
+    verify: bool = Field(True, description="Verify the server's TLS certificate (https); "
+                         "false only for testing")
+    health_interval: Duration = Field(
+        10.0, gt=0, description="How often the gateway's health (sink depths, rates, drops, "
+        "dead letters, link states) is written to the fieldgate measurement")
+
+    @field_validator("url")
+    @classmethod
+    def _check_influx_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError("credentials in the URL are not accepted; use username and "
+                             "password_file (v1) or token_file (v2)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} must be http://host:port or https://host:port")
+        try:
+            _ = parts.port
+        except ValueError as err:
+            raise ValueError(f"{value!r} has a bad port") from err
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent_influx(self) -> Influx:
+        if self.api is InfluxApi.V2 and not self.org:
+            raise ValueError("api v2 needs org (the InfluxDB organization; any name for "
+                             "VictoriaMetrics)")
+        if self.api is InfluxApi.V1 and (self.token_file or self.token_env):
+            raise ValueError("api v1 authenticates with username and password_file; "
+                             "token_file/token_env are for api: v2")
+        if self.api is InfluxApi.V2 and (self.password_file or self.password_env):
+            raise ValueError("api v2 authenticates with token_file or token_env (InfluxDB "
+                             "1.8: a token of the form username:password)")
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set password_file or password_env, not both")
+        if self.token_file is not None and self.token_env is not None:
+            raise ValueError("set token_file or token_env, not both")
+        if self.backoff_min > self.backoff_max:
+            raise ValueError("backoff_min must not exceed backoff_max")
+        return self
+
+    def password(self) -> str | None:
+        return read_secret(self.password_file, self.password_env, "InfluxDB password")
+
+    def token(self) -> str | None:
+        return read_secret(self.token_file, self.token_env, "InfluxDB token")
+
+    def site_tag(self, gateway_id: str) -> str:
+        return self.site or gateway_id
+
+
+def _check_influx(cfg: GatewayConfig) -> list[str]:
+    """``gateway check`` for the influx section: secrets readable, CA file present."""
+    influx = cfg.influx
+    if influx is None:
+        return []
+    problems = []
+    for what, read in (("password", influx.password), ("token", influx.token)):
+        try:
+            read()
+        except SecretError as err:
+            problems.append(f"influx.{what}: {err}")
+    if influx.ca_file is not None and not influx.ca_file.is_file():
+        problems.append(f"influx.ca_file: {str(influx.ca_file)!r} does not exist")
+    return problems
+
+
 class GatewayConfig(_Section):
     """Fieldgate gateway configuration."""
 
@@ -409,6 +534,10 @@ class GatewayConfig(_Section):
     )
     commands: Commands = Field(default_factory=Commands, description="Device commands")
     metrics: Metrics = Field(default_factory=Metrics, description="Metrics endpoint")
+    influx: Influx | None = Field(
+        None, description="InfluxDB; leave out to write nothing there",
+        examples=[{"url": "http://127.0.0.1:8086", "api": "v1", "database": "fieldgate"}],
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewayConfig:
@@ -564,6 +693,7 @@ def check_config(cfg: GatewayConfig) -> list[str]:
                         "or choose another path")
     elif not os.access(parent, os.W_OK):
         problems.append(f"log.path: directory {str(parent)!r} is not writable by this user")
+    problems.extend(_check_influx(cfg))
     return problems
 
 

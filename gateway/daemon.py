@@ -31,7 +31,7 @@ from gateway.mqtt.link import MqttLink, poll_links
 
 if TYPE_CHECKING:
     from gateway.rule_service import RuleService
-from gateway.sinks import uplink
+from gateway.sinks import influx, uplink
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ class PidLock:
 
 
 class Sink(Protocol):
-    """What the loop needs from a sink."""
+    """What the loop needs from a sink. An MQTT sink hands the loop its session (``link``);
+    a sink that waits on something else has ``link = None`` and may expose ``wake_fd``, a
+    file descriptor that becomes readable when it has work (see ``_wake_fds``)."""
 
-    link: MqttLink
+    @property
+    def link(self) -> MqttLink | None: ...
 
     def next_wake(self, now: float) -> float: ...
     def step(self, now: float) -> None: ...
@@ -84,7 +87,14 @@ SinkFactory = Callable[[GatewayConfig, LogStore, GatewayMetrics], Sink]
 # The sinks this gateway knows, by name: (is it configured?, how to build it).
 SINKS: dict[str, tuple[Callable[[GatewayConfig], bool], SinkFactory]] = {
     uplink.NAME: (lambda cfg: cfg.cloud is not None, uplink.UplinkSink),
+    influx.NAME: (lambda cfg: cfg.influx is not None, influx.InfluxSink),
 }
+
+
+def _wake_fds(sinks: list[Sink]) -> list[int]:
+    """File descriptors the loop's select watches besides the MQTT sockets."""
+    fds = (getattr(sink, "wake_fd", None) for sink in sinks)
+    return [fd for fd in fds if isinstance(fd, int)]
 
 
 class Gateway:
@@ -190,7 +200,8 @@ class Gateway:
 
     def _loop(self) -> None:
         ingest, sinks = self.ingest, self.sinks
-        links = [ingest.link, *(s.link for s in sinks)]
+        links = [ingest.link, *(s.link for s in sinks if s.link is not None)]
+        wake = _wake_fds(sinks)
         interval = self.cfg.ingest.commit_interval
         stopping = self._stopping
         rules = self.rules
@@ -198,7 +209,7 @@ class Gateway:
             now = time.monotonic()
             timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks),
                           rules.next_wake(now) if rules is not None else 1.0)
-            got = poll_links(links, timeout)
+            got = poll_links(links, timeout, wake)
             woke = time.monotonic()
             ingest.step(woke)
             if rules is not None:

@@ -99,6 +99,20 @@ class GatewayMetrics:
                                             "to the dead-letter table", registry=r)
         self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
                                      "after a rejection", registry=r)
+        # The influx sink (gateway/sinks/influx.py).
+        self.influx_requests = Counter(
+            "fieldgate_influx_requests", "Write requests to InfluxDB by outcome: ok, "
+            "rejected_points (400/422, split), too_large (413, split), auth (401/403), "
+            "not_found (404), throttled (429/503), server_error (5xx), network", ["outcome"],
+            registry=r)
+        self.influx_points = Counter("fieldgate_influx_points", "Points InfluxDB accepted, by "
+                                     "kind (reading, event, health)", ["kind"], registry=r)
+        self.influx_rejected = Counter("fieldgate_influx_rejected_points", "Points InfluxDB "
+                                       "refused for good, dead-lettered (reason "
+                                       "sink_rejected)", registry=r)
+        self.influx_health_dropped = Counter("fieldgate_influx_health_dropped", "Health points "
+                                             "not written (InfluxDB unreachable or backing "
+                                             "off)", registry=r)
 
     def watch_engine(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Readings kept out of rule state, by reason (late, future, unused, devices)."""

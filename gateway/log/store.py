@@ -351,6 +351,37 @@ class LogStore:
         self._counters.update(delta)
         self._unsaved.clear()
 
+    def add_dead_letters(self, entries: Sequence[tuple[str, str, str, bytes]],
+                         now: float | None = None) -> bool:
+        """Dead-letter records a sink's destination refused for good, each (topic, reason,
+        detail, payload); counted under ``dead_letters.<reason>`` like ingest's. False if
+        they could not be written (full disk): the sink keeps them and tries again."""
+        if not entries:
+            return True
+        now = time.time() if now is None else now
+        cap = self._cfg.dlq_max_payload
+        rows = [(now, topic, reason, detail, len(payload), payload[:cap])
+                for topic, reason, detail, payload in entries]
+        counted: Counter[str] = Counter(f"dead_letters.{row[2]}" for row in rows)
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
+                "VALUES (?,?,?,?,?,?)", rows,
+            )
+            if self._dlq_count + len(rows) > self._cfg.dlq_max_rows:
+                counted["dead_letters_evicted"] += self._trim_dead_letters(
+                    self._dlq_count + len(rows))
+            self._write_counters(counted)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._write_failed(err)
+            return False
+        self._dlq_count = min(self._dlq_count + len(rows), self._cfg.dlq_max_rows)
+        self._counted(counted)
+        self._publish()
+        return True
+
     def save_state(self, name: str, value: bytes) -> None:
         """Keep a component's state (the rule engine's alert states) with the log, durably.
         On a full disk the previous state stays and the log reports itself full."""
@@ -416,35 +447,17 @@ class LogStore:
         a sink's destination refused them for good (``gateway log dlq`` shows them). The
         records stay in the log for other sinks; the caller moves its cursor past them.
         Returns the readings they held, or None when the copy could not be written."""
-        now = time.time() if now is None else now
-        cap = self._cfg.dlq_max_payload
-        dead = []
+        entries = []
+        readings = 0
         for seq, n, kind, body in self._conn.execute(
                 "SELECT seq, n, kind, body FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
                 (first, end)):
             payload = bytes(body) if kind == KIND_EVENT else b"[" + bytes(body) + b"]"
-            dead.append((now, topic, reason, f"{detail}; seq {seq}-{seq + n - 1}", n,
-                         len(payload), payload[:cap]))
-        if not dead:
-            return 0
-        try:
-            self._conn.execute("BEGIN")
-            self._conn.executemany(
-                "INSERT INTO dead_letters (ts, topic, reason, detail, size, payload) "
-                "VALUES (?,?,?,?,?,?)", [(*d[:4], *d[5:]) for d in dead])
-            counted: Counter[str] = Counter({f"dead_letters.{reason}": len(dead)})
-            if self._dlq_count + len(dead) > self._cfg.dlq_max_rows:
-                counted["dead_letters_evicted"] += self._trim_dead_letters(
-                    self._dlq_count + len(dead))
-            self._write_counters(counted)
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            self._write_failed(err)
+            entries.append((topic, reason, f"{detail}; seq {seq}-{seq + n - 1}", payload))
+            readings += n
+        if not self.add_dead_letters(entries, now):
             return None
-        self._dlq_count = min(self._dlq_count + len(dead), self._cfg.dlq_max_rows)
-        self._counted(counted)
-        self._publish()
-        return sum(int(d[4]) for d in dead)
+        return readings
 
     def _hold_cap(self, counted: Counter[str]) -> None:
         """After inserting: row sizes only estimate the pages they fill, so measure the file

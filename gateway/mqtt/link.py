@@ -523,8 +523,12 @@ class MqttLink:
         self._connected = False
 
 
-def poll_links(links: Sequence[MqttLink], timeout: float) -> bool:
-    """Wait up to ``timeout`` for traffic on any link, handle it; True if anything was read."""
+def poll_links(links: Sequence[MqttLink], timeout: float, wake: Sequence[int] = ()) -> bool:
+    """Wait up to ``timeout`` for traffic on any link, handle it; True if anything was read.
+
+    ``wake`` are file descriptors that end the wait when readable (a sink's worker thread
+    handing back a result); their owners drain them, and they do not count as traffic.
+    """
     now = time.monotonic()
     for link in links:
         link.tick(now)
@@ -540,15 +544,18 @@ def poll_links(links: Sequence[MqttLink], timeout: float) -> bool:
         if link.wants_write():
             writers.append(sock)
         backlog = backlog or link.backlog
-    if not socks and not writers:
+    if not socks and not writers and not wake:
         if timeout > 0:
             time.sleep(min(timeout, *(link.next_wake(now) for link in links)))
         return False
+    if not socks and not writers:
+        timeout = min(timeout, *(link.next_wake(now) for link in links))
     try:
-        readable, _, _ = select.select(list(socks), writers, [], 0 if backlog else timeout)
+        waits: list[Any] = [*socks, *wake]
+        readable, _, _ = select.select(waits, writers, [], 0 if backlog else timeout)
     except (OSError, ValueError):
         return False  # a socket closed under us; the next tick reconnects
-    got = bool(readable) or backlog
+    got = any(sock in socks for sock in readable) or backlog
     for sock, link in socks.items():
         if sock in readable:
             link.on_readable()

@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Benchmark of the influx sink: `gateway run` draining a full log into real servers.
+
+1. drain v2: N buffered readings (3 metrics each) in the log, `gateway run` with only the
+   influx sink (api v2) into VictoriaMetrics: readings/s from start to depth 0 (target
+   >= 150k/s), and the peak RSS of the gateway.
+2. baseline: influxdb-client's own batching WriteApi (its background thread, batch 5000)
+   writing the same points (lines from the same log) into a fresh VictoriaMetrics, in
+   this process: readings/s, so figure 1 is read as a ratio.
+3. drain v1: the same log into InfluxDB 1.x (influxd, api v1).
+4. both sinks: uplink (cloud Mosquitto) and influx (v2) draining the same log at once:
+   peak RSS of the gateway (target <= 80 MB).
+5. paced 5k readings/s for some seconds through the site broker: gateway CPU with the
+   influx sink minus the same run without it, per reading (target <= 5 µs).
+
+    python bench/bench_influx.py                   # N = 1,000,000 (several minutes)
+    python bench/bench_influx.py --readings 200000 # a quicker run
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+import paho.mqtt.client as paho  # noqa: E402
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+from influxdb_client import InfluxDBClient  # noqa: E402
+from influxdb_client.client.write_api import WriteOptions  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from gateway.config import LogSection  # noqa: E402
+from gateway.influx.lineproto import Precision  # noqa: E402
+from gateway.influx.points import ReadingEncoder  # noqa: E402
+from gateway.log.reader import LogReader  # noqa: E402
+from gateway.log.store import LogStore, Message  # noqa: E402
+from gateway.mosquitto import Mosquitto, free_port  # noqa: E402
+from tests.tsdb import InfluxD, VictoriaMetrics  # noqa: E402
+
+GATEWAY_ID = "bench-gw"
+DEVICES = 100
+DB = "fieldgate"
+
+
+def fill_log(path: Path, n: int) -> float:
+    """N readings of 3 metrics, one per message (as sensors send them); returns t0."""
+    store = LogStore(LogSection(path=path, max_bytes=8 * 1024**3, synchronous="normal"),
+                     GATEWAY_ID)
+    t0 = float(int(time.time()) - 3600)
+    chunk = 20_000
+    for start in range(0, n, chunk):
+        store.append([
+            Message("sensors/d/telemetry", b"", i,
+                    [(f"d{i % DEVICES}", t0 + (i // DEVICES) * 0.001,
+                      {"temp": 20 + (i % 97) / 10, "hum": 40.5 + (i % 13), "co2": 400 + i % 50})],
+                    t0)
+            for i in range(start, min(n, start + chunk))])
+    store.close()
+    return t0
+
+
+class Gateway:
+    def __init__(self, work: Path, log: Path, site: Mosquitto, **sections: Any) -> None:
+        self.metrics_port = free_port()
+        cfg = {"gateway_id": GATEWAY_ID, "site": {"url": site.url},
+               "log": {"path": str(log), "max_bytes": "8GiB", "synchronous": "normal"},
+               "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"}, **sections}
+        conf = work / f"gw-{self.metrics_port}.yaml"
+        conf.write_text(yaml.safe_dump(cfg))
+        self.stderr = work / f"gw-{self.metrics_port}.stderr"
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(conf)],
+                                     cwd=ROOT, stderr=self.stderr.open("wb"))
+        self.ps = psutil.Process(self.proc.pid)
+        self.peak_rss = 0
+
+    def metric(self, name: str) -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                        timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def wait_depth_zero(self, sinks: list[str], timeout: float) -> float:
+        """Seconds from now until every sink's depth is 0 (sampling RSS meanwhile)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
+            depths = [self.metric(f'fieldgate_log_undelivered_readings{{sink="{s}"}}')
+                      for s in sinks]
+            if all(d == 0 for d in depths):
+                return time.monotonic() - start
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.stderr.read_text())
+            time.sleep(0.05)
+        raise RuntimeError(f"not drained in {timeout} s: {self.stderr.read_text()[-2000:]}")
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.metric('fieldgate_link_connected{link="site"}') == 1.0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(self.stderr.read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str],
+          **sections: Any) -> tuple[float, int, Gateway]:
+    log = work / f"{name}.db"
+    shutil.copy(master, log)
+    gw = Gateway(work, log, site, **sections)
+    # Depth is only on /metrics once the gateway is wired; time from the process start.
+    started = time.monotonic()
+    while gw.metric('fieldgate_link_connected{link="site"}') is None:
+        time.sleep(0.02)
+    gw.wait_depth_zero(sinks, timeout=1800)
+    seconds = time.monotonic() - started
+    gw.stop()
+    return seconds, gw.peak_rss, gw
+
+
+def baseline(master: Path, n: int, vm: VictoriaMetrics) -> float:
+    """influxdb-client's batching WriteApi writing the same points; readings/s."""
+    encoder = ReadingEncoder(measurement_name="telemetry", gateway=GATEWAY_ID, site=GATEWAY_ID,
+                             device_labels={}, precision=Precision.MS)
+    reader = LogReader(master)
+    client = InfluxDBClient(url=vm.url, token="", org="bench")
+    api = client.write_api(write_options=WriteOptions(batch_size=5000, flush_interval=1000))
+    start = time.monotonic()
+    seq = 1
+    while True:
+        rows = reader.read(seq, max_readings=5000, max_bytes=1 << 20)
+        if not rows:
+            break
+        lines = [encoder.encode(r) for r in
+                 orjson.loads(b"[" + b",".join(r.body for r in rows) + b"]")]
+        api.write(bucket="b", org="bench", record=lines)
+        seq = rows[-1].seq + rows[-1].n
+    api.close()  # flushes and waits for the background writes
+    seconds = time.monotonic() - start
+    client.close()
+    got = vm.samples('{__name__="telemetry_temp"}')
+    if got != n:
+        print(f"  baseline: VictoriaMetrics holds {got} of {n} points")
+    return n / seconds
+
+
+def _paced(port: int, rate: int, seconds: float, t0: float) -> None:
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    start = time.monotonic()
+    sent = 0
+    total = int(rate * seconds)
+    while sent < total:
+        due = min(total, int((time.monotonic() - start) * rate) + 1)
+        while sent < due:
+            d = sent % DEVICES
+            c.publish(f"sensors/d{d}/telemetry", orjson.dumps(
+                {"ts": t0 + sent * 0.001, "temp": 21.5, "hum": 40.0 + d, "co2": 410}), qos=1)
+            sent += 1
+        time.sleep(0.01)
+    time.sleep(1)
+    c.disconnect()
+    c.loop_stop()
+
+
+def paced_cpu(work: Path, site: Mosquitto, rate: int, seconds: float,
+              **sections: Any) -> float:
+    """Gateway CPU seconds for `rate` readings/s over `seconds`, idle start excluded."""
+    log = work / f"paced-{free_port()}.db"
+    gw = Gateway(work, log, site, **sections)
+    gw.wait_up()
+    time.sleep(1.0)
+    before = gw.cpu()
+    pub = mp.get_context("spawn").Process(target=_paced, args=(site.port, rate, seconds,
+                                                              time.time() - 60))
+    pub.start()
+    pub.join()
+    if sections.get("influx"):
+        gw.wait_depth_zero(["influx"], 60)
+    after = gw.cpu()
+    readings = gw.metric("fieldgate_readings_total")
+    gw.stop()
+    if readings != rate * seconds:
+        print(f"  paced: gateway logged {readings} of {rate * seconds} readings")
+    return after - before
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readings", type=int, default=1_000_000)
+    ap.add_argument("--paced-seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    n = args.readings
+    work = Path(tempfile.mkdtemp(prefix="bench-influx-"))
+    ok = True
+    try:
+        master = work / "master.db"
+        t = time.monotonic()
+        fill_log(master, n)
+        print(f"log: {n:,} readings x 3 metrics buffered in {time.monotonic() - t:.1f} s")
+        site = Mosquitto(work, "site").start()
+        influx_v2: dict[str, Any] = {"api": "v2", "org": "bench", "bucket": "b",
+                                     "health_interval": "1h"}
+
+        vm = VictoriaMetrics(work / "vm1").start()
+        secs, rss, _ = drain(work, master, site, "v2", ["influx"],
+                             influx={"url": vm.url, **influx_v2})
+        got = vm.samples('{__name__="telemetry_temp"}')
+        vm.stop()
+        rate_v2 = n / secs
+        ok &= rate_v2 >= 150_000 and got == n
+        print(f"1 drain v2 -> VictoriaMetrics: {rate_v2:,.0f} readings/s ({secs:.1f} s, "
+              f"{got:,} points of {n:,}), peak RSS {rss / 2**20:.0f} MB  [target >= 150k/s]")
+
+        vm = VictoriaMetrics(work / "vm2").start()
+        base = baseline(master, n, vm)
+        vm.stop()
+        print(f"2 baseline: influxdb-client batching WriteApi: {base:,.0f} readings/s; "
+              f"sink / baseline = {rate_v2 / base:.2f}")
+
+        influx = InfluxD(work / "influxd").start()
+        influx.create_database(DB)
+        secs, rss, _ = drain(work, master, site, "v1", ["influx"], influx={
+            "url": influx.url, "api": "v1", "database": DB, "health_interval": "1h"})
+        got = influx.count(DB, field="temp")
+        influx.stop()
+        print(f"3 drain v1 -> InfluxDB 1.x: {n / secs:,.0f} readings/s ({secs:.1f} s, "
+              f"{got:,} points of {n:,}), peak RSS {rss / 2**20:.0f} MB")
+        ok &= got == n
+
+        cloud = Mosquitto(work, "cloud").start()
+        vm = VictoriaMetrics(work / "vm3").start()
+        secs, rss, _ = drain(work, master, site, "both", ["influx", "uplink"],
+                             influx={"url": vm.url, **influx_v2}, cloud={"url": cloud.url})
+        vm.stop()
+        cloud.stop()
+        ok &= rss <= 80 * 2**20
+        print(f"4 both sinks (uplink + influx v2) draining: {n / secs:,.0f} readings/s, "
+              f"peak RSS {rss / 2**20:.0f} MB  [target <= 80 MB]")
+
+        rate, seconds = 5000, args.paced_seconds
+        vm = VictoriaMetrics(work / "vm4").start()
+        without = paced_cpu(work, site, rate, seconds)
+        with_sink = paced_cpu(work, site, rate, seconds, influx={"url": vm.url, **influx_v2})
+        vm.stop()
+        total = rate * seconds
+        per = (with_sink - without) / total * 1e6
+        ok &= per <= 5
+        print(f"5 paced {rate}/s for {seconds:.0f} s: gateway CPU {without / total * 1e6:.1f}"
+              f" µs/reading without the sink, {with_sink / total * 1e6:.1f} with it: "
+              f"{per:.1f} µs/reading added  [target <= 5]")
+        site.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Line protocol: our hand-written encoders against influxdb_client.Point (the oracle)."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+from hypothesis import example, given
+from hypothesis import strategies as st
+from influxdb_client import Point, WritePrecision
+
+from gateway.influx import lineproto
+from gateway.influx.lineproto import Precision
+from gateway.influx.points import ReadingEncoder, event_line
+
+# Text that stresses escaping: the line protocol's separators, quotes, backslashes, control
+# characters and non-ASCII letters, mixed with ordinary ones.
+_SPECIAL = [*' ,="\\\n\t\r', "é", "温", "🌡", "ß"]
+text = st.text(alphabet=st.one_of(st.sampled_from(_SPECIAL), st.characters(
+    codec="utf-8", exclude_categories=("Cs",))), max_size=12)
+names = text.filter(lambda s: not s.startswith("#"))
+finite = st.floats(allow_nan=False, allow_infinity=False)
+numbers = st.one_of(finite, st.floats(), st.integers(-(2**63), 2**64 - 1), st.booleans())
+
+
+def _oracle(measurement: str, tags: dict[str, str], fields: dict[str, float | str],
+            time: int) -> str:
+    point = Point(measurement).time(time, WritePrecision.MS)
+    for name, value in tags.items():
+        point.tag(name, value)
+    for name, value in fields.items():
+        point.field(name, value)
+    return str(point.to_line_protocol())
+
+
+@given(measurement=names, tags=st.dictionaries(text, text, max_size=5),
+       fields=st.dictionaries(text, st.one_of(st.floats(), text), max_size=5),
+       time=st.integers(0, 2**62))
+@example(measurement="tele metry,x", tags={"a b": "c,d", "e=f": "g\\"},
+         fields={'q"uote': 'say "hi" \\ now', "n": 21.0}, time=1)
+def test_line_matches_point(measurement, tags, fields, time):
+    assert lineproto.line(measurement, tags, fields, time) == _oracle(measurement, tags,
+                                                                      fields, time)
+
+
+metric_names = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_.\-]{0,12}\Z")
+
+
+@given(device=text.filter(bool), labels=st.dictionaries(text, text, max_size=3),
+       metrics=st.dictionaries(metric_names.filter(lambda n: n not in {"seq", "ts", "device"}),
+                               numbers, min_size=1, max_size=6),
+       ts=st.floats(0, 4e9), precision=st.sampled_from(list(Precision)))
+@example(device="gh 1,a=b", labels={},
+         metrics={"temp": 21, "on": True, "big": 2**60, "inf": math.inf},
+         ts=1732600000.123, precision=Precision.MS)
+def test_reading_encoder_matches_point(device, labels, metrics, ts, precision):
+    encoder = ReadingEncoder(measurement_name="telemetry", gateway="gw 1", site="north,2",
+                             device_labels={"*": labels}, precision=precision)
+    # A reading as the log stores it (JSON), read back as the sink reads it.
+    reading = orjson.loads(orjson.dumps({"seq": 7, "device": device, "ts": ts, **metrics}))
+    time = lineproto.timestamp(ts, precision)
+    tags = {**labels, "gateway": "gw 1", "site": "north,2", "device": device}
+    fields = {k: float(v) for k, v in reading.items()
+              if k in metrics and v is not None and math.isfinite(float(v))}
+    expected = _oracle("telemetry", tags, dict(fields), time) if fields else ""
+    assert encoder.encode(reading) == expected
+
+
+def test_every_metric_is_a_float_field():
+    encoder = ReadingEncoder(measurement_name="telemetry", gateway="g", site="s",
+                             device_labels={}, precision=Precision.MS)
+    line = encoder.encode({"seq": 1, "device": "d", "ts": 1.5, "temp": 21, "on": True,
+                           "hum": 40.25})
+    assert line == "telemetry,device=d,gateway=g,site=s hum=40.25,on=1,temp=21 1500"
+    assert "i " not in line and "true" not in line
+
+
+@given(ts=st.floats(0, 4e9))
+def test_timestamps_are_stable_and_close(ts):
+    for precision, unit in ((Precision.S, 1), (Precision.MS, 1e3), (Precision.US, 1e6),
+                            (Precision.NS, 1e9)):
+        value = lineproto.timestamp(ts, precision)
+        assert value == lineproto.timestamp(float(repr(ts)), precision)
+        assert abs(value / unit - ts) <= 0.5 / unit + 1e-6
+
+
+def test_event_becomes_an_annotation_point():
+    event = {"id": "gw-000000000042", "type": "io.fieldgate.alert.fired", "subject": "gh-1",
+             "time": "2024-11-26T05:46:40.123Z",
+             "data": {"rule": "TooHot", "severity": "warning", "value": 31.5,
+                      "message": "gh-1 is\nhot: 31.5 °C"}}
+    line = event_line(event, gateway="gw", site="north", precision=Precision.MS)
+    assert line == ('events,device=gh-1,gateway=gw,rule=TooHot,severity=warning,site=north,'
+                    'type=io.fieldgate.alert.fired id="gw-000000000042",'
+                    'summary="gh-1 is hot: 31.5 °C",value=31.5 1732600000123')
