@@ -210,3 +210,18 @@ def test_arbitrary_json_values_are_accepted_or_dead_lettered(value):
         return
     out = decoder.decode("sensors/d/telemetry", payload, NOW)
     assert isinstance(out, (list, DeadLetter))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "ts_x", "c.d"]), st.integers(-5, 5)),
+                min_size=1, max_size=5),
+       st.sampled_from(["", " ", "\n", "\t "]), st.sampled_from(["", " ", "\r\n"]))
+def test_duplicate_keys_are_found_however_the_json_is_spaced(pairs, before, after):
+    templates = TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON)])
+    decoder = Decoder(Ingest(clock_check="off"), templates)
+    body = ",".join(f'"{k}"{before}:{after}{v}' for k, v in pairs)
+    out = decoder.decode("s/d/j", ("{" + body + "}").encode(), NOW)
+    has_duplicate = len({k for k, _ in pairs}) < len(pairs)
+    assert isinstance(out, DeadLetter) == has_duplicate, out
+    if has_duplicate:
+        assert isinstance(out, DeadLetter) and out.reason is Reason.DUPLICATE_KEY
