@@ -177,9 +177,12 @@ class LogStore:
     def ack(self, sink: str, next_seq: int) -> None:
         """Everything below ``next_seq`` was acknowledged by the sink's destination."""
         with self._lock:
-            if next_seq > self._cursors.get(sink, 0):
+            moved = next_seq > self._cursors.get(sink, 0)
+            if moved:
                 self._cursors[sink] = next_seq
                 self._cursors_dirty = True
+        if moved:
+            self._publish()  # depth gauges see it now, not at the next commit
 
     def cursors(self) -> dict[str, int]:
         with self._lock:
