@@ -13,6 +13,7 @@ gateway into this server". It returns what it wrote, so tests compare against th
 
 from __future__ import annotations
 
+import base64
 import math
 import shutil
 import subprocess
@@ -68,7 +69,7 @@ def find_influxd() -> str | None:
 class InfluxD:
     """One `influxd` process on free loopback ports, its files under ``workdir``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, auth: bool = False) -> None:
         binary = find_influxd()
         if binary is None:
             raise RuntimeError("influxd is not installed (sudo apt-get install -y influxdb)")
@@ -77,8 +78,11 @@ class InfluxD:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.conf = self.dir / "influxdb.conf"
-        self.conf.write_text(CONF.format(dir=self.dir, http_port=self.http_port,
-                                         rpc_port=free_port()))
+        conf = CONF.format(dir=self.dir, http_port=self.http_port, rpc_port=free_port())
+        if auth:  # users and passwords; the first CREATE USER ... WITH ALL PRIVILEGES is free
+            conf = conf.replace("  log-enabled = false",
+                                "  log-enabled = false\n  auth-enabled = true")
+        self.conf.write_text(conf)
         self.log = self.dir / "influxd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -112,13 +116,17 @@ class InfluxD:
                 self.proc.kill()
                 self.proc.wait()
 
-    def query(self, q: str, db: str | None = None) -> dict[str, Any]:
+    def query(self, q: str, db: str | None = None,
+              auth: tuple[str, str] | None = None) -> dict[str, Any]:
         """POST /query (so statements that write, like CREATE DATABASE, are allowed)."""
         params = {"q": q, "epoch": "ms"}
         if db is not None:
             params["db"] = db
         body = urllib.parse.urlencode(params).encode()
         req = urllib.request.Request(f"{self.url}/query", data=body, method="POST")
+        if auth is not None:
+            pair = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {pair}")
         with urllib.request.urlopen(req, timeout=30) as resp:
             result: dict[str, Any] = orjson.loads(resp.read())
         return result

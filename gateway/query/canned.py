@@ -56,6 +56,8 @@ def select(what: str, measurement: str, where: str = "", tail: str = "") -> str:
 def require_measurement(client: InfluxQLClient, name: str) -> None:
     """NoDataError naming the database when `name` was never written there."""
     have = client.measurements()
+    if not have:
+        client.require_database()
     if name not in have:
         listed = ", ".join(have) if have else "none"
         raise NoDataError(

@@ -172,6 +172,22 @@ class InfluxQLClient:
         series = self.query("SHOW MEASUREMENTS")[0]
         return [str(row[0]) for s in series for row in s.values]
 
+    def require_database(self) -> None:
+        """QueryError when the server lists its databases and ours is not among them.
+
+        InfluxDB 1.x answers SHOW MEASUREMENTS on a missing database with nothing at all;
+        this tells "no such database" from "an empty one".
+        """
+        try:
+            listed = self.query("SHOW DATABASES")[0]
+        except QueryError:
+            return  # a user without the right to list databases: say nothing more
+        names = {str(row[0]) for s in listed for row in s.values}
+        if names and self.conn.database not in names:
+            raise QueryError(f"InfluxDB at {self.conn.url}: database not found: "
+                             f"{self.conn.database}; check influx.database / --db "
+                             f"(databases: {', '.join(sorted(names))})")
+
     def _unreachable(self, reason: object) -> QueryError:
         where = f"InfluxDB at {self.conn.url}"
         if isinstance(reason, ssl.SSLError | ssl.CertificateError):
