@@ -172,8 +172,8 @@ class Filled:
     last: dict[str, dict[str, float]] = field(default_factory=dict)  # device -> metric -> value
     series: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
-    health_points: dict[str, int] = field(default_factory=dict)      # gateway -> points
-    dead_letters_total: dict[str, float] = field(default_factory=dict)
+    # gateway -> [(time ms, {field: value})] of the `fieldgate` measurement
+    health: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
 
     @property
     def gateways(self) -> list[str]:
@@ -266,28 +266,30 @@ def fill_fieldgate(influx: InfluxD, db: str, *, now: float | None = None) -> Fil
           "gh-3 sent nothing for 30s", None)
 
     cut_from, cut_to = end_ms - 2 * 3600_000, end_ms - 2 * 3600_000 + 900_000
-    for gateway, site in {(gw, s) for gw, s, _ in DEVICES.values()}:
+    for gateway, site in sorted({(gw, s) for gw, s, _ in DEVICES.values()}):
         devices = [d for d, (gw, _, _) in DEVICES.items() if gw == gateway]
-        total = dead = 0.0
-        depth_uplink = 0.0
-        points = 0
+        # A gateway reports its health once before its first reading: counters at 0.
+        health = {"readings_total": 0.0, "readings_per_s": 0.0, "dead_letters_total": 0.0,
+                  "dropped_total": 0.0, "log_bytes": 4096.0, "depth_uplink": 0.0,
+                  "depth_influx": 0.0, "link_site": 1.0, "link_cloud": 1.0}
+        points = [(start_ms - STEP_S * 1000, dict(health))]
         for ts in range(start_ms, end_ms + 1, STEP_S * 1000):
             per_step = float(sum(1 for d in devices
                                  if not (d == "gh-3" and offline_from <= ts < offline_to)))
-            total += per_step
-            if ts % 600_000 == 0:
-                dead += 1  # a malformed payload every 10 minutes
             cut = gateway == "gh-site-1" and cut_from <= ts < cut_to
-            depth_uplink = depth_uplink + per_step if cut else max(0.0, depth_uplink - 50)
-            lines.append(_line("fieldgate", {"gateway": gateway, "site": site}, {
-                "readings_total": total, "readings_per_s": per_step / STEP_S,
-                "dead_letters_total": dead, "dropped_total": 0.0,
-                "log_bytes": 4096.0 + total * 120, "depth_uplink": depth_uplink,
-                "depth_influx": 0.0, "link_site": 1.0, "link_cloud": 0.0 if cut else 1.0,
-            }, ts))
-            points += 1
-        filled.health_points[gateway] = points
-        filled.dead_letters_total[gateway] = dead
+            health["readings_total"] += per_step
+            health["readings_per_s"] = per_step / STEP_S
+            if ts % 600_000 == 0:
+                health["dead_letters_total"] += 1  # a malformed payload every 10 minutes
+            health["log_bytes"] = 4096.0 + health["readings_total"] * 120
+            health["depth_uplink"] = health["depth_uplink"] + per_step if cut else \
+                max(0.0, health["depth_uplink"] - 50)
+            health["link_cloud"] = 0.0 if cut else 1.0
+            points.append((ts, dict(health)))
+        for ts, values in points:
+            lines.append(_line("fieldgate", {"gateway": gateway, "site": site},
+                               dict(values), ts))
+        filled.health[gateway] = points
     influx.write(db, lines)
     return filled
 
