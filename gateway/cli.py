@@ -586,8 +586,8 @@ def query_sql(statement: str, config_path: Path, url: str | None, db: str | None
     from gateway.query.canned import adhoc
 
     if statement in query_group.commands:
-        _fail(ValueError(f"put options after the question: gateway query {statement} "
-                         f"-c FILE ..."), 2)
+        _fail(ValueError(f"{statement!r} is a question, not InfluxQL: run gateway query "
+                         f"{statement} -c FILE ..."), 2)
     client = _query_client(config_path, url, db, username, password_file, token_file)
     try:
         _print_table(adhoc(client, statement), fmt)

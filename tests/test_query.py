@@ -102,6 +102,8 @@ def test_options_may_come_before_the_question(url: list[str], fieldgate_db: Fill
     assert {r["device"] for r in json.loads(out)} == {"gh-4"}
     out = ok(*url, "--format", "csv", "SHOW MEASUREMENTS")
     assert out.splitlines() == ["name", "events", "fieldgate", "telemetry"]
+    assert fails("sql", "last", *url, code=2) == \
+        "error: 'last' is a question, not InfluxQL: run gateway query last -c FILE ..."
 
 
 # --- canned questions -----------------------------------------------------------------------
