@@ -468,7 +468,7 @@ class _QueryGroup(click.Group):
 
 _INFLUX_FIELDS = ("url", "api", "database", "retention_policy", "username", "password_file",
                   "password_env", "token_file", "token_env", "org", "bucket", "ca_file",
-                  "verify", "timeout")
+                  "verify", "timeout", "measurement")
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -480,7 +480,7 @@ def _influx_options(func: _F) -> _F:
         click.option("--url", help="InfluxDB URL, e.g. http://127.0.0.1:8086; with it the "
                      "config file is not read."),
         click.option("--db", help="Database (1.x) or bucket (2.x/3.x); default: influx."
-                     "database, or fieldgate."),
+                     "database (v1) or influx.bucket (v2), or fieldgate."),
         click.option("--username", help="InfluxDB 1.x user."),
         click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
                      help="File holding that user's password."),

@@ -26,7 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, SecretError
 from gateway.mosquitto import free_port
 from gateway.query import InfluxQLClient, connection_from
-from gateway.query.canned import _measurements_named, quote_literal, step_for
+from gateway.query.canned import _measurements_named, last, quote_literal, step_for
 from gateway.query.render import format_time
 from tests.influxd_fixture import (  # noqa: F401 (pytest fixtures)
     Filled,
@@ -321,8 +321,8 @@ def test_v2_token_goes_in_the_authorization_header_never_the_url(tmp_path: Path,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("INFLUX_TOKEN", "tok-123")
-        conn = connection_from(SimpleNamespace(
-            url=f"http://127.0.0.1:{server.server_address[1]}", api="v2", database=None,
+        conn = connection_from(SimpleNamespace(  # the sink's model: database has a default
+            url=f"http://127.0.0.1:{server.server_address[1]}", api="v2", database="fieldgate",
             bucket="farm", token_file=None, token_env="INFLUX_TOKEN", timeout=5.0))
         assert conn.database == "farm"
         assert "tok-123" not in repr(conn)
@@ -391,3 +391,13 @@ def test_step_gives_about_240_points() -> None:
     assert step_for(60) == 1
     assert step_for(30 * 86400) == 10800
     assert step_for(365 * 86400) == 86400
+
+
+def test_a_configured_measurement_name_is_queried(influxd: InfluxD) -> None:  # noqa: F811
+    # influx.measurement renames `telemetry`; the canned questions follow it.
+    influxd.create_database("renamed")
+    influxd.write("renamed", ["readings,gateway=g,device=d7 temp=4.5 1700000000000"])
+    conn = connection_from({"url": influxd.url, "database": "renamed",
+                            "measurement": "readings"})
+    table = last(InfluxQLClient(conn), now=1700000060)
+    assert table.rows == (("g", "d7", "temp", 4.5, 1700000000000, "1m"),)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from gateway.query.client import InfluxQLClient, NoDataError, Series
 from gateway.query.render import Table, flatten, format_age, format_time
 
-TELEMETRY = "telemetry"
 EVENTS = "events"
 
 # A chart of more points than a terminal has columns shows nothing more; this many means
@@ -92,27 +91,28 @@ def _measurements_named(statement: str) -> list[str]:
     return names
 
 
-def _labels(client: InfluxQLClient, key: str, measurement: str = TELEMETRY) -> list[str]:
-    result = client.query(f"SHOW TAG VALUES FROM {quote_ident(measurement)} WITH KEY = "
-                          f"{quote_ident(key)}")[0]
+def _labels(client: InfluxQLClient, key: str) -> list[str]:
+    table = quote_ident(client.conn.measurement)
+    result = client.query(f"SHOW TAG VALUES FROM {table} WITH KEY = {quote_ident(key)}")[0]
     return sorted({str(row[1]) for s in result for row in s.values})
 
 
 def metrics(client: InfluxQLClient) -> list[str]:
-    result = client.query(f"SHOW FIELD KEYS FROM {quote_ident(TELEMETRY)}")[0]
+    result = client.query(f"SHOW FIELD KEYS FROM {quote_ident(client.conn.measurement)}")[0]
     return sorted({str(row[0]) for s in result for row in s.values})
 
 
 def last(client: InfluxQLClient, *, device: str | None = None, gateway: str | None = None,
          since: float | None = None, now: float | None = None) -> Table:
     """Latest value of each metric per device, with when it was taken and its age."""
-    require_measurement(client, TELEMETRY)
+    table = client.conn.measurement
+    require_measurement(client, table)
     names = metrics(client)
     if not names:
-        raise NoDataError(f"measurement {TELEMETRY!r} has no metrics yet")
+        raise NoDataError(f"measurement {table!r} has no metrics yet")
     where = _where({"device": device, "gateway": gateway},
                    _since(since) if since is not None else "")
-    statements = ";".join(select(f"last({quote_ident(m)}) AS value", TELEMETRY, where,
+    statements = ";".join(select(f"last({quote_ident(m)}) AS value", table, where,
                                  ' GROUP BY "gateway", "device"') for m in names)
     now = time.time() if now is None else now
     rows = []
@@ -180,12 +180,12 @@ class MetricSeries:
 def series(client: InfluxQLClient, *, device: str, metric: str, since: float,
            step: int | None = None) -> MetricSeries:
     """A device's metric over the last `since` seconds, as mean per step."""
-    require_measurement(client, TELEMETRY)
+    require_measurement(client, client.conn.measurement)
     step = step or step_for(since)
     where = _where({"device": device}, _since(since))
     alert_types = r' AND "type" =~ /^io\.fieldgate\.alert\./'
     # A SELECT of tags alone returns nothing in InfluxQL: `summary` (a field) comes along.
-    statements = (select(f"mean({quote_ident(metric)})", TELEMETRY, where,
+    statements = (select(f"mean({quote_ident(metric)})", client.conn.measurement, where,
                          f" GROUP BY time({step}s) fill(none)") + ";"
                   + select('"type", "summary"', EVENTS, where + alert_types))
     results = client.query(statements)
@@ -206,20 +206,20 @@ def _explain_no_rows(client: InfluxQLClient, *, device: str | None = None,
     if metric is not None:
         known = metrics(client)
         if metric not in known:
-            raise NoDataError(f"no metric {metric!r} in {TELEMETRY!r} (metrics: "
+            raise NoDataError(f"no metric {metric!r} in {client.conn.measurement!r} (metrics: "
                               f"{', '.join(known) or 'none'})")
     for key, value in (("device", device), ("gateway", gateway)):
         if value is not None:
             known = _labels(client, key)
             if value not in known:
-                raise NoDataError(f"no {key} {value!r} in {TELEMETRY!r} ({key}s: "
+                raise NoDataError(f"no {key} {value!r} in {client.conn.measurement!r} ({key}s: "
                                   f"{', '.join(known) or 'none'})")
     what = f"{metric} readings" if metric else "readings"
     who = f" from {device}" if device else (f" from gateway {gateway}" if gateway else "")
     window = f" in the last {format_age(since)}" if since is not None else ""
     latest = ""
     if metric is not None and device is not None:
-        found = client.query(select(f"last({quote_ident(metric)})", TELEMETRY,
+        found = client.query(select(f"last({quote_ident(metric)})", client.conn.measurement,
                                     _where({"device": device})))[0]
         if found and found[0].values:
             latest = f" (latest at {format_time(found[0].values[0][0])})"

@@ -41,6 +41,7 @@ class InfluxConnection:
     url: str
     api: str = "v1"                      # "v1": 1.x user/password; "v2": 2.x/3.x token
     database: str = "fieldgate"          # for v2 the bucket name (its DBRP mapping)
+    measurement: str = "telemetry"       # where the sink writes readings (influx.measurement)
     retention_policy: str | None = None
     username: str | None = None
     password: str | None = None
@@ -87,8 +88,9 @@ def connection_from(section: Any) -> InfluxConnection:
     if not url:
         raise ConfigError(["influx.url: required, e.g. http://127.0.0.1:8086"])
     api = str(getattr(_attr(section, "api", "v1"), "value", _attr(section, "api", "v1")))
-    database = _attr(section, "database") or (
-        _attr(section, "bucket") if api == "v2" else None) or "fieldgate"
+    # InfluxQL names a v2 bucket as a database (2.x: its DBRP mapping; 3.x: its name).
+    names = ("bucket", "database") if api == "v2" else ("database", "bucket")
+    database = next((_attr(section, n) for n in names if _attr(section, n)), "fieldgate")
     timeout = _attr(section, "timeout", 10.0)
     if hasattr(timeout, "total_seconds"):
         timeout = timeout.total_seconds()
@@ -99,6 +101,7 @@ def connection_from(section: Any) -> InfluxConnection:
 
     return InfluxConnection(
         url=str(url).rstrip("/"), api=api, database=str(database),
+        measurement=str(_attr(section, "measurement") or "telemetry"),
         retention_policy=_attr(section, "retention_policy") or None,
         username=_attr(section, "username") or None,
         password=read_secret(path("password_file"), _attr(section, "password_env"),
