@@ -29,13 +29,15 @@ import hmac
 import itertools
 import time
 from collections import OrderedDict
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from gateway.events import Event
-from gateway.log.store import LogStore
-from gateway.mqtt.link import MqttLink
+
+if TYPE_CHECKING:
+    from gateway.log.store import LogStore
+    from gateway.mqtt.link import MqttLink
 
 ACK_FILTER = "devices/+/cmd/ack"
 STATE_NAME = "commands"
