@@ -233,3 +233,10 @@ def test_password_hash_is_the_one_mosquitto_passwd_writes(tmp_path):
 
     assert hash_password("s3cret", salt=base64.b64decode(salt),
                          iterations=int(iterations)) == written
+
+
+@pytest.mark.parametrize("command", ["add-device", "add-gateway"])
+def test_site_commands_have_help_with_an_example(command):
+    out = _cli(command, "--help")
+    assert out.returncode == 0
+    assert "Example:" in out.stdout and f"gateway site {command}" in out.stdout
