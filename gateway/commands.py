@@ -88,20 +88,28 @@ def is_ack_topic(topic: str) -> bool:
             and topic.count("/") == 3)
 
 
+# Answers remembered to recognise a redelivered one: the site broker redelivers at most the
+# messages that were in flight at a crash (site.receive_maximum); more only costs state
+# bytes rewritten with every command and answer.
+_ANSWERS_KEPT = 1000
+
+
 class Pending(NamedTuple):
     """A command issued and not answered yet."""
 
     device: str
-    issued: float   # epoch seconds (wall clock: it must mean the same after a restart)
+    issued: float    # epoch seconds: saved, it means the same after a restart
     action: str
+    deadline: float  # time.monotonic() when it times out: a clock step does not move it
 
 
 class CommandSender:
     """Issues commands and judges the answers; keeps what it waits for in the log's state.
 
     ``ack_timeout``: seconds a command waits for its answer; ``max_pending``: commands
-    waiting at most (at the bound the oldest one times out early), and answers remembered
-    to recognise a redelivered one.
+    waiting at most (at the bound the oldest one times out early). The waiting commands
+    are saved with every command and answer (commands are few: rule actions have
+    cooldowns), so that an answer after a restart still finds its command.
     """
 
     def __init__(self, gateway_id: str, master_key: bytes | None, link: MqttLink,
@@ -143,8 +151,12 @@ class CommandSender:
             return
         try:
             state = orjson.loads(saved)
+            wall, mono = time.time(), time.monotonic()
             for cid, device, issued, action in state["pending"]:
-                self._pending[str(cid)] = Pending(str(device), float(issued), str(action))
+                # The time left is what the wall clock says, never more than a full timeout.
+                left = min(max(float(issued) + self._timeout - wall, 0.0), self._timeout)
+                self._pending[str(cid)] = Pending(str(device), float(issued), str(action),
+                                                  mono + left)
             for device, cid, digest in state["answered"]:
                 self._answered[(str(device), str(cid))] = str(digest)
         except (ValueError, KeyError, TypeError):
@@ -153,7 +165,7 @@ class CommandSender:
 
     def _save(self) -> None:
         self._store.save_state(STATE_NAME, orjson.dumps({
-            "pending": [[cid, *p] for cid, p in self._pending.items()],
+            "pending": [[cid, p.device, p.issued, p.action] for cid, p in self._pending.items()],
             "answered": [[d, cid, digest] for (d, cid), digest in self._answered.items()],
         }))
 
@@ -173,9 +185,9 @@ class CommandSender:
         })]
         while len(self._pending) >= self._max:
             old_id, old = self._pending.popitem(last=False)
-            events.append(self._timed_out(old_id, old, now, "too many commands waiting "
-                                          "(commands.max_pending)"))
-        self._pending[cid] = Pending(device, now, action)
+            events.insert(0, self._timed_out(old_id, old, now, "too many commands waiting "
+                                             "(commands.max_pending)"))
+        self._pending[cid] = Pending(device, now, action, time.monotonic() + self._timeout)
         # Logged and remembered before it is published: an answer after a crash finds it.
         self._store.append_events(events, now)
         self._save()
@@ -189,20 +201,21 @@ class CommandSender:
             "reason": reason})
 
     def expire(self, now: float) -> None:
-        """Time out the commands that waited longer than ``ack_timeout`` (cheap when none)."""
+        """Time out the commands whose answer is overdue at ``now`` (time.monotonic());
+        cheap when none is."""
         if not self._pending:
             return
-        cutoff = now - self._timeout
         expired: list[Event] = []
+        wall = time.time()
         while self._pending:
             cid, first = next(iter(self._pending.items()))
-            if first.issued > cutoff:
+            if first.deadline > now:
                 break
             del self._pending[cid]
-            expired.append(self._timed_out(cid, first, now, f"no answer within "
+            expired.append(self._timed_out(cid, first, wall, f"no answer within "
                                            f"{self._timeout:g} s (commands.ack_timeout)"))
         if expired:
-            self._store.append_events(expired, now)
+            self._store.append_events(expired, wall)
             self._save()
 
     # -- answers in ----------------------------------------------------------------------
@@ -256,7 +269,7 @@ class CommandSender:
                             cid)
         del self._pending[cid]
         self._answered[(device, cid)] = digest
-        while len(self._answered) > self._max:
+        while len(self._answered) > _ANSWERS_KEPT:
             self._answered.popitem(last=False)
         ok = ack["status"] == "ok"
         data: dict[str, Any] = {"id": cid, "status": ack["status"], "action": waiting.action,

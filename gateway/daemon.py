@@ -175,7 +175,7 @@ class Gateway:
                     self._reload = False
                     rules.reload()
                 rules.step(woke)
-            commands.expire(time.time())
+            commands.expire(woke)
             for sink in sinks:
                 sink.step(woke)
             if got and not any(link.busy for link in links):
