@@ -93,6 +93,7 @@ def _config(tmp_path: Path, site_url: str = "mqtt://127.0.0.1:1", *, key: bool =
             **commands: Any) -> GatewayConfig:
     key_file = tmp_path / "master.key"
     key_file.write_text(MASTER + "\n")
+    key_file.chmod(0o600)
     if key:
         commands["key_file"] = str(key_file)
     return GatewayConfig.model_validate({

@@ -104,6 +104,7 @@ def locked_site(tmp_path: Path) -> Iterator[tuple[Mosquitto, dict[str, dict[str,
                        .read_text(), files={"password_file": passwords,
                                             "acl_file": ROOT / "deploy/mosquitto-site.acl"})
     (tmp_path / "master.key").write_text("the-site-master-key\n")
+    (tmp_path / "master.key").chmod(0o600)
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({
         "gateway_id": "gw-site", "log": {"path": str(tmp_path / "log.db")},
@@ -117,6 +118,7 @@ def locked_site(tmp_path: Path) -> Iterator[tuple[Mosquitto, dict[str, dict[str,
     assert out.returncode == 0, out.stderr
     users["fieldgate"] = _printed(out.stdout)
     (tmp_path / "site.pw").write_text(users["fieldgate"]["password"] + "\n")
+    (tmp_path / "site.pw").chmod(0o600)
     for device in ("gh-1", "gh-2"):
         out = _cli("add-device", device, "-c", str(config), "--password-file", str(passwords))
         assert out.returncode == 0, out.stderr
