@@ -19,9 +19,10 @@ from devices.fleet import parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
 from gateway import commands as gateway_side
-from gateway.commands import device_key, seal, signature
+from gateway.commands import CommandSender, device_key, seal, signature
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
+from gateway.log.store import LogStore
 from gateway.mqtt.link import poll_links
 from tests.mqtt_helpers import Publisher
 
@@ -110,6 +111,17 @@ def _events(gw: Gateway) -> list[dict[str, Any]]:
 def _answers(gw: Gateway) -> list[tuple[str, dict[str, Any]]]:
     return [(e["type"].removeprefix("io.fieldgate.command."), e["data"]) for e in _events(gw)
             if e["type"] != "io.fieldgate.command.issued"]
+
+
+def _restarted(gw: Gateway) -> Gateway:
+    """The same gateway after a restart: its log closed, and the command side built again
+    from what the log holds (the link is only published on)."""
+    gw.store.close()
+    gw.store = LogStore(gw.cfg.log, gw.cfg.gateway_id)
+    gw.commands = CommandSender(gw.cfg.gateway_id, gw.cfg.commands.key(), gw.ingest.link,
+                                gw.store, ack_timeout=gw.cfg.commands.ack_timeout,
+                                max_pending=gw.cfg.commands.max_pending)
+    return gw
 
 
 def _ack(device: str, cid: str, status: str = "ok", *, key: bytes | None = None) -> bytes:
@@ -219,9 +231,7 @@ def test_waiting_commands_survive_a_restart_and_then_time_out(tmp_path):
     t0 = time.time()
     first = gw.commands.send("gh-1", "fan", {"state": "on"}, now=t0)
     second = gw.commands.send("gh-2", "fan", {"state": "on"}, now=t0)
-    gw.store.close()
-
-    gw = Gateway(cfg)  # a restart: the same log
+    gw = _restarted(gw)
     assert gw.commands is not None
     assert set(gw.commands.pending) == {first, second}
     gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", first), t0 + 1)
@@ -258,8 +268,7 @@ def test_a_redelivered_answer_is_logged_once_and_a_second_answer_is_rejected(tmp
     cid = gw.commands.send("gh-1", "fan", {"state": "on"})
     ok = _ack("gh-1", cid)
     gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 1.0)
-    gw.store.close()
-    gw = Gateway(_config(tmp_path))  # even after a restart
+    gw = _restarted(gw)  # even after a restart
     assert gw.commands is not None
     gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 2.0)  # the broker's redelivery
     gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", cid, "rejected"), 3.0)
