@@ -89,8 +89,9 @@ def main() -> None:
 @click.option("--fault-log", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the faults injected as JSONL.")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="HMAC key for verifying commands (file).")
-@click.option("--key-env", help="HMAC key for verifying commands (environment variable).")
+              help="Site master key (the gateway's commands.key_file): each device "
+              "verifies commands and signs answers with its key derived from it.")
+@click.option("--key-env", help="Site master key (environment variable).")
 @click.option("--start", type=float, help="Epoch of the first reading (default: now).")
 @click.option("--dry-run", is_flag=True,
               help="Print the messages as JSONL instead of publishing (no broker).")

@@ -47,13 +47,15 @@ class Simulator:
     def __init__(self, model: FleetModel, *, broker: str, key: bytes | None,
                  record: IO[bytes] | None = None,
                  say: Callable[[str], None] = print) -> None:
+        """``key`` is the site master key: the emulator plays every device, so it derives
+        each device's command key from it (a real device holds only its own)."""
         url = urlsplit(broker)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise ValueError(f"{broker!r}: write mqtt://host:port or mqtts://host:port")
         self.model = model
         self._record = record
         self._say = say
-        self._verifier = CommandVerifier(key, model.fleet.command_max_age)
+        self._verifier = CommandVerifier.from_master(key, model.fleet.command_max_age)
         self._commands: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self.stats = RunStats()
         self._client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
@@ -102,7 +104,8 @@ class Simulator:
                    "status": "rejected" if reason else "ok"}
             if reason:
                 ack["reason"] = reason
-            self._client.publish(f"devices/{device}/cmd/ack", orjson.dumps(ack), qos=1)
+            self._client.publish(f"devices/{device}/cmd/ack", self._verifier.answer(device, ack),
+                                 qos=1)
 
     def _publish(self, messages: list[Outgoing], lag: float) -> None:
         for out in messages:

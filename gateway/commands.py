@@ -1,10 +1,25 @@
-"""Commands to devices: signed, published on the site broker, logged as events.
+"""Commands to devices: signed, published on the site broker, tracked until answered.
 
-Wire format (DESIGN.md, devices/README.md): ``devices/<id>/cmd`` carries
-``{"id", "ts", "action", "params", "sig"}``; ``sig`` is the hex HMAC-SHA256 of
-``<device id> + "\\n" + <the command without sig as JSON, sorted keys, no spaces>``.
-Devices answer on ``devices/<id>/cmd/ack`` with ``{"id", "ts", "status", "reason"}``.
-Every command issued and every answer becomes an event on the uplink.
+Wire format (DESIGN.md, devices/README.md, which has test vectors and a verifier to copy).
+A command is the JSON ``{"id", "ts", "action", "params"}``; an answer on
+``devices/<id>/cmd/ack`` is ``{"id", "ts", "status": "ok" | "rejected", "reason"}``. With a
+site master key configured, both go in a fixed envelope::
+
+    {"sig":"<64 hex>","cmd":<body>}      (answers: "ack" in place of "cmd")
+
+where ``sig`` is the hex HMAC-SHA256, keyed with the device's key, of ``<topic> + "\\n" +
+<body>``: the exact bytes of the body as they stand in the payload, nothing re-serialised,
+so C firmware checks it with one HMAC over a slice of the buffer (the body runs from byte 80
+to the last byte). The topic names the device and the direction, so a command cannot be
+replayed to another device nor passed off as an answer. Each device has its own key,
+HMAC-SHA256(master, device id) as 64 hex characters (``gateway site add-device`` prints it):
+a key taken from one device signs for that device only.
+
+An answer counts only for a command this gateway issued and is still waiting for, and only
+when the device signed it; anything else is logged as ``io.fieldgate.command.ack_rejected``
+with a reason. Waiting commands are kept with the log (they survive a restart), expire after
+``commands.ack_timeout`` as ``io.fieldgate.command.timed_out`` and number at most
+``commands.max_pending``.
 """
 
 from __future__ import annotations
@@ -12,33 +27,59 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
-import json
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from gateway.events import Event
-from gateway.log.store import LogStore
-from gateway.mqtt.link import MqttLink
+
+if TYPE_CHECKING:
+    from gateway.log.store import LogStore
+    from gateway.mqtt.link import MqttLink
 
 ACK_FILTER = "devices/+/cmd/ack"
-_ANSWERS_REMEMBERED = 10_000
+STATE_NAME = "commands"
 ISSUED = "io.fieldgate.command.issued"
 ACKNOWLEDGED = "io.fieldgate.command.acknowledged"
 REJECTED = "io.fieldgate.command.rejected"
+ACK_REJECTED = "io.fieldgate.command.ack_rejected"
+TIMED_OUT = "io.fieldgate.command.timed_out"
+
+_SIG_START = b'{"sig":"'
+_SIG_HEX = 64
+_BODY_START = len(_SIG_START) + _SIG_HEX + len(b'","cmd":')  # 80
 
 
-def canonical(device: str, command: dict[str, Any]) -> bytes:
-    """What is signed; devices compute the same (devices/commands.py, tested to agree)."""
-    body = {k: v for k, v in command.items() if k != "sig"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return device.encode() + b"\n" + text.encode()
+def device_key(master: bytes, device: str) -> bytes:
+    """A device's own key: HMAC-SHA256(master, device id) as 64 hex characters (ASCII)."""
+    return hmac.new(master, device.encode(), hashlib.sha256).hexdigest().encode()
 
 
-def sign(key: bytes, device: str, command: dict[str, Any]) -> str:
-    return hmac.new(key, canonical(device, command), hashlib.sha256).hexdigest()
+def signature(key: bytes, topic: str, body: bytes) -> str:
+    return hmac.new(key, topic.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+def seal(key: bytes, topic: str, body: bytes) -> bytes:
+    """The signed payload for ``body`` published on ``topic``."""
+    field = b"ack" if topic.endswith("/ack") else b"cmd"
+    return (_SIG_START + signature(key, topic, body).encode() + b'","' + field + b'":'
+            + body + b"}")
+
+
+def unseal(topic: str, payload: bytes) -> tuple[str, bytes] | None:
+    """(signature, body) of a signed payload, or None when it is not in the envelope."""
+    field = b"ack" if topic.endswith("/ack") else b"cmd"
+    if len(payload) < _BODY_START + 1 or not payload.startswith(_SIG_START) \
+            or payload[_BODY_START - 8:_BODY_START] != b'","' + field + b'":' \
+            or not payload.endswith(b"}"):
+        return None
+    sig = payload[len(_SIG_START):len(_SIG_START) + _SIG_HEX]
+    try:
+        return sig.decode("ascii"), payload[_BODY_START:-1]
+    except UnicodeDecodeError:
+        return None
 
 
 def is_ack_topic(topic: str) -> bool:
@@ -47,52 +88,192 @@ def is_ack_topic(topic: str) -> bool:
             and topic.count("/") == 3)
 
 
+# Answers remembered to recognise a redelivered one: the site broker redelivers at most the
+# messages that were in flight at a crash (site.receive_maximum); more only costs state
+# bytes rewritten with every command and answer.
+_ANSWERS_KEPT = 1000
+
+
+class Pending(NamedTuple):
+    """A command issued and not answered yet."""
+
+    device: str
+    issued: float    # epoch seconds: saved, it means the same after a restart
+    action: str
+    deadline: float  # time.monotonic() when it times out: a clock step does not move it
+
+
 class CommandSender:
-    def __init__(self, gateway_id: str, key: bytes | None, link: MqttLink,
-                 store: LogStore) -> None:
+    """Issues commands and judges the answers; keeps what it waits for in the log's state.
+
+    ``ack_timeout``: seconds a command waits for its answer; ``max_pending``: commands
+    waiting at most (at the bound the oldest one times out early). The waiting commands
+    are saved with every command and answer (commands are few: rule actions have
+    cooldowns), so that an answer after a restart still finds its command.
+    """
+
+    def __init__(self, gateway_id: str, master_key: bytes | None, link: MqttLink,
+                 store: LogStore, *, ack_timeout: float = 60.0,
+                 max_pending: int = 10_000) -> None:
         self._gateway_id = gateway_id
-        self._key = key
+        self._master = master_key
+        self._keys: dict[str, bytes] = {}
         self._link = link
         self._store = store
+        self._timeout = ack_timeout
+        self._max = max_pending
         self._counter = itertools.count(1)
-        # Answers already logged, by (device, command id): a redelivered acknowledgement
-        # (the site broker resends what was not PUBACKed) is logged once.
-        self._answered: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._pending: OrderedDict[str, Pending] = OrderedDict()
+        # Answers taken, by (device, command id) -> digest of the payload: the site broker
+        # redelivers an answer the gateway had not acknowledged before a crash; the same
+        # bytes again are skipped, a different answer to an answered command is rejected.
+        self._answered: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._load()
+
+    @property
+    def pending(self) -> dict[str, Pending]:
+        return dict(self._pending)
+
+    def _key(self, device: str) -> bytes:
+        assert self._master is not None
+        key = self._keys.get(device)
+        if key is None:
+            if len(self._keys) >= self._max:
+                self._keys.clear()
+            key = self._keys[device] = device_key(self._master, device)
+        return key
+
+    # -- durable state -------------------------------------------------------------------
+
+    def _load(self) -> None:
+        saved = self._store.load_state(STATE_NAME)
+        if saved is None:
+            return
+        try:
+            state = orjson.loads(saved)
+            wall, mono = time.time(), time.monotonic()
+            for cid, device, issued, action in state["pending"]:
+                # The time left is what the wall clock says, never more than a full timeout.
+                left = min(max(float(issued) + self._timeout - wall, 0.0), self._timeout)
+                self._pending[str(cid)] = Pending(str(device), float(issued), str(action),
+                                                  mono + left)
+            for device, cid, digest in state["answered"]:
+                self._answered[(str(device), str(cid))] = str(digest)
+        except (ValueError, KeyError, TypeError):
+            self._pending.clear()
+            self._answered.clear()
+
+    def _save(self) -> None:
+        self._store.save_state(STATE_NAME, orjson.dumps({
+            "pending": [[cid, p.device, p.issued, p.action] for cid, p in self._pending.items()],
+            "answered": [[d, cid, digest] for (d, cid), digest in self._answered.items()],
+        }))
+
+    # -- commands out --------------------------------------------------------------------
 
     def send(self, device: str, action: str, params: dict[str, Any], *,
              cause: dict[str, Any] | None = None, now: float | None = None) -> str:
-        """Publish a command (QoS 1) and log it as an event; returns the command id."""
+        """Log a command as an event, remember it as waiting, publish it (QoS 1)."""
         now = time.time() if now is None else now
         cid = f"{self._gateway_id}-{int(now * 1000)}-{next(self._counter)}"
-        command: dict[str, Any] = {"id": cid, "ts": round(now, 3), "action": action,
-                                   "params": params}
-        if self._key is not None:
-            command["sig"] = sign(self._key, device, command)
-        self._link.publish(f"devices/{device}/cmd", orjson.dumps(command), qos=1,
-                           content_type="application/json")
-        self._store.append_events([Event(ISSUED, device, now, {
-            "id": cid, "action": action, "params": params, "signed": self._key is not None,
+        topic = f"devices/{device}/cmd"
+        body = orjson.dumps({"id": cid, "ts": round(now, 3), "action": action,
+                             "params": params})
+        events = [Event(ISSUED, device, now, {
+            "id": cid, "action": action, "params": params, "signed": self._master is not None,
             **({"cause": cause} if cause else {}),
-        })])
+        })]
+        while len(self._pending) >= self._max:
+            old_id, old = self._pending.popitem(last=False)
+            events.insert(0, self._timed_out(old_id, old, now, "too many commands waiting "
+                                             "(commands.max_pending)"))
+        self._pending[cid] = Pending(device, now, action, time.monotonic() + self._timeout)
+        # Logged and remembered before it is published: an answer after a crash finds it.
+        self._store.append_events(events, now)
+        self._save()
+        payload = body if self._master is None else seal(self._key(device), topic, body)
+        self._link.publish(topic, payload, qos=1, content_type="application/json")
         return cid
 
-    def acknowledgement(self, topic: str, payload: bytes, now: float) -> Event | None:
-        """The event for a device's answer on devices/<id>/cmd/ack (None: seen before)."""
+    def _timed_out(self, cid: str, pending: Pending, now: float, reason: str) -> Event:
+        return Event(TIMED_OUT, pending.device, now, {
+            "id": cid, "action": pending.action, "issued": round(pending.issued, 3),
+            "reason": reason})
+
+    def expire(self, now: float) -> None:
+        """Time out the commands whose answer is overdue at ``now`` (time.monotonic());
+        cheap when none is."""
+        if not self._pending:
+            return
+        expired: list[Event] = []
+        wall = time.time()
+        while self._pending:
+            cid, first = next(iter(self._pending.items()))
+            if first.deadline > now:
+                break
+            del self._pending[cid]
+            expired.append(self._timed_out(cid, first, wall, f"no answer within "
+                                           f"{self._timeout:g} s (commands.ack_timeout)"))
+        if expired:
+            self._store.append_events(expired, wall)
+            self._save()
+
+    # -- answers in ----------------------------------------------------------------------
+
+    def acknowledgement(self, topic: str, payload: bytes, now: float) -> None:
+        """Judge a device's answer on devices/<id>/cmd/ack and log what it means.
+
+        The event is logged, and the command no longer waits, before this returns, so the
+        caller acknowledges the MQTT message only after both are durable.
+        """
         device = topic.split("/")[1]
+        event, taken = self._judge(device, topic, payload, now)
+        if event is None:
+            return
+        self._store.append_events([event], now)
+        if taken:
+            self._save()
+
+    def _judge(self, device: str, topic: str, payload: bytes,  # noqa: PLR0911 - one per reason
+               now: float) -> tuple[Event | None, bool]:
+        def rejected(reason: str, cid: object = None) -> tuple[Event, bool]:
+            data: dict[str, Any] = {"reason": reason}
+            if isinstance(cid, str):
+                data["id"] = cid
+            return Event(ACK_REJECTED, device, now, data), False
+
+        sealed = unseal(topic, payload)
+        body = payload if sealed is None else sealed[1]
         try:
-            ack = orjson.loads(payload)
+            ack = orjson.loads(body)
         except orjson.JSONDecodeError:
             ack = None
-        if not isinstance(ack, dict):
-            return Event(REJECTED, device, now, {"reason": "unreadable acknowledgement"})
-        seen = (device, str(ack.get("id")))
-        if seen in self._answered:
-            return None
-        self._answered[seen] = None
-        if len(self._answered) > _ANSWERS_REMEMBERED:
+        if not isinstance(ack, dict) or not isinstance(ack.get("id"), str) \
+                or ack.get("status") not in ("ok", "rejected"):
+            return rejected("malformed: expected {\"id\", \"status\": \"ok\" | \"rejected\"}")
+        cid: str = ack["id"]
+        if self._master is not None:
+            if sealed is None:
+                return rejected("unsigned", cid)
+            if not hmac.compare_digest(sealed[0], signature(self._key(device), topic, body)):
+                return rejected("bad signature", cid)
+        digest = hashlib.sha256(payload).hexdigest()[:32]
+        seen = self._answered.get((device, cid))
+        if seen is not None:
+            if seen == digest:
+                return None, False  # the same answer redelivered: logged already
+            return rejected("duplicate: this command was answered already", cid)
+        waiting = self._pending.get(cid)
+        if waiting is None or waiting.device != device:
+            return rejected("unknown id: no command with this id is waiting for this device",
+                            cid)
+        del self._pending[cid]
+        self._answered[(device, cid)] = digest
+        while len(self._answered) > _ANSWERS_KEPT:
             self._answered.popitem(last=False)
-        ok = ack.get("status") == "ok"
-        data = {"id": ack.get("id"), "status": ack.get("status")}
+        ok = ack["status"] == "ok"
+        data: dict[str, Any] = {"id": cid, "status": ack["status"], "action": waiting.action,
+                                "signed": self._master is not None}
         if not ok:
             data["reason"] = ack.get("reason")
-        return Event(ACKNOWLEDGED if ok else REJECTED, device, now, data)
+        return Event(ACKNOWLEDGED if ok else REJECTED, device, now, data), True

@@ -335,9 +335,15 @@ class Commands(_Section):
     """Commands to devices on the site broker (devices/<id>/cmd), signed when a key is set."""
 
     key_file: Path | None = Field(
-        None, description="File holding the HMAC-SHA256 key devices verify commands with"
+        None, description="File holding the site master key; each device's HMAC-SHA256 key "
+        "is derived from it (`gateway site add-device` prints it)"
     )
     key_env: str | None = Field(None, description="Environment variable holding that key")
+    ack_timeout: Duration = Field(
+        60.0, gt=0, description="A command not answered by then is logged as timed out")
+    max_pending: int = Field(
+        10_000, gt=0, description="Commands waiting for an answer at most; past it the "
+        "oldest times out early")
 
     def key(self) -> bytes | None:
         value = read_secret(self.key_file, self.key_env, "command key")

@@ -118,7 +118,8 @@ class Gateway:
                                     on_readings=self._to_rules if cfg.rules else None)
         # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
-                                      self.store)
+                                      self.store, ack_timeout=cfg.commands.ack_timeout,
+                                      max_pending=cfg.commands.max_pending)
         if cfg.rules:
             # Imported only when rules are configured: numpy costs ~15 MB of RSS.
             from gateway.rule_service import RuleService  # noqa: PLC0415
@@ -137,7 +138,8 @@ class Gateway:
 
     def _command_answer(self, topic: str, payload: bytes, now: float) -> Event | None:
         assert self.commands is not None
-        return self.commands.acknowledgement(topic, payload, now)
+        self.commands.acknowledgement(topic, payload, now)  # logs its own event
+        return None
 
     def _watch_gauges(self) -> None:
         """Gauges computed when /metrics is scraped, so they are never stale."""
@@ -205,6 +207,8 @@ class Gateway:
         interval = self.cfg.ingest.commit_interval
         stopping = self._stopping
         rules = self.rules
+        commands = self.commands
+        assert commands is not None
         while not stopping.is_set():
             now = time.monotonic()
             timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks),
@@ -217,6 +221,7 @@ class Gateway:
                     self._reload = False
                     rules.reload()
                 rules.step(woke)
+            commands.expire(woke)
             for sink in sinks:
                 sink.step(woke)
             if got and not any(link.busy for link in links):

@@ -1,11 +1,14 @@
 """`gateway demo`: the whole loop on one machine, with nothing to configure.
 
 Starts a site and a cloud Mosquitto on free loopback ports, the gateway (durable log in a
-temporary directory, the demo greenhouse rules, a command key), the emulated greenhouse
-fleet (`devices simulate`, a separate process that knows the gateway only through MQTT)
+temporary directory, the demo greenhouse rules, a site master key for commands), the
+emulated greenhouse fleet (`devices simulate`, a separate process that knows the gateway
+only through MQTT)
 and a cloud-side consumer that counts readings and events; prints one line a second.
-The heat fault on gh-1 fires TooHot, the gateway sends a signed fan command, the device
-verifies and acknowledges it, the temperature falls and the alert resolves.
+The heat fault on gh-1 fires TooHot, the gateway sends a fan command signed with gh-1's key
+(derived from the master key, which the emulator holds since it plays every device), the
+device verifies it and answers, signed, the gateway believes the answer, the temperature
+falls and the alert resolves.
 ``--cut-cloud`` stops the cloud broker for a while to show the log buffering, then draining.
 """
 
@@ -219,7 +222,9 @@ def run_demo(duration: float, cut_cloud: float) -> int:
                        f"resolved {events['alert.resolved']}; commands "
                        f"{events['command.issued']} sent, "
                        f"{events['command.acknowledged']} acknowledged, "
-                       f"{events['command.rejected']} rejected")
+                       f"{events['command.rejected']} rejected, "
+                       f"{events['command.ack_rejected']} not believed, "
+                       f"{events['command.timed_out']} timed out")
             return 0 if arrived == logged and logged > 0 else 1
         finally:
             if sim is not None and sim.poll() is None:

@@ -42,6 +42,29 @@ log_type notice
 """
 
 
+def adapt_config(text: str, *, port: int, directory: Path,
+                 files: dict[str, Path] | None = None) -> str:
+    """A deployment config (e.g. deploy/mosquitto-site.conf) made runnable here, every
+    other line as written: the listener on ``port`` on loopback, persistence in
+    ``directory``, the settings named in ``files`` (password_file, acl_file) pointing at
+    those paths, and the process's own user (see CONF)."""
+    files = files or {}
+    lines = []
+    for line in text.splitlines():
+        word = line.split(" ", 1)[0]
+        if word == "listener":
+            lines.append(f"listener {port} 127.0.0.1")
+        elif word == "persistence_location":
+            lines.append(f"persistence_location {directory}/")
+        elif word in files:
+            lines.append(f"{word} {files[word]}")
+        else:
+            lines.append(line)
+    lines += [f"user {getpass.getuser()}", f"log_dest file {directory / 'mosquitto.log'}",
+              "log_type error", "log_type warning", "log_type notice", ""]
+    return "\n".join(lines)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,18 +75,23 @@ class Mosquitto:
     """A Mosquitto process that a test can stop and start again on the same port.
 
     ``tls`` is (ca, cert, key) for an mqtts listener; ``users`` turns off anonymous access
-    and writes a password file with those users.
+    and writes a password file with those users. ``config`` runs a deployment config
+    instead of ours, with ``files`` in place of the paths it names (see adapt_config).
     """
 
     def __init__(self, workdir: Path, name: str, *, tls: tuple[Path, Path, Path] | None = None,
-                 users: dict[str, str] | None = None, extra: str = "") -> None:
+                 users: dict[str, str] | None = None, extra: str = "",
+                 config: str | None = None, files: dict[str, Path] | None = None) -> None:
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
         self.tls = tls is not None
-        conf = CONF.format(port=self.port, log=self.dir / "mosquitto.log", dir=self.dir,
-                           user=getpass.getuser())
+        if config is not None:
+            conf = adapt_config(config, port=self.port, directory=self.dir, files=files)
+        else:
+            conf = CONF.format(port=self.port, log=self.dir / "mosquitto.log", dir=self.dir,
+                               user=getpass.getuser())
         if tls is not None:
             ca, cert, key = tls
             conf += f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import subprocess
 import sys
 import threading
@@ -14,7 +12,7 @@ import orjson
 import pytest
 import yaml
 
-from devices.commands import CommandVerifier, canonical, sign
+from devices.commands import CommandVerifier, device_key, seal, unseal
 from devices.fleet import FleetError, load_fleet, parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
@@ -137,41 +135,47 @@ def test_every_example_fleet_is_valid():
         assert out.stdout.startswith("ok:")
 
 
-KEY = b"test-key-0123456789"
+MASTER = b"test-key-0123456789"
 
 
-def _command(device="gh-1", cid="c1", ts=None, action="fan", state="on", key=KEY):
-    cmd = {"id": cid, "ts": time.time() if ts is None else ts, "action": action,
-           "params": {"state": state}}
-    if key is not None:
-        cmd["sig"] = sign(key, device, cmd)
-    return cmd
+def _command(device="gh-1", cid="c1", ts=None, action="fan", state="on", key=MASTER,
+             topic=None):
+    """A command payload as the gateway sends it: the body sealed for the device."""
+    body = orjson.dumps({"id": cid, "ts": time.time() if ts is None else ts,
+                         "action": action, "params": {"state": state}})
+    if key is None:
+        return body
+    return seal(device_key(key, device), topic or f"devices/{device}/cmd", body)
 
 
 def test_verifier_refuses_unsigned_tampered_stale_replayed_and_misdirected():
-    v = CommandVerifier(KEY, max_age=30)
+    v = CommandVerifier.from_master(MASTER, max_age=30)
     now = time.time()
     good = _command()
-    assert v.check("gh-1", orjson.dumps(good), now)[0].ok
-    assert v.check("gh-1", orjson.dumps(good), now)[0].reason == "replayed"
-    assert v.check("gh-1", orjson.dumps(_command(cid="c2", key=None)), now)[0].reason == \
-        "unsigned"
-    tampered = _command(cid="c3")
-    tampered["params"]["state"] = "off"
-    assert v.check("gh-1", orjson.dumps(tampered), now)[0].reason == "bad signature"
-    assert v.check("gh-1", orjson.dumps(_command(cid="c4", ts=now - 60)), now)[0].reason == \
-        "stale"
-    # Signed for gh-1, sent to gh-2: the device id is part of what is signed.
-    assert v.check("gh-2", orjson.dumps(_command(cid="c5")), now)[0].reason == "bad signature"
+    assert v.check("gh-1", good, now)[0].ok
+    assert v.check("gh-1", good, now)[0].reason == "replayed"
+    assert v.check("gh-1", _command(cid="c2", key=None), now)[0].reason == "unsigned"
+    tampered = _command(cid="c3").replace(b'"on"', b'"of"')
+    assert v.check("gh-1", tampered, now)[0].reason == "bad signature"
+    assert v.check("gh-1", _command(cid="c4", ts=now - 60), now)[0].reason == "stale"
+    # Signed for gh-1, sent to gh-2: the topic is part of what is signed...
+    assert v.check("gh-2", _command(cid="c5"), now)[0].reason == "bad signature"
+    # ...and gh-2's own key signs for gh-2 only.
+    assert v.check("gh-1", _command(device="gh-2", cid="c6", topic="devices/gh-1/cmd"),
+                   now)[0].reason == "bad signature"
     assert v.check("gh-1", b"{nope", now)[0].reason == "not JSON"
 
 
-def test_signature_is_hmac_sha256_over_device_and_canonical_json():
-    cmd = {"id": "x", "ts": 1.5, "action": "fan", "params": {"state": "on"}}
-    expected = hmac.new(KEY, b'gh-1\n{"action":"fan","id":"x","params":{"state":"on"},"ts":1.5}',
-                        hashlib.sha256).hexdigest()
-    assert canonical("gh-1", cmd).endswith(b'"ts":1.5}')
-    assert sign(KEY, "gh-1", cmd) == expected
+def test_the_emulator_signs_its_answers_with_the_device_key():
+    v = CommandVerifier.from_master(MASTER, max_age=30)
+    payload = v.answer("gh-1", {"id": "c1", "ts": 1.5, "status": "ok"})
+    opened = unseal("devices/gh-1/cmd/ack", payload)
+    assert opened is not None
+    sig, body = opened
+    assert orjson.loads(body) == {"id": "c1", "ts": 1.5, "status": "ok"}
+    expected = seal(device_key(MASTER, "gh-1"), "devices/gh-1/cmd/ack", body)
+    assert payload == expected and sig == expected[8:72].decode()
+    assert CommandVerifier.from_master(None, 30).answer("gh-1", {"id": "c1"}) == b'{"id":"c1"}'
 
 
 def test_commands_over_mqtt_change_the_physics_and_are_acknowledged(site):
@@ -180,13 +184,14 @@ def test_commands_over_mqtt_change_the_physics_and_are_acknowledged(site):
         "metrics": {"temp": {"baseline": 30, "effects": {"fan": {"on": {"rate": -600}}}}},
         "actuators": {"fan": {"states": ["off", "on"], "initial": "off"}}}}})
     model = FleetModel(fleet, start=time.time())
-    sim = Simulator(model, broker=site.url, key=KEY, say=lambda _l: None)
+    sim = Simulator(model, broker=site.url, key=MASTER, say=lambda _l: None)
     stop = threading.Event()
     acks: list[dict] = []
     temps: list[float] = []
     watcher = mqtt_client(site.port)
     watcher.on_message = lambda _c, _u, m: (acks if m.topic.endswith("/ack") else temps).append(
-        orjson.loads(m.payload) if m.topic.endswith("/ack") else orjson.loads(m.payload)["temp"])
+        orjson.loads(m.payload)["ack"] if m.topic.endswith("/ack")
+        else orjson.loads(m.payload)["temp"])
     watcher.subscribe([("devices/gh-1/cmd/ack", 1), ("sensors/gh-1/telemetry", 1)])
     runner = threading.Thread(target=sim.run, args=(20, stop.is_set), daemon=True)
     runner.start()
@@ -195,10 +200,10 @@ def test_commands_over_mqtt_change_the_physics_and_are_acknowledged(site):
         time.sleep(0.05)
     assert temps and all(t == 30 for t in temps)
     unsigned = _command(device="gh-1", cid="u1", key=None)
-    watcher.publish("devices/gh-1/cmd", orjson.dumps(unsigned), qos=1)
+    watcher.publish("devices/gh-1/cmd", unsigned, qos=1)
     good = _command(device="gh-1", cid="g1")
-    watcher.publish("devices/gh-1/cmd", orjson.dumps(good), qos=1)
-    watcher.publish("devices/gh-1/cmd", orjson.dumps(good), qos=1)  # replay
+    watcher.publish("devices/gh-1/cmd", good, qos=1)
+    watcher.publish("devices/gh-1/cmd", good, qos=1)  # replay
     deadline = time.monotonic() + 5
     while (len(acks) < 3 or temps[-1] >= 25) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -11,7 +11,7 @@ import time
 
 import orjson
 
-from gateway.commands import sign
+from gateway.commands import device_key, signature
 from tests.conftest import ROOT
 from tests.mqtt_helpers import CloudCollector, Publisher, client, subscribe_and_wait
 
@@ -72,9 +72,12 @@ def test_threshold_gives_alert_event_and_signed_command(site, cloud, make_gatewa
     assert fired["data"]["message"] == "gh-1 is at 35.5"
     assert CloudCollector.wait_for(lambda: any(t == "devices/gh-1/cmd" for t, _ in at_site.got),
                                    10)
-    cmd = next(b for t, b in at_site.got if t == "devices/gh-1/cmd")
+    sealed = next(b for t, b in at_site.got if t == "devices/gh-1/cmd")
+    cmd = sealed["cmd"]
     assert cmd["action"] == "fan" and cmd["params"] == {"state": "on"}
-    assert cmd["sig"] == sign(b"k3y", "gh-1", cmd)
+    # Signed with gh-1's key over the body's bytes (orjson writes them as the gateway did).
+    assert sealed["sig"] == signature(device_key(b"k3y", "gh-1"), "devices/gh-1/cmd",
+                                      orjson.dumps(cmd))
     assert CloudCollector.wait_for(
         lambda: "io.fieldgate.command.issued" in at_cloud.types(), 10)
     order = [t for t in at_cloud.types() if t.startswith("io.fieldgate.")]
