@@ -58,6 +58,7 @@ class ReferenceEvaluator:
         self.metrics = {w.metric for w in wins}
         self.devices: list[str] = []
         self.readings: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.newest: dict[tuple[str, str], list[float]] = {}  # DEDUP_DEPTH newest timestamps
         self.last_seen: dict[str, float] = {}
         self.offline: dict[str, bool] = {}
         self.alerts: dict[tuple[str, str], _Alert] = {}
@@ -74,15 +75,18 @@ class ReferenceEvaluator:
             too_late = ts < now - self.config.late_tolerance
             too_new = ts > now + self.config.future_tolerance
             if metric in self.metrics and not too_late and not too_new:
-                series = self.readings.setdefault((device, metric), [])
-                newest = sorted({t for t, _ in series}, reverse=True)[:DEDUP_DEPTH]
+                newest = self.newest.get((device, metric), [])
                 if (device, metric, ts) in this_batch or ts in newest:
                     continue
                 this_batch.add((device, metric, ts))
         for device, metric, ts, value in rows:
             if (device, metric, ts) in this_batch:
                 this_batch.discard((device, metric, ts))
-                self.readings[(device, metric)].append((ts, value))
+                self.readings.setdefault((device, metric), []).append((ts, value))
+                newest = self.newest.setdefault((device, metric), [])
+                newest.append(ts)
+                newest.sort(reverse=True)
+                del newest[DEDUP_DEPTH:]
 
     # -- expressions --------------------------------------------------------------
 

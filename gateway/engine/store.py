@@ -23,6 +23,7 @@ newest timestamps it holds per device and metric (a republished message, a redel
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ EMPTY: dict[str, float] = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def width_for(seconds: float) -> float:
     """Bucket width of a window: the largest round width giving it MIN_BUCKETS buckets."""
     fine = [w for w in NICE_WIDTHS if w <= seconds / MIN_BUCKETS + 1e-12]
@@ -242,7 +244,7 @@ class SeriesStore:
             return
         dev, met, ts, val = dev[keep], met[keep], ts[keep], val[keep]
         # One sort serves every resolution: (metric, device, timestamp), arrival order on ties.
-        order = np.lexsort((ts, dev, met))
+        order = np.lexsort((ts, met * self.capacity + dev))
         dev, met, ts, val = dev[order], met[order], ts[order], val[order]
         m_bounds = np.flatnonzero(np.r_[True, met[1:] != met[:-1]])
         for lo, hi in itertools.pairwise([*m_bounds.tolist(), met.size]):
@@ -265,16 +267,19 @@ class SeriesStore:
             self.drops.duplicate += int(np.count_nonzero(again))
             dev, ts, val = dev[~again], ts[~again], val[~again]
         if dev.size:
-            rows = np.unique(dev)
-            all_dev = np.r_[np.repeat(rows, DEDUP_DEPTH), dev]
-            all_ts = np.r_[recent[rows].ravel(), ts]
-            order = np.lexsort((-all_ts, all_dev))
-            all_dev, all_ts = all_dev[order], all_ts[order]
-            starts = np.flatnonzero(np.r_[True, all_dev[1:] != all_dev[:-1]])
-            rank = np.arange(all_dev.size) - np.repeat(starts, np.diff(np.r_[starts,
-                                                                              all_dev.size]))
-            top = rank < DEDUP_DEPTH
-            recent[all_dev[top], rank[top]] = all_ts[top]
+            # Newest DEDUP_DEPTH of (remembered + this batch) per device: the batch is sorted
+            # by device and time, so its newest are the last entries of each device's run.
+            starts = np.flatnonzero(np.r_[True, dev[1:] != dev[:-1]])
+            ends = np.r_[starts[1:], dev.size] - 1
+            rows = dev[starts]
+            both = np.empty((rows.size, 2 * DEDUP_DEPTH))
+            both[:, :DEDUP_DEPTH] = recent[rows]
+            for j in range(DEDUP_DEPTH):
+                idx = ends - j
+                both[:, DEDUP_DEPTH + j] = np.where(idx >= starts, ts[np.maximum(idx, 0)],
+                                                    -math.inf)
+            both.sort(axis=1)
+            recent[rows] = both[:, DEDUP_DEPTH:]
         return dev, ts, val
 
     def _merge(self, res: Resolution, ring: MetricRing, dev: I64, ts: F64,
