@@ -29,7 +29,7 @@ def test_count_and_sum_of_a_metric_never_sent_are_undefined():
     assert {dev for _, dev in fired("count(c, 20s) < 1", steps)} == set()
     assert {dev for _, dev in fired("sum(c, 20s) < 1", steps)} == set()
     # ... while a device that did send c and went quiet counts 0
-    quiet = steps + [(200.0, [("b", "t", 200.0, 1.0)])]
+    quiet = [*steps, (200.0, [("b", "t", 200.0, 1.0)])]
     assert {dev for _, dev in fired("count(c, 20s) < 1", quiet)} == {"a"}
     # absent() is the one function that speaks about missing data
     assert {dev for _, dev in fired("absent(c, 20s)", steps)} == {"b"}

@@ -4,10 +4,10 @@ Pure computation: no I/O besides reading rule files, no clock (callers pass ``no
 """
 
 from gateway.engine.engine import Batch, Engine, EngineConfig, ReloadReport
-from gateway.engine.store import width_for
 from gateway.engine.events import AlertEvent, CommandEvent, DeviceEvent, Event, Kind
 from gateway.engine.expr import ExprError, parse
 from gateway.engine.rules import Group, Rule, RuleFile, load_rule_files, parse_rule_file
+from gateway.engine.store import width_for
 
 __all__ = [
     "AlertEvent", "Batch", "CommandEvent", "DeviceEvent", "Engine", "EngineConfig", "Event",

@@ -67,7 +67,7 @@ class ReferenceEvaluator:
         """One batch. A reading repeating (device, metric, ts) of an earlier one in the
         batch, or of one of the DEDUP_DEPTH newest counted before it, is left out."""
         this_batch: set[tuple[str, str, float]] = set()
-        for device, metric, ts, value in rows:
+        for device, metric, ts, _ in rows:
             if device not in self.devices:
                 self.devices.append(device)
             if ts <= now + self.config.future_tolerance:

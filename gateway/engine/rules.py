@@ -61,7 +61,8 @@ def check_template(text: str, extra: frozenset[str]) -> None:
         if spec and ("{" in spec or "}" in spec):
             raise ValueError(f"template field {{{field}:{spec}}}: a format spec cannot "
                              "contain another field")
-        if spec and any(len(n) > 6 or int(n) > MAX_FORMAT_WIDTH for n in _SPEC_NUMBER_RE.findall(spec)):
+        numbers = _SPEC_NUMBER_RE.findall(spec or "")
+        if any(len(n) > 6 or int(n) > MAX_FORMAT_WIDTH for n in numbers):
             raise ValueError(f"template field {{{field}:{spec}}}: width and precision can be "
                              f"at most {MAX_FORMAT_WIDTH}")
     # Render once with sample values so a bad format spec fails here, not at the first alert.
