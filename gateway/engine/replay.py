@@ -17,6 +17,7 @@ recording moves the clock with the readings after it.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -190,8 +191,7 @@ class Replay:
         e_met = met_map[cols.metric]
         e_ts = cols.ts[cols.row]
         cuts = np.flatnonzero(np.diff(e_tick)) + 1
-        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, e_tick.size].tolist(),
-                          strict=True):
+        for lo, hi in itertools.pairwise([0, *cuts.tolist(), int(e_tick.size)]):
             if hi == lo:
                 continue
             yield from self._run_until(int(e_tick[lo]))

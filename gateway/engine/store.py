@@ -84,6 +84,22 @@ def buckets_for(seconds: float, width: float) -> int:
     return max(1, math.ceil(seconds / width - 1e-9))
 
 
+def _run_starts(changed: B) -> I64:
+    """Start of each run of a sorted array, from ``changed[i] = a[i + 1] != a[i]``."""
+    flags = np.empty(changed.size + 1, dtype=bool)
+    flags[0] = True
+    flags[1:] = changed
+    return np.flatnonzero(flags)
+
+
+def _run_ends(starts: I64, size: int) -> I64:
+    """Last index of each run (inclusive)."""
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:] - 1
+    ends[-1] = size - 1
+    return ends
+
+
 @dataclass(slots=True)
 class Drops:
     """Readings kept out of rule state (they are still forwarded by the data path)."""
@@ -246,7 +262,7 @@ class SeriesStore:
         # One sort serves every resolution: (metric, device, timestamp), arrival order on ties.
         order = np.lexsort((ts, met * self.capacity + dev))
         dev, met, ts, val = dev[order], met[order], ts[order], val[order]
-        m_bounds = np.flatnonzero(np.r_[True, met[1:] != met[:-1]])
+        m_bounds = _run_starts(met[1:] != met[:-1])
         for lo, hi in itertools.pairwise([*m_bounds.tolist(), met.size]):
             m = int(met[lo])
             d, t, v = self._unique(m, dev[lo:hi], ts[lo:hi], val[lo:hi])
@@ -260,24 +276,21 @@ class SeriesStore:
 
     def _unique(self, m: int, dev: I64, ts: F64, val: F64) -> tuple[I64, F64, F64]:
         """Drop repeats (sorted by device, timestamp) and remember the newest timestamps."""
-        again = np.r_[False, (dev[1:] == dev[:-1]) & (ts[1:] == ts[:-1])]
         recent = self.recent[m]
-        again |= (recent[dev] == ts[:, None]).any(axis=1)
+        again = (recent[dev] == ts[:, None]).any(axis=1)
+        again[1:] |= (dev[1:] == dev[:-1]) & (ts[1:] == ts[:-1])
         if again.any():
             self.drops.duplicate += int(np.count_nonzero(again))
             dev, ts, val = dev[~again], ts[~again], val[~again]
         if dev.size:
             # Newest DEDUP_DEPTH of (remembered + this batch) per device: the batch is sorted
             # by device and time, so its newest are the last entries of each device's run.
-            starts = np.flatnonzero(np.r_[True, dev[1:] != dev[:-1]])
-            ends = np.r_[starts[1:], dev.size] - 1
+            starts = _run_starts(dev[1:] != dev[:-1])
+            ends = _run_ends(starts, dev.size)
             rows = dev[starts]
-            both = np.empty((rows.size, 2 * DEDUP_DEPTH))
-            both[:, :DEDUP_DEPTH] = recent[rows]
-            for j in range(DEDUP_DEPTH):
-                idx = ends - j
-                both[:, DEDUP_DEPTH + j] = np.where(idx >= starts, ts[np.maximum(idx, 0)],
-                                                    -math.inf)
+            idx = ends[:, None] - np.arange(DEDUP_DEPTH)
+            newest = np.where(idx >= starts[:, None], ts[np.maximum(idx, 0)], -math.inf)
+            both = np.concatenate((recent[rows], newest), axis=1)
             both.sort(axis=1)
             recent[rows] = both[:, DEDUP_DEPTH:]
         return dev, ts, val
@@ -287,9 +300,8 @@ class SeriesStore:
         """Fold one metric's readings (sorted by device, timestamp) into one ring."""
         assert res.head is not None
         bucket = bucket_of(ts, res.width)
-        starts = np.flatnonzero(np.r_[True, (dev[1:] != dev[:-1]) |
-                                      (bucket[1:] != bucket[:-1])])
-        ends = np.r_[starts[1:], dev.size] - 1
+        starts = _run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]))
+        ends = _run_ends(starts, dev.size)
         planes = ring.planes
         agg: dict[str, F64] = {}
         if "cnt" in planes:
