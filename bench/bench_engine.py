@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import orjson
 
 from gateway.engine import Batch, Engine, load_rule_files

@@ -73,7 +73,7 @@ def test_expression_limits_are_where_the_readme_says():
     ok = "(" * (ex.MAX_DEPTH - 2) + "temp" + ")" * (ex.MAX_DEPTH - 2) + " > 1"
     ex.parse(ok)
     with pytest.raises(ex.ExprError, match="nested too deeply"):
-        ex.parse("(" * ex.MAX_DEPTH + "temp" + ")" * ex.MAX_DEPTH + " > 1")
+        ex.parse("(" * (ex.MAX_DEPTH + 1) + "temp" + ")" * (ex.MAX_DEPTH + 1) + " > 1")
     with pytest.raises(ex.ExprError, match="too long"):
         ex.parse("temp > " + "1" * ex.MAX_LENGTH)
     readme = (Path(__file__).resolve().parents[1] / "rules" / "README.md").read_text()
