@@ -271,9 +271,17 @@ def _parse(text: str, source: str) -> tuple[RuleFile, list[int]]:
             where = ".".join(str(p) for p in loc) or "file"
             what = f"rule {rule}: " if rule else ""
             msg = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{source}:{line}: {what}{where}: {msg}")
+            problems.append(_one_line(f"{source}:{line}: {what}{where}: {msg}"))
         raise ConfigError(problems) from None
     return parsed, [locate(data, ("groups", i, "name"))[0] for i in range(len(parsed.groups))]
+
+
+def _one_line(text: str) -> str:
+    """A problem stays one line even when a key or value from the file holds line breaks."""
+    if len(text.splitlines()) <= 1:
+        return text
+    return "".join(repr(part)[1:-1] if part.splitlines() != [part] else part
+                   for part in text)
 
 
 def read_rule_text(path: str | Path) -> str:
