@@ -361,52 +361,128 @@ def rules_reload(config_path: Path) -> None:
     click.echo(f"reload sent to gateway pid {pid}")
 
 
+def _parse_labels(specs: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
+    """``'gh-*=zone:north,row:3'`` -> ``[("gh-*", {"zone": "north", "row": "3"})]``."""
+    out = []
+    for spec in specs:
+        glob, eq, pairs = spec.partition("=")
+        labels: dict[str, str] = {}
+        for pair in pairs.split(",") if pairs else []:
+            key, colon, value = pair.partition(":")
+            if not colon or not key.strip():
+                labels = {}
+                break
+            labels[key.strip()] = value.strip()
+        if not eq or not glob.strip() or not labels:
+            raise click.BadParameter(f"{spec!r}: write DEVICE-GLOB=key:value[,key:value], "
+                                     "e.g. 'gh-*=zone:north'", param_hint="'--labels'")
+        out.append((glob.strip(), labels))
+    return out
+
+
 @rules_group.command("replay")
-@click.option("--rules", "rule_files", multiple=True, required=True,
+@click.option("--rules", "rule_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Rule file (repeatable).")
+              help="Rule file (repeatable); default: the rule files of --config.")
+@click.option("-c", "--config", "config_path",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Gateway config: its rules, device_labels and engine settings (tick, "
+              "late_tolerance, offline_after, max_devices) apply as in production.")
+@click.option("--labels", "label_specs", multiple=True, metavar="GLOB=KEY:VALUE[,...]",
+              help="Device labels, e.g. 'gh-*=zone:north' (repeatable; added after the "
+              "config's device_labels).")
 @click.option("--input", "input_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Recorded readings: JSONL ({device, ts, metrics...}, as `devices simulate "
               "--record` writes) or CSV (device,ts,metric columns...).")
-@click.option("--interval", default="1s", show_default=True, help="Evaluation interval.")
+@click.option("--interval", default=None,
+              help="Evaluation interval  [default: the config's engine.tick, else 1s]")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table",
-              show_default=True)
-def rules_replay(rule_files: tuple[Path, ...], input_path: Path, interval: str,
+              show_default=True, help="table: one line per event and a summary; jsonl: "
+              "one CloudEvents-like JSON object per event, the summary as JSON on stderr.")
+def rules_replay(rule_files: tuple[Path, ...], config_path: Path | None,
+                 label_specs: tuple[str, ...], input_path: Path, interval: str | None,
                  fmt: str) -> None:
     """Run rules over recorded readings and print the events, to tune thresholds.
 
+    The replay clock follows the readings' timestamps (the median of neighbouring
+    readings, so one skewed timestamp cannot move it); readings too late or too far
+    ahead of it are set aside with the live engine's tolerances and counted in the
+    summary, as are duplicates.
+
     \b
     Example:
-      gateway rules replay --rules rules/greenhouse.yaml --input record.jsonl
+      gateway rules replay --rules rules/greenhouse.yaml --labels 'gh-*=zone:north' \\
+          --input record.jsonl
+      gateway rules replay --config /etc/fieldgate/gateway.yaml --input record.jsonl
     """
-    from gateway.engine import load_rule_files
-    from gateway.engine.replay import replay
-    from gateway.recorded import read_recorded
+    from gateway.engine import EngineConfig, load_rule_files
+    from gateway.engine.replay import Replay
+    from gateway.recorded import read_columns
     from gateway.units import parse_duration
 
+    labels = _parse_labels(label_specs)
+    cfg = _load(config_path) if config_path is not None else None
     try:
-        groups = load_rule_files(list(rule_files))
-        step = parse_duration(interval)
-        readings = read_recorded(input_path)
+        if rule_files:
+            groups = load_rule_files(list(rule_files))
+        elif cfg is not None and cfg.rules:
+            from gateway.rule_service import load_groups
+
+            groups = load_groups(cfg.rules)
+        else:
+            _fail(ConfigError(["no rules: give --rules FILE, or --config naming rule files"]),
+                  2)
+        step = parse_duration(interval) if interval is not None else \
+            cfg.engine.tick if cfg is not None else 1.0
+        engine_cfg = EngineConfig() if cfg is None else EngineConfig(
+            late_tolerance=cfg.engine.late_tolerance, offline_after=cfg.engine.offline_after,
+            max_devices=cfg.engine.max_devices)
+        if cfg is not None:
+            labels = [(glob, dict(values)) for glob, values in cfg.device_labels.items()] + \
+                labels
+        run = Replay(groups, interval=step, config=engine_cfg, labels=labels)
         count = 0
-        for event in replay(groups, readings, interval=step):
-            count += 1
-            data = event.to_dict()
-            if fmt == "jsonl":
-                click.echo(orjson.dumps({"type": event.cloud_type, **data}).decode())
-            else:
-                what = data.get("rule") or data.get("action") or ""
-                click.echo(f"{_when(event.time)}  {event.cloud_type:<30} {event.device:<16} "
-                           f"{what}  {data.get('message', '')}".rstrip())
+        for chunk in read_columns(input_path):
+            count += _print_events(run.feed(chunk), fmt)
+        count += _print_events(run.finish(), fmt)
     except ConfigError as err:
         for line in err.problems:
             click.echo(line, err=True)
         raise SystemExit(2) from None
     except ValueError as err:
         _fail(err, 2)
-    if fmt == "table":
-        click.echo(f"{count} event(s)")
+    summary = run.summary
+    if fmt == "jsonl":
+        click.echo(orjson.dumps({"type": "summary", **summary.to_dict()}).decode(), err=True)
+        return
+    data = summary.to_dict()
+    aside = data["set_aside"]
+    click.echo(f"{count} event(s)")
+    click.echo(f"readings   {summary.readings} ({summary.values} values) from "
+               f"{_when(summary.first)} to {_when(summary.last)}")
+    click.echo(f"used       {summary.used} values")
+    click.echo("set aside  " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in aside.items()))
+    per_rule: dict[str, list[str]] = {}
+    for item in data["events"]:
+        per_rule.setdefault(item["rule"] or "(devices)", []).append(
+            f"{item['kind']} {item['count']}")
+    for rule, kinds in per_rule.items():
+        click.echo(f"events     {rule}: {', '.join(kinds)}")
+
+
+def _print_events(events: Any, fmt: str) -> int:
+    count = 0
+    for event in events:
+        count += 1
+        data = event.to_dict()
+        if fmt == "jsonl":
+            click.echo(orjson.dumps({"type": event.cloud_type, **data}).decode())
+        else:
+            what = data.get("rule") or data.get("action") or ""
+            click.echo(f"{_when(event.time)}  {event.cloud_type:<30} {event.device:<16} "
+                       f"{what}  {data.get('message', '')}".rstrip())
+    return count
 
 
 @main.group("log")

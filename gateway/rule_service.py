@@ -79,6 +79,7 @@ class RuleService:
     def _drops(self) -> dict[str, int]:
         drops = self.engine.drops
         return {"late": drops.late, "future": drops.future, "unused": drops.unused,
+                "duplicate": drops.duplicate,
                 "too_many_devices": self.engine.dropped_devices}
 
     def on_readings(self, readings: list[Reading]) -> None:

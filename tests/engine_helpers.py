@@ -41,7 +41,7 @@ def run_both(grps: list[Group], steps: Sequence[tuple[float, Sequence[Row]]],
              config: EngineConfig | None = None) -> tuple[list[RefEvent], list[RefEvent]]:
     """Feed the same (now, rows) steps to both, ticking after each; sorted event tuples."""
     engine = Engine(grps, config=config)
-    ref = ReferenceEvaluator(grps, config=config, width=engine.width)
+    ref = ReferenceEvaluator(grps, config=config)
     got: list[RefEvent] = []
     want: list[RefEvent] = []
     for now, rows in steps:

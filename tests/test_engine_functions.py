@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gateway.engine import Engine, EngineConfig, choose_width
+from gateway.engine import Engine, EngineConfig, width_for
 from gateway.engine import expr as ex
 from gateway.engine.vector import TickValues, evaluate
 from tests.engine_helpers import feed, one_rule
@@ -17,7 +17,8 @@ CFG = EngineConfig(bucket_width=1.0, offline_after=None, lookback=60)
 ROWS = [("d1", "temp", float(t), 10.0 + 2 * t) for t in range(10) if t != 4]
 
 
-def value(text: str, rows=ROWS, now: float = 9.0, config: EngineConfig = CFG) -> float:
+def value(text: str, rows=ROWS, now: float = 9.0, config: EngineConfig = CFG,
+          extra: str = "") -> float:
     # The engine stores only metrics its rules read, so the rule names the expression.
     try:
         node = ex.parse(text, want="num", lookback=config.lookback)
@@ -25,6 +26,8 @@ def value(text: str, rows=ROWS, now: float = 9.0, config: EngineConfig = CFG) ->
     except ex.ExprError:  # a condition: 1.0 when it holds
         node = ex.parse(text, lookback=config.lookback)
         rule = f"({text}) or absent(temp, 1s)"
+    if extra:
+        rule += f" or ({extra})"
     engine = Engine(one_rule(rule), config=config)
     feed(engine, rows, now)
     engine.store.advance(now)
@@ -79,16 +82,21 @@ def test_bare_metric_looks_back_only_so_far():
 
 def test_out_of_order_readings_keep_time_order_for_last_and_first():
     rows = [("d1", "temp", 9.0, 1.0), ("d1", "temp", 5.0, 100.0), ("d1", "temp", 7.0, 50.0),
-            ("d1", "temp", 9.0, 2.0)]  # same timestamp: the later arrival wins
-    assert value("last(temp, 10s)", rows=rows) == 2.0
-    assert value("delta(temp, 10s)", rows=rows) == 2.0 - 100.0
+            ("d1", "temp", 9.0, 2.0)]  # same timestamp: a duplicate, the first one counts
+    assert value("last(temp, 10s)", rows=rows) == 1.0
+    assert value("delta(temp, 10s)", rows=rows) == 1.0 - 100.0
+    assert value("count(temp, 10s)", rows=rows) == 3.0
 
 
-def test_comparisons_with_undefined_are_false():
+def test_comparisons_with_undefined_are_undefined():
     rows = [("d1", "temp", 1.0, 5.0)]
     for op in ("<", "<=", ">", ">=", "==", "!="):
-        assert value(f"(avg(temp, 2s) {op} 1)", rows=rows) == 0.0
-    assert value("(not (avg(temp, 2s) > 1))", rows=rows) == 1.0
+        assert math.isnan(value(f"(avg(temp, 2s) {op} 1)", rows=rows))
+    assert math.isnan(value("(not (avg(temp, 2s) > 1))", rows=rows))
+    # Kleene: a decided side wins over an undefined one
+    assert value("(avg(temp, 2s) > 1 and temp > 100)", rows=rows) == 0.0
+    assert value("(avg(temp, 2s) > 1 or temp > 1)", rows=rows) == 1.0
+    assert math.isnan(value("(avg(temp, 2s) > 1 or temp > 100)", rows=rows))
 
 
 def test_logic_and_comparisons():
@@ -105,11 +113,28 @@ def test_windows_are_bucket_aligned():
     assert value("count(temp, 7s)", rows=rows, now=12.0, config=cfg) == 8.0
 
 
-def test_bucket_width_choice():
-    assert choose_width([60.0]) == 5.0
-    assert choose_width([0.5, 30.0]) == 0.5
-    assert choose_width([30.0, 600.0]) == 10.0
-    assert choose_width([]) == 5.0
+@pytest.mark.parametrize(("seconds", "width"), [
+    (0.5, 0.05), (10, 1.0), (20, 2.0), (60, 5.0), (240, 15.0), (300, 30.0), (600, 60.0),
+    (2400, 120.0), (3600, 300.0), (7 * 86400, 43200.0)])
+def test_every_window_gets_its_own_resolution(seconds, width):
+    """The README's rule: the largest round width giving the window at least 10 buckets."""
+    assert width_for(seconds) == width
+    assert 10 <= seconds / width < 25
+
+
+def test_a_short_window_keeps_its_resolution_beside_long_ones():
+    """Issue 8: a bare metric (5 min look-back) used to make avg(a, 20s) run on 5 s
+    buckets, so readings 20-25 s old still counted; now it runs on 2 s buckets."""
+    rules = one_rule("avg(a, 20s) > 3.55 and b > 0 and max(a, 40m) > 0")
+    engine = Engine(rules, config=EngineConfig(offline_after=None))
+    assert engine.widths == {"avg(a, 20s)": 2.0, "b": 30.0, "max(a, 40m)": 120.0}
+    # One width for all (the old way) was 60 s here: avg(a, 20s) then averaged t = 0..25.
+    rows = [("d", "a", float(t), 1.0 if t <= 7 else 4.0) for t in range(26)]
+    rows += [("d", "b", 25.0, 1.0)]
+    got = value("avg(a, 20s)", rows=rows, now=25.0, config=EngineConfig(offline_after=None),
+                extra="b > 0 and max(a, 40m) > 0")
+    # 2 s buckets: window = buckets 3..12 = t 6..25: 1 1 (t=6,7) and 18 x 4 -> 3.7
+    assert got == pytest.approx((2 * 1 + 18 * 4) / 20)
 
 
 def test_late_future_and_unused_readings_are_counted():

@@ -69,17 +69,39 @@ def rule_set(draw: st.DrawFn) -> list:
 @st.composite
 def steps(draw: st.DrawFn) -> list:
     now = 1000.0
-    out = []
+    out: list = []
+    sent: list = []
     for _ in range(draw(st.integers(5, 40))):
         now += draw(st.sampled_from([0.5, 1.0, 1.0, 1.0, 2.0, 3.0]))
         rows = []
         for _ in range(draw(st.integers(0, 4))):
+            if sent and draw(st.integers(0, 5)) == 0:
+                # a duplicate: a reading sent before (same device, metric, ts), again
+                rows.append(draw(st.sampled_from(sent[-12:])))
+                continue
             # mostly fresh, some late (within and beyond tolerance), some from the future
             offset = draw(st.sampled_from([0, 0, 0, 0.25, 1, 2.5, 3.7, 9, 40, -0.5, -2]))
             rows.append((draw(st.sampled_from(DEVICES)), draw(st.sampled_from(METRICS)),
                          now - offset, float(draw(st.integers(0, 20)))))
+        sent.extend(rows)
         out.append((now, rows))
     return out
+
+
+@st.composite
+def mixed_windows(draw: st.DrawFn) -> list:
+    """Windows of very different lengths on one metric: each gets its own resolution."""
+    rules = []
+    for i in range(draw(st.integers(1, 4))):
+        func = draw(st.sampled_from([*NUM_FUNCS, "absent"]))
+        seconds = draw(st.sampled_from([2, 3, 7, 20, 45, 120, 600]))
+        window = f"{func}({draw(st.sampled_from(METRICS))}, {seconds}s)"
+        expr = window if func == "absent" else \
+            f"{window} {draw(st.sampled_from(['>', '<']))} {draw(st.integers(0, 20)) + 0.318}"
+        if draw(st.booleans()):
+            expr = f"not ({expr})" if draw(st.booleans()) else f"{expr} or temp > 15.318"
+        rules.append({"alert": f"W{i}", "expr": expr})
+    return list(RuleFile.model_validate({"groups": [{"name": "g", "rules": rules}]}).groups)
 
 
 @st.composite
@@ -108,4 +130,11 @@ def test_engine_matches_reference_on_many_rules(timeline):
     rules.append({"alert": "Abs", "expr": "absent(temp, 3s)"})
     groups = list(RuleFile.model_validate({"groups": [{"name": "g", "rules": rules}]}).groups)
     got, want = run_both(groups, timeline, EngineConfig(bucket_width=1.0, offline_after=3.0))
+    assert got == want
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixed_windows(), steps())
+def test_engine_matches_reference_with_mixed_window_lengths(groups, timeline):
+    got, want = run_both(groups, timeline, EngineConfig(offline_after=None))
     assert got == want

@@ -96,6 +96,6 @@ def test_files_and_unique_group_names(tmp_path: Path):
     with pytest.raises(ConfigError) as info:
         load_rule_files([a, b, tmp_path / "missing.yaml"])
     text = "\n".join(info.value.problems)
-    assert "group 'greenhouse' is also defined in" in text
+    assert "group 'greenhouse' is also defined at" in text
     assert "missing.yaml: cannot read rule file" in text
     assert len(load_rule_files([a])) == 1

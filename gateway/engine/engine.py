@@ -29,18 +29,9 @@ from gateway.engine.alerts import AlertTable
 from gateway.engine.compiled import CompiledRule, alert_events, compile_rule
 from gateway.engine.events import DeviceEvent, Event, Kind, clean
 from gateway.engine.rules import Group, fingerprint
-from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore
+from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore, width_for
 from gateway.engine.vector import TickValues, evaluate
 from gateway.units import Duration
-
-# Bucket widths the automatic choice picks from: round numbers read well in docs and logs.
-_NICE_WIDTHS = (0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
-                600.0, 900.0, 1800.0, 3600.0)
-# At least this many buckets in the shortest window (precision) ...
-_MIN_BUCKETS_PER_WINDOW = 10
-# ... but no more than this many in the longest: memory and tick time grow with it, and
-# finer than 1/60 of a window is precision no threshold on an edge box needs.
-_MAX_BUCKETS_PER_WINDOW = 60
 
 # A reading from the ingest side: device, timestamp, {metric: number or bool}.
 Reading = tuple[str, float, Mapping[str, Any]]
@@ -50,8 +41,9 @@ class EngineConfig(BaseModel):
     """Engine tuning; the defaults suit a Raspberry Pi serving a few thousand devices."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    bucket_width: Duration | None = Field(None, gt=0, description="Width of a time bucket; "
-                                          "default: chosen from the rules' windows.")
+    bucket_width: Duration | None = Field(None, gt=0, description="One bucket width for "
+                                          "every window; default: each window its own, "
+                                          "the largest round width giving it 10 buckets.")
     late_tolerance: Duration = Field(30.0, ge=0, description="Readings older than now minus "
                                      "this are counted and kept out of rule state.")
     future_tolerance: Duration = Field(5.0, ge=0, description="Readings newer than now plus "
@@ -62,17 +54,6 @@ class EngineConfig(BaseModel):
                                            "device is reported offline; null turns it off.")
     max_devices: int = Field(100_000, gt=0, description="Bound on tracked devices; readings "
                              "of further devices are counted and left out.")
-
-
-def choose_width(seconds: Iterable[float]) -> float:
-    """Largest round width giving the shortest window enough buckets, within the cap."""
-    windows = sorted(set(seconds)) or [60.0]
-    fine = [w for w in _NICE_WIDTHS if w <= windows[0] / _MIN_BUCKETS_PER_WINDOW]
-    width = fine[-1] if fine else _NICE_WIDTHS[0]
-    if windows[-1] / width > _MAX_BUCKETS_PER_WINDOW:
-        width = next((w for w in _NICE_WIDTHS if windows[-1] / w <= _MAX_BUCKETS_PER_WINDOW),
-                     _NICE_WIDTHS[-1])
-    return width
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +93,7 @@ class Engine:
         self._rules: list[CompiledRule] = []
         self._masks: dict[str, np.ndarray[Any, np.dtype[np.bool_]]] = {}
         self._groups: list[Group] = []
-        self.store = SeriesStore(width=1.0, needs={}, late=0, future=0)
+        self.store = SeriesStore(needs={}, late=0, future=0)
         self._install(list(groups), keep={})
 
     # -- names -----------------------------------------------------------------
@@ -125,9 +106,14 @@ class Engine:
     def groups(self) -> list[Group]:
         return list(self._groups)
 
+    def width_of(self, seconds: float) -> float:
+        """Bucket width of a window of ``seconds`` (see ``store.width_for``)."""
+        return self.config.bucket_width or width_for(seconds)
+
     @property
-    def width(self) -> float:
-        return self.store.width
+    def widths(self) -> dict[str, float]:
+        """Bucket width of every window in the rules, by its text."""
+        return {w.text: self.width_of(w.seconds) for r in self._rules for w in r.windows}
 
     def device_id(self, name: str) -> int:
         """Index of ``name``, registering it on first sight; -1 beyond ``max_devices``."""
@@ -208,31 +194,37 @@ class Engine:
         return report
 
     def _rebuild_store(self) -> set[int]:
-        """New rings for the current rules; returns the metrics whose data was kept."""
-        needs: dict[int, tuple[frozenset[str], float]] = {}
-        all_windows = [w for r in self._rules for w in r.windows]
-        for w in all_windows:
+        """New rings for the current rules; returns the metrics whose data was all kept."""
+        needs: dict[int, tuple[frozenset[str], list[float]]] = {}
+        for w in (w for r in self._rules for w in r.windows):
             m = self.metric_id(w.metric)
-            planes, longest = needs.get(m, (frozenset(), 0.0))
-            needs[m] = (planes | PLANES[w.func], max(longest, w.seconds))
+            planes, lengths = needs.get(m, (frozenset(), []))
+            needs[m] = (planes | PLANES[w.func], [*lengths, w.seconds])
         cfg = self.config
-        width = cfg.bucket_width or choose_width(w.seconds for w in all_windows)
         old = self.store
-        store = SeriesStore(width=width, needs=needs, late=cfg.late_tolerance,
-                            future=cfg.future_tolerance, devices=self._cap)
+        store = SeriesStore(needs=needs, late=cfg.late_tolerance, future=cfg.future_tolerance,
+                            devices=self._cap, width=cfg.bucket_width)
         store.drops = old.drops
-        kept: set[int] = set()
-        if old.width == width and old.head is not None:
+        lost: set[int] = set()
+        for width, res in store.resolutions.items():
+            prev_res = old.resolutions.get(width)
+            if prev_res is None or prev_res.head is None:
+                lost.update(res.rings)
+                continue
             # Rings whose shape did not change keep their data across a reload.
-            store.head = old.head
-            for m, ring in store.rings.items():
-                prev = old.rings.get(m)
+            res.head = prev_res.head
+            for m, ring in res.rings.items():
+                prev = prev_res.rings.get(m)
                 if prev is not None and prev.slots == ring.slots and \
                         set(prev.planes) == set(ring.planes):
-                    store.rings[m] = prev
-                    kept.add(m)
+                    res.rings[m] = prev
+                else:
+                    lost.add(m)
+        for m in store.seen:
+            if m in old.seen:
+                store.seen[m], store.recent[m] = old.seen[m], old.recent[m]
         self.store = store
-        return kept
+        return {m for m in needs if m not in lost}
 
     def reload(self, groups: Sequence[Group]) -> ReloadReport:
         """Swap in new rules; unchanged rules (same fingerprint) keep their alert state."""

@@ -15,6 +15,11 @@ Grammar, loosest binding first::
 
 Every node is typed ``num`` or ``bool`` at parse time, so ``avg(t, 1m) and 3`` is an error
 with a column instead of a surprise at evaluation.
+
+Hostile input is bounded before it costs anything: text longer than ``MAX_LENGTH`` is
+refused unread, and a tree deeper than ``MAX_DEPTH`` (parentheses, ``not``, ``-``, ``abs``
+and every operator of a chain count) is refused while parsing, so neither the parser nor
+anything that walks the tree later (evaluation, rendering) can exhaust the Python stack.
 """
 
 from __future__ import annotations
@@ -32,6 +37,15 @@ WINDOW_FUNCS: dict[str, Literal["num", "bool"]] = {
     "std": "num", "delta": "num", "rate": "num", "zscore": "num", "absent": "bool",
 }
 COMPARATORS = ("<=", ">=", "==", "!=", "<", ">")
+# Longest expression text: a real rule is a line or two; this bounds tokenising work.
+MAX_LENGTH = 2000
+# Deepest expression tree. Each level costs ~8 parser frames and one frame in every later
+# tree walk, so 50 stays far below Python's recursion limit (1000) while no sensible rule
+# comes near it (``a + b + c`` is 3 levels, ``not (x > 1)`` is 3).
+MAX_DEPTH = 50
+# Longest window: rings keep 10-25 buckets per window whatever its length, so this bounds
+# nothing in memory; it keeps a typo such as 99999999d from meaning "forever".
+MAX_WINDOW = 7 * 86400.0
 KEYWORDS = frozenset({"and", "or", "not", "abs"})
 
 _TOKEN_RE = re.compile(
@@ -128,6 +142,21 @@ class _Parser:
         self.lookback = lookback
         self.toks = _tokenize(text)
         self.i = 0
+        self.nesting = 0
+
+    def deeper(self, tok: _Tok) -> None:
+        """Enter one more level of parentheses/not/minus/abs; refuse past MAX_DEPTH."""
+        self.nesting += 1
+        if self.nesting > MAX_DEPTH:
+            raise self.fail(tok, f"expression nested too deeply (more than {MAX_DEPTH} "
+                            "levels of parentheses, not, -, abs)")
+
+    def chain(self, node: Node, tok: _Tok) -> Node:
+        """Refuse a tree deeper than MAX_DEPTH, e.g. a sum of thousands of terms."""
+        if depth(node) + self.nesting > MAX_DEPTH:
+            raise self.fail(tok, f"expression nested too deeply (more than {MAX_DEPTH} "
+                            "levels of operators and parentheses)")
+        return node
 
     def peek(self) -> _Tok:
         return self.toks[self.i]
@@ -160,7 +189,7 @@ class _Parser:
             op = self.take()
             right = self.parse_and()
             self.typed(left, "bool", tok, "'or'")
-            left = Logic("or", left, self.typed(right, "bool", op, "'or'"))
+            left = self.chain(Logic("or", left, self.typed(right, "bool", op, "'or'")), op)
         return left
 
     def parse_and(self) -> Node:
@@ -170,13 +199,16 @@ class _Parser:
             op = self.take()
             right = self.parse_not()
             self.typed(left, "bool", tok, "'and'")
-            left = Logic("and", left, self.typed(right, "bool", op, "'and'"))
+            left = self.chain(Logic("and", left, self.typed(right, "bool", op, "'and'")), op)
         return left
 
     def parse_not(self) -> Node:
         if self.peek().text == "not":
             tok = self.take()
-            return Not(self.typed(self.parse_not(), "bool", tok, "'not'"))
+            self.deeper(tok)
+            node = Not(self.typed(self.parse_not(), "bool", tok, "'not'"))
+            self.nesting -= 1
+            return node
         return self.parse_compare()
 
     def parse_compare(self) -> Node:
@@ -186,7 +218,8 @@ class _Parser:
             op = self.take()
             right = self.parse_sum()
             self.typed(left, "num", tok, f"{op.text!r}")
-            left = Binary(op.text, left, self.typed(right, "num", op, f"{op.text!r}"))
+            left = self.chain(
+                Binary(op.text, left, self.typed(right, "num", op, f"{op.text!r}")), op)
             if self.peek().text in COMPARATORS:
                 raise self.fail(self.peek(), "comparisons do not chain; join them with 'and'")
         return left
@@ -198,7 +231,8 @@ class _Parser:
             op = self.take()
             right = self.parse_product()
             self.typed(left, "num", tok, f"{op.text!r}")
-            left = Binary(op.text, left, self.typed(right, "num", op, f"{op.text!r}"))
+            left = self.chain(
+                Binary(op.text, left, self.typed(right, "num", op, f"{op.text!r}")), op)
         return left
 
     def parse_product(self) -> Node:
@@ -208,13 +242,17 @@ class _Parser:
             op = self.take()
             right = self.parse_unary()
             self.typed(left, "num", tok, f"{op.text!r}")
-            left = Binary(op.text, left, self.typed(right, "num", op, f"{op.text!r}"))
+            left = self.chain(
+                Binary(op.text, left, self.typed(right, "num", op, f"{op.text!r}")), op)
         return left
 
     def parse_unary(self) -> Node:
         if self.peek().text == "-":
             tok = self.take()
-            return Neg(self.typed(self.parse_unary(), "num", tok, "'-'"))
+            self.deeper(tok)
+            node = Neg(self.typed(self.parse_unary(), "num", tok, "'-'"))
+            self.nesting -= 1
+            return node
         return self.parse_atom()
 
     def parse_atom(self) -> Node:
@@ -222,14 +260,18 @@ class _Parser:
         if tok.kind == "num":
             return Num(float(tok.text))
         if tok.text == "(":
+            self.deeper(tok)
             node = self.parse_or()
             self.expect(")")
+            self.nesting -= 1
             return node
         if tok.kind == "name" and tok.text == "abs":
+            self.deeper(tok)
             self.expect("(")
             arg_tok = self.peek()
             arg = self.typed(self.parse_or(), "num", arg_tok, "abs()")
             self.expect(")")
+            self.nesting -= 1
             return Abs(arg)
         if tok.kind == "name" and tok.text in WINDOW_FUNCS and self.peek().text == "(":
             return self.parse_window(tok)
@@ -253,6 +295,8 @@ class _Parser:
         seconds = parse_duration(dur.text)
         if seconds <= 0:
             raise self.fail(dur, "a window must be longer than zero")
+        if seconds > MAX_WINDOW:
+            raise self.fail(dur, "a window can be at most 7d")
         end = self.expect(")")
         return Window(name.text, metric.text, seconds, self.text[name.col - 1:end.col])
 
@@ -270,6 +314,9 @@ def kind_of(node: Node) -> Literal["num", "bool"]:
 
 def parse(text: str, *, lookback: float = 300.0, want: str = "bool") -> Node:
     """Parse ``text``; ``want="bool"`` for rule conditions, ``"num"`` for a value."""
+    if len(text) > MAX_LENGTH:
+        raise ExprError(text[:40] + "...", MAX_LENGTH + 1,
+                        f"expression too long ({len(text)} characters; at most {MAX_LENGTH})")
     parser = _Parser(text, lookback)
     first = parser.peek()
     node = parser.parse_or()
@@ -281,6 +328,20 @@ def parse(text: str, *, lookback: float = 300.0, want: str = "bool") -> Node:
             "a number"
         raise parser.fail(first, f"the expression must be {need}")
     return node
+
+
+def depth(node: Node) -> int:
+    """Levels of the tree; iterative, so it is safe on any tree."""
+    deepest = 0
+    stack: list[tuple[Node, int]] = [(node, 1)]
+    while stack:
+        n, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(n, Abs | Neg | Not):
+            stack.append((n.arg, level + 1))
+        elif isinstance(n, Binary | Logic):
+            stack.extend(((n.left, level + 1), (n.right, level + 1)))
+    return deepest
 
 
 def windows(node: Node) -> list[Window]:

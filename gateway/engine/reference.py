@@ -2,8 +2,10 @@
 
 It exists to check the vectorised engine (property tests, the benchmark baseline). It keeps
 every accepted reading and recomputes each window from them at every tick. It follows the
-same documented semantics: bucket-aligned windows (``store.bucket_of``/``buckets_for``),
-late/future tolerances, the alert state machine, flapping and cooldowns.
+same documented semantics: each window at its own bucket width (``store.width_for``),
+bucket-aligned windows, late/future tolerances, duplicates counted once, undefined values
+for missing data with three-valued conditions, the alert state machine, flapping and
+cooldowns.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.engine import expr as ex
-from gateway.engine.engine import EngineConfig, choose_width
+from gateway.engine.engine import EngineConfig
 from gateway.engine.rules import Group, Rule
-from gateway.engine.store import buckets_for
+from gateway.engine.store import DEDUP_DEPTH, buckets_for, width_for
 from gateway.engine.vector import VARIANCE_FLOOR
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "<": operator.lt,
@@ -42,8 +44,7 @@ class ReferenceEvaluator:
     """Same inputs as ``Engine`` (rows instead of batches), events as plain tuples."""
 
     def __init__(self, groups: Sequence[Group], *, config: EngineConfig | None = None,
-                 device_labels: dict[str, dict[str, str]] | None = None,
-                 width: float | None = None) -> None:
+                 device_labels: dict[str, dict[str, str]] | None = None) -> None:
         self.config = config or EngineConfig()
         self.labels = device_labels or {}
         self.rules: list[tuple[Group, Rule, ex.Node, ex.Node | None]] = []
@@ -55,15 +56,18 @@ class ReferenceEvaluator:
         nodes = [n for _, _, c, k in self.rules for n in (c, k) if n is not None]
         wins = [w for n in nodes for w in ex.windows(n)]
         self.metrics = {w.metric for w in wins}
-        self.width = width or self.config.bucket_width or choose_width(w.seconds for w in wins)
         self.devices: list[str] = []
         self.readings: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.newest: dict[tuple[str, str], list[float]] = {}  # DEDUP_DEPTH newest timestamps
         self.last_seen: dict[str, float] = {}
         self.offline: dict[str, bool] = {}
         self.alerts: dict[tuple[str, str], _Alert] = {}
 
     def ingest(self, rows: Sequence[tuple[str, str, float, float]], now: float) -> None:
-        for device, metric, ts, value in rows:
+        """One batch. A reading repeating (device, metric, ts) of an earlier one in the
+        batch, or of one of the DEDUP_DEPTH newest counted before it, is left out."""
+        this_batch: set[tuple[str, str, float]] = set()
+        for device, metric, ts, _ in rows:
             if device not in self.devices:
                 self.devices.append(device)
             if ts <= now + self.config.future_tolerance:
@@ -71,23 +75,37 @@ class ReferenceEvaluator:
             too_late = ts < now - self.config.late_tolerance
             too_new = ts > now + self.config.future_tolerance
             if metric in self.metrics and not too_late and not too_new:
+                newest = self.newest.get((device, metric), [])
+                if (device, metric, ts) in this_batch or ts in newest:
+                    continue
+                this_batch.add((device, metric, ts))
+        for device, metric, ts, value in rows:
+            if (device, metric, ts) in this_batch:
+                this_batch.discard((device, metric, ts))
                 self.readings.setdefault((device, metric), []).append((ts, value))
+                newest = self.newest.setdefault((device, metric), [])
+                newest.append(ts)
+                newest.sort(reverse=True)
+                del newest[DEDUP_DEPTH:]
 
     # -- expressions --------------------------------------------------------------
 
     def _window(self, device: str, w: ex.Window, now: float) -> list[tuple[float, float]]:
-        now_b = math.floor(now / self.width)
-        k = buckets_for(w.seconds, self.width)
+        width = self.config.bucket_width or width_for(w.seconds)
+        now_b = math.floor(now / width)
+        k = buckets_for(w.seconds, width)
         return [(t, v) for t, v in self.readings.get((device, w.metric), [])
-                if now_b - k < math.floor(t / self.width) <= now_b]
+                if now_b - k < math.floor(t / width) <= now_b]
 
     def function(self, device: str, w: ex.Window, now: float) -> float:  # noqa: PLR0911 - a table of formulas
         got = self._window(device, w, now)
         vals = [v for _, v in got]
-        if w.func == "count":
-            return float(len(vals))
         if w.func == "absent":
             return 1.0 if not vals else 0.0
+        if (device, w.metric) not in self.readings:
+            return math.nan  # never sent: no sample, so nothing to say
+        if w.func == "count":
+            return float(len(vals))
         if w.func == "sum":
             return float(sum(vals))
         if not vals:
@@ -126,16 +144,23 @@ class ReferenceEvaluator:
         if isinstance(node, ex.Neg):
             return -self.value(device, node.arg, now)
         if isinstance(node, ex.Not):
-            return 0.0 if self.value(device, node.arg, now) > 0 else 1.0
+            arg = self.value(device, node.arg, now)
+            return math.nan if math.isnan(arg) else 1.0 - arg
         a, b = self.value(device, node.left, now), self.value(device, node.right, now)
         if node.op == "and":
-            return float(a > 0 and b > 0)
+            if a == 0 or b == 0:
+                return 0.0
+            return math.nan if math.isnan(a) or math.isnan(b) else 1.0
         if node.op == "or":
-            return float(a > 0 or b > 0)
+            if a == 1 or b == 1:
+                return 1.0
+            return math.nan if math.isnan(a) or math.isnan(b) else 0.0
         if node.op == "/":
             return a / b if b != 0 and not math.isnan(b) else math.nan
+        if math.isnan(a) or math.isnan(b):
+            return math.nan
         if node.op == "!=":
-            return float(a != b and not math.isnan(a) and not math.isnan(b))
+            return float(a != b)
         return float(_OPS[node.op](a, b))
 
     # -- alerts ---------------------------------------------------------------------

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gateway.engine import expr as ex
 from gateway.errors import ConfigError
@@ -24,6 +32,12 @@ from gateway.units import Duration
 
 # Placeholders a message or command template may use besides the rule's labels.
 TEMPLATE_FIELDS = frozenset({"device", "value", "alert", "group", "severity", "threshold"})
+# Widest field width or precision in a template format spec: a message is a line, and an
+# unbounded width ({value:>2000000000}) would allocate gigabytes at the first alert.
+MAX_FORMAT_WIDTH = 100
+# Largest rule file read: a rule file is a few kilobytes; this bounds parsing memory.
+MAX_RULE_FILE_BYTES = 1024 * 1024
+_SPEC_NUMBER_RE = re.compile(r"\d+")
 
 
 class Severity(StrEnum):
@@ -38,12 +52,19 @@ def check_template(text: str, extra: frozenset[str]) -> None:
         parts = list(string.Formatter().parse(text))
     except ValueError as exc:
         raise ValueError(f"template {text!r} is malformed: {exc}") from None
-    for _, field, _, conversion in parts:
+    for _, field, spec, conversion in parts:
         if field is None:
             continue
         if field not in TEMPLATE_FIELDS | extra or conversion not in (None, "s", "r"):
             known = ", ".join(sorted(TEMPLATE_FIELDS | extra))
             raise ValueError(f"template field {{{field}}} is unknown; use one of {known}")
+        if spec and ("{" in spec or "}" in spec):
+            raise ValueError(f"template field {{{field}:{spec}}}: a format spec cannot "
+                             "contain another field")
+        numbers = _SPEC_NUMBER_RE.findall(spec or "")
+        if any(len(n) > 6 or int(n) > MAX_FORMAT_WIDTH for n in numbers):
+            raise ValueError(f"template field {{{field}:{spec}}}: width and precision can be "
+                             f"at most {MAX_FORMAT_WIDTH}")
     # Render once with sample values so a bad format spec fails here, not at the first alert.
     sample: dict[str, object] = dict.fromkeys(TEMPLATE_FIELDS | extra, "x")
     sample["value"] = 1.0
@@ -94,10 +115,17 @@ class Rule(BaseModel):
             ex.parse(value)
         return value
 
+    @field_validator("message")
+    @classmethod
+    def _message(cls, value: str, info: ValidationInfo) -> str:
+        # Labels come before message in the model, so they are known here; a mistake is
+        # then reported at the message's own line.
+        check_template(value, frozenset(info.data.get("labels") or {}))
+        return value
+
     @model_validator(mode="after")
     def _templates(self) -> Rule:
         extra = frozenset(self.labels)
-        check_template(self.message, extra)
         for action in self.actions:
             check_template(action.command.device, extra)
             for value in action.command.params.values():
@@ -174,6 +202,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Located:
     out.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool | None):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be plain text", key_node.start_mark)
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
@@ -186,11 +217,20 @@ def load_yaml(text: str, source: str) -> Any:
     """Parse YAML keeping line numbers; a syntax error becomes a ConfigError."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    except RecursionError:
+        # PyYAML composes and constructs recursively: thousands of nested [ or { end here.
+        raise ConfigError([f"{source}:1: YAML nested too deeply"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or " ")
+        raise ConfigError([f"{source}:{line}: YAML syntax error: unacceptable character "
+                           f"#x{char:04x}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
+        line = mark.line + 1 if mark is not None else 1
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{source}{line}: YAML syntax error: {problem}"]) from None
+        problem = " ".join(str(problem).split())  # one line, whatever PyYAML says
+        raise ConfigError([f"{source}:{line}: YAML syntax error: {problem}"]) from None
 
 
 def locate(data: Any, loc: tuple[int | str, ...]) -> tuple[int, str | None]:
@@ -215,9 +255,14 @@ def locate(data: Any, loc: tuple[int | str, ...]) -> tuple[int, str | None]:
 
 def parse_rule_file(text: str, source: str) -> RuleFile:
     """Validate one rule file; every problem is one line naming file, line and rule."""
+    return _parse(text, source)[0]
+
+
+def _parse(text: str, source: str) -> tuple[RuleFile, list[int]]:
+    """The file and the line of each group's name (for duplicate reports)."""
     data = load_yaml(text, source)
     try:
-        return RuleFile.model_validate(data)
+        parsed = RuleFile.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -226,31 +271,57 @@ def parse_rule_file(text: str, source: str) -> RuleFile:
             where = ".".join(str(p) for p in loc) or "file"
             what = f"rule {rule}: " if rule else ""
             msg = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{source}:{line}: {what}{where}: {msg}")
+            problems.append(_one_line(f"{source}:{line}: {what}{where}: {msg}"))
         raise ConfigError(problems) from None
+    return parsed, [locate(data, ("groups", i, "name"))[0] for i in range(len(parsed.groups))]
+
+
+def _one_line(text: str) -> str:
+    """A problem stays one line even when a key or value from the file holds line breaks."""
+    if len(text.splitlines()) <= 1:
+        return text
+    return "".join(repr(part)[1:-1] if part.splitlines() != [part] else part
+                   for part in text)
+
+
+def read_rule_text(path: str | Path) -> str:
+    """A rule file's text; ConfigError (one line, with the line number) when it is not
+    readable, too large or not UTF-8."""
+    try:
+        with Path(path).open("rb") as fh:
+            raw = fh.read(MAX_RULE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read rule file ({exc.strerror})"]) from None
+    if len(raw) > MAX_RULE_FILE_BYTES:
+        raise ConfigError([f"{path}: rule file larger than {MAX_RULE_FILE_BYTES // 1024} KiB; "
+                           "split it into several files"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                           "save the file as UTF-8"]) from None
 
 
 def load_rule_files(paths: list[str | Path]) -> list[Group]:
-    """Load and check files; group names must be unique across all of them."""
+    """Load and check files; group names must be unique across all of them, and every
+    repeat is reported at its own line."""
     groups: list[Group] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            problems.append(f"{path}: cannot read rule file ({exc.strerror})")
-            continue
-        try:
-            parsed = parse_rule_file(text, str(path))
+            parsed, lines = _parse(read_rule_text(path), str(path))
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        for group in parsed.groups:
+        for group, line in zip(parsed.groups, lines, strict=True):
+            where = f"{path}:{line}"
             if group.name in seen:
-                problems.append(f"{path}: group {group.name!r} is also defined in "
+                problems.append(f"{where}: group {group.name!r} is also defined at "
                                 f"{seen[group.name]}; group names must be unique")
-            seen[group.name] = str(path)
+            else:
+                seen[group.name] = where
             groups.append(group)
     if problems:
         raise ConfigError(problems)

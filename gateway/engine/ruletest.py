@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.engine.engine import Engine, EngineConfig
 from gateway.engine.events import AlertEvent, CommandEvent, Event
-from gateway.engine.rules import load_rule_files, load_yaml, locate
+from gateway.engine.rules import load_rule_files, load_yaml, locate, read_rule_text
 from gateway.errors import ConfigError
 from gateway.units import Duration, format_duration
 
@@ -110,7 +110,7 @@ def _event_line(at: float, kind: str, alert: str, device: str, action: str | Non
 
 
 def load_test_file(path: Path) -> RuleTestFile:
-    data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    data = load_yaml(read_rule_text(path), str(path))
     try:
         spec = RuleTestFile.model_validate(data)
         for test in spec.tests:

@@ -2,8 +2,14 @@
 
 Each window function turns ``(devices, buckets)`` planes into one value per device;
 values shared by several rules are computed once per tick (``TickValues`` caches them).
-Undefined values are NaN (e.g. ``avg`` of an empty window) and every comparison with NaN
-is false, so a rule over missing data does not fire — use ``absent()`` for that.
+
+Missing data is *undefined* (NaN), never false: ``avg`` of an empty window, and every
+function (``count`` and ``sum`` too) over a metric the device never sent. Conditions are
+three-valued (1.0 true, 0.0 false, NaN undefined): a comparison with an undefined side is
+undefined, ``not`` keeps it undefined, ``and``/``or`` follow Kleene's rules (false and x
+is false, true or x is true). A rule fires only on true, so "no sample, no alert" as in
+Prometheus: ``not avg(c, 20s) > 5`` does not fire for a device that never sent ``c``.
+Only ``absent()`` speaks about missing data (true when the window is empty).
 """
 
 from __future__ import annotations
@@ -91,16 +97,21 @@ class TickValues:
         return out
 
     def _no_data(self, func: str) -> F64:
-        fill = {"count": 0.0, "sum": 0.0, "absent": 1.0}.get(func, np.nan)
-        return np.full(self.devices, fill)
+        return np.full(self.devices, 1.0 if func == "absent" else np.nan)
+
+    def _if_seen(self, m: int, values: F64) -> F64:
+        """``count``/``sum`` are 0 over an empty window, undefined for a device that never
+        sent the metric."""
+        return np.where(self.store.seen[m][: self.devices], values, np.nan)
 
     def _compute(self, func: str, m: int, s: float) -> F64:  # noqa: PLR0911 - a table of formulas
         with np.errstate(invalid="ignore", divide="ignore"):
             if func in ("count", "absent"):
                 cnt = self._reduce(m, "cnt", s)
-                return cnt if func == "count" else (cnt == 0).astype(np.float64)
+                return self._if_seen(m, cnt) if func == "count" else \
+                    (cnt == 0).astype(np.float64)
             if func == "sum":
-                return self._reduce(m, "sum", s)
+                return self._if_seen(m, self._reduce(m, "sum", s))
             if func == "avg":
                 return self._reduce(m, "sum", s) / self._reduce(m, "cnt", s)
             if func in ("min", "max"):
@@ -124,7 +135,7 @@ class TickValues:
 
 
 def evaluate(node: ex.Node, values: TickValues) -> F64:  # noqa: PLR0911 - one per node type
-    """Numbers for ``num`` nodes; 1.0/0.0 for conditions (NaN never counts as true)."""
+    """Numbers for ``num`` nodes; 1.0/0.0/NaN (true/false/undefined) for conditions."""
     if isinstance(node, ex.Num):
         return np.full(values.devices, node.value)
     if isinstance(node, ex.Window):
@@ -138,9 +149,18 @@ def evaluate(node: ex.Node, values: TickValues) -> F64:  # noqa: PLR0911 - one p
     left, right = evaluate(node.left, values), evaluate(node.right, values)
     with np.errstate(invalid="ignore", divide="ignore"):
         if isinstance(node, ex.Logic):
-            hit = (left > 0) & (right > 0) if node.op == "and" else (left > 0) | (right > 0)
-            return hit.astype(np.float64)
+            return _kleene(node.op, left, right)
         return _binary(node.op, left, right)
+
+
+def _kleene(op: str, a: F64, b: F64) -> F64:
+    """Three-valued and/or: a decided side wins over an undefined one."""
+    unknown = np.isnan(a) | np.isnan(b)
+    if op == "and":
+        decided = (a == 0) | (b == 0)
+        return np.where(decided, 0.0, np.where(unknown, np.nan, 1.0))
+    decided = (a == 1) | (b == 1)
+    return np.where(decided, 1.0, np.where(unknown, np.nan, 0.0))
 
 
 def _binary(op: str, a: F64, b: F64) -> F64:
@@ -154,7 +174,4 @@ def _binary(op: str, a: F64, b: F64) -> F64:
         return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
     cmp = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
            "==": np.equal, "!=": np.not_equal}[op]
-    hit = cmp(a, b)
-    if op == "!=":
-        hit &= ~(np.isnan(a) | np.isnan(b))
-    return np.asarray(hit, dtype=np.float64)
+    return np.where(np.isnan(a) | np.isnan(b), np.nan, cmp(a, b).astype(np.float64))

@@ -1,0 +1,217 @@
+"""`gateway rules replay` (issue 8): labels and config as in production, the live engine's
+tolerances on a clock that one skewed timestamp cannot move, duplicates counted once, the
+vectorised JSONL decoder agreeing with the plain one, and the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.engine import load_rule_files
+from gateway.engine.replay import Replay, columns_of, replay, replay_clock
+from gateway.recorded import _bulk, _from_rows, _jsonl_rows, decode_jsonl, read_columns
+from tests.test_rules_cli import gateway
+
+ROOT = Path(__file__).resolve().parents[1]
+GREENHOUSE = ROOT / "rules" / "greenhouse.yaml"
+T0 = 1_800_000_000.0
+
+
+def greenhouse_record(path: Path, *, skew_at: int | None = None, seconds: int = 300,
+                      devices: int = 10) -> Path:
+    """gh-0..: every 5 s; gh-0 and gh-1 run hot (33 °C) after a minute."""
+    rng = np.random.default_rng(3)
+    lines = []
+    for s in range(0, seconds, 5):
+        for d in range(devices):
+            temp = 33.0 if d < 2 and s >= 60 else 22.0
+            lines.append({"device": f"gh-{d}", "ts": round(T0 + s + rng.uniform(0, 1), 3),
+                          "temp": round(temp + rng.normal(0, 0.2), 2), "hum": 50.0})
+    if skew_at is not None:
+        # the emulator's `skew` fault: one reading stamped an hour ahead
+        lines.insert(skew_at, {"device": "gh-5", "ts": T0 + 3600 + skew_at / 10,
+                               "temp": 99.0, "hum": 50.0})
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    return path
+
+
+def events_of(out: str) -> list[dict]:
+    return [orjson.loads(line) for line in out.splitlines()]
+
+
+def fired_devices(events: list[dict], rule: str = "TooHot") -> set[str]:
+    return {e["device"] for e in events
+            if e["type"] == "io.fieldgate.alert.fired" and e["rule"] == rule}
+
+
+def test_readme_example_fires_once_devices_have_labels(tmp_path):
+    rec = greenhouse_record(tmp_path / "gh.jsonl")
+    bare = gateway("rules", "replay", "--rules", str(GREENHOUSE), "--input", str(rec),
+                   "--format", "jsonl")
+    assert bare.returncode == 0, bare.stderr
+    assert events_of(bare.stdout) == []  # the group matches zone=north: no labels, no match
+    out = gateway("rules", "replay", "--rules", str(GREENHOUSE), "--labels",
+                  "gh-*=zone:north", "--input", str(rec), "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    assert fired_devices(events_of(out.stdout)) == {"gh-0", "gh-1"}
+    bad = gateway("rules", "replay", "--rules", str(GREENHOUSE), "--labels", "gh-*",
+                  "--input", str(rec))
+    assert bad.returncode == 2 and "DEVICE-GLOB=key:value" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_config_gives_rules_labels_and_interval(tmp_path):
+    rec = greenhouse_record(tmp_path / "gh.jsonl")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+        "rules": [str(GREENHOUSE)], "device_labels": {"gh-1": {"zone": "north"}},
+        "engine": {"tick": "5s"}}))
+    out = gateway("rules", "replay", "--config", str(cfg), "--input", str(rec),
+                  "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    events = events_of(out.stdout)
+    assert fired_devices(events) == {"gh-1"}
+    assert all(e["time"] % 5 == 0 for e in events)  # the config's tick, not 1 s
+    # --labels add to the config's labels
+    out = gateway("rules", "replay", "--config", str(cfg), "--labels", "gh-0=zone:north",
+                  "--input", str(rec), "--format", "jsonl")
+    assert fired_devices(events_of(out.stdout)) == {"gh-0", "gh-1"}
+    none = gateway("rules", "replay", "--input", str(rec))
+    assert none.returncode == 2 and "no rules" in none.stderr
+
+
+def test_one_skewed_timestamp_is_set_aside_not_followed(tmp_path):
+    """Issue 8: one reading stamped 1 h ahead moved the replay clock an hour: ~300 later
+    readings were dropped as late, every device went offline, and the 99 °C fired."""
+    clean = greenhouse_record(tmp_path / "clean.jsonl")
+    skewed = greenhouse_record(tmp_path / "skewed.jsonl", skew_at=150)
+    args = ["rules", "replay", "--rules", str(GREENHOUSE), "--labels", "gh-*=zone:north",
+            "--format", "jsonl", "--input"]
+    want = gateway(*args, str(clean))
+    got = gateway(*args, str(skewed))
+    assert got.returncode == 0, got.stderr
+    assert events_of(got.stdout) == events_of(want.stdout)
+    summary = orjson.loads(got.stderr.strip().splitlines()[-1])
+    assert summary["type"] == "summary"
+    assert summary["set_aside"] == {"late": 0, "future": 2, "duplicate": 0,
+                                    "unused_metric": 0, "too_many_devices": 0}
+    assert summary["values"] == summary["values_used"] + 2
+
+
+def test_replay_clock_follows_gaps_but_not_outliers():
+    ts = 1000.0 + np.arange(200.0)
+    ts[40] += 3600  # one skewed reading
+    ts[120:] += 7200  # a real gap: the recording paused two hours
+    clock = replay_clock(ts)
+    assert np.all(np.diff(clock) >= 0)
+    expected = ts.copy()
+    expected[40] = ts[41]  # the skewed one is ingested at its neighbours' time (median)
+    assert np.array_equal(clock, expected)
+    assert replay_clock(np.array([5.0])).tolist() == [5.0]
+
+
+def test_duplicates_in_a_recording_count_once(tmp_path):
+    groups = load_rule_files([GREENHOUSE])
+    rows = [(f"gh-{d}", T0 + s, {"temp": 31.0}) for s in range(0, 120, 5) for d in range(2)]
+    run = Replay(groups, labels=[("gh-*", {"zone": "north"})])
+    twice = [r for row in rows for r in (row, row)]
+    list(run.feed(columns_of(twice)))
+    list(run.finish())
+    assert run.summary.drops.duplicate == len(rows)
+    assert run.summary.used == len(rows)
+
+
+def test_summary_table_lists_events_per_rule(tmp_path):
+    rec = greenhouse_record(tmp_path / "gh.jsonl", skew_at=10)
+    out = gateway("rules", "replay", "--rules", str(GREENHOUSE), "--labels",
+                  "gh-*=zone:north", "--input", str(rec))
+    assert out.returncode == 0, out.stderr
+    tail = out.stdout.strip().splitlines()
+    assert any(line.startswith("readings   601 (1202 values)") for line in tail)
+    assert "used       1200 values" in tail
+    assert "set aside  0 late, 2 future, 0 duplicate, 0 unused metric, 0 too many devices" in tail
+    assert "events     greenhouse/TooHot: command 2, fired 2" in tail
+
+
+def test_replay_api_keeps_its_shape():
+    groups = load_rule_files([ROOT / "rules" / "machines.yaml"])
+    readings = [("press-1", 1000.0 + 10 * i, {"current": v})
+                for i, v in enumerate([10, 25, 10, 10, 10, 10, 10, 10, 10])]
+    kinds = [(e.time, str(e.kind)) for e in replay(groups, readings, interval=10)]
+    assert kinds == [(1010.0, "fired"), (1010.0, "command"), (1070.0, "resolved")]
+
+
+# -- the decoder ------------------------------------------------------------------------
+
+names = st.text(st.characters(codec="utf-8", exclude_characters='"\\\n\r'), min_size=1,
+                max_size=12)
+values = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False,
+                                                         allow_infinity=False, width=32),
+                   st.booleans(), st.none())
+
+
+@st.composite
+def jsonl(draw: st.DrawFn) -> bytes:
+    out = []
+    for _ in range(draw(st.integers(1, 12))):
+        row: dict = {"device": draw(names), "ts": draw(st.floats(0, 1e10))}
+        for _ in range(draw(st.integers(0, 4))):
+            row[draw(names.filter(lambda k: k not in ("device", "ts", "seq")))] = draw(values)
+        if draw(st.booleans()):
+            row["seq"] = draw(st.integers(0, 100))
+        items = list(row.items())
+        if draw(st.booleans()):
+            items.reverse()
+        sep = draw(st.sampled_from([",", ", ", " ,\t"]))
+        colon = draw(st.sampled_from([":", ": ", " : "]))
+        out.append("{" + sep.join(f"{orjson.dumps(k).decode()}{colon}"
+                                  f"{orjson.dumps(v).decode()}" for k, v in items) + "}")
+        if draw(st.integers(0, 5)) == 0:
+            out.append("")
+    return ("\n".join(out) + draw(st.sampled_from(["\n", "", "\r\n"]))).encode()
+
+
+def as_readings(cols) -> list:
+    out = []
+    for i in range(cols.readings):
+        vals = {cols.metrics[m]: v for r, m, v in zip(cols.row.tolist(), cols.metric.tolist(),
+                                                     cols.value.tolist(), strict=True) if r == i}
+        out.append((cols.devices[cols.device[i]], float(cols.ts[i]), vals))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(jsonl())
+def test_bulk_decoder_agrees_with_the_plain_one(data):
+    plain = as_readings(_from_rows(_jsonl_rows(data, "f", 1)))
+    assert as_readings(decode_jsonl(data, "f")) == plain
+    bulk = _bulk(data)
+    if bulk is not None:
+        assert as_readings(bulk) == plain
+
+
+def test_bulk_decoder_takes_emulator_records_and_refuses_what_it_cannot_vouch_for(tmp_path):
+    line = b'{"device":"gh-1","ts":1732600000.123,"temp":21.4,"hum":40.2,"door":true}\n'
+    assert _bulk(line * 3) is not None
+    for odd in (b'{"device":"a","ts":1,"t":[1]}\n', b'{"device":"a","ts":1,"t":1 2}\n',
+                b'{"device":"a","ts":"2026-01-01T00:00:00Z"}\n', b'{"device":"a"}\n',
+                b'[1]\n', b'{"device":"a","ts":1e12}\n', line + b'\n' + line):
+        assert _bulk(odd) is None, odd
+    rec = tmp_path / "r.jsonl"
+    rec.write_bytes(line + b'{"device": "gh-2", "ts": "soon"}\n')
+    with pytest.raises(ValueError, match=r":2: ts 'soon' is not epoch seconds$"):
+        list(read_columns(rec))
+
+
+def test_chunks_split_at_line_ends(tmp_path):
+    rec = greenhouse_record(tmp_path / "gh.jsonl", seconds=60, devices=3)
+    whole = as_readings(next(read_columns(rec)))
+    pieces = [r for cols in read_columns(rec, chunk_bytes=100) for r in as_readings(cols)]
+    assert pieces == whole and len(whole) == 36
