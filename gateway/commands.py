@@ -29,6 +29,7 @@ import hmac
 import itertools
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -103,6 +104,16 @@ class Pending(NamedTuple):
     deadline: float  # time.monotonic() when it times out: a clock step does not move it
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A command made and waiting, to be logged (``events``) and then published."""
+
+    id: str
+    topic: str
+    payload: bytes
+    events: list[Event]
+
+
 class CommandSender:
     """Issues commands and judges the answers; keeps what it waits for in the log's state.
 
@@ -163,17 +174,30 @@ class CommandSender:
             self._pending.clear()
             self._answered.clear()
 
-    def _save(self) -> None:
-        self._store.save_state(STATE_NAME, orjson.dumps({
+    def state(self) -> tuple[str, bytes]:
+        """The waiting commands and taken answers, to be saved with the events that changed
+        them (LogStore.append_events_with_state): one commit, so a crash keeps both or
+        neither."""
+        return STATE_NAME, orjson.dumps({
             "pending": [[cid, p.device, p.issued, p.action] for cid, p in self._pending.items()],
             "answered": [[d, cid, digest] for (d, cid), digest in self._answered.items()],
-        }))
+        })
 
     # -- commands out --------------------------------------------------------------------
 
     def send(self, device: str, action: str, params: dict[str, Any], *,
              cause: dict[str, Any] | None = None, now: float | None = None) -> str:
-        """Log a command as an event, remember it as waiting, publish it (QoS 1)."""
+        """Log a command as an event, remember it as waiting (one commit), publish it."""
+        command = self.prepare(device, action, params, cause=cause, now=now)
+        # Logged and remembered before it is published: an answer after a crash finds it.
+        self._store.append_events_with_state(command.events, [self.state()], now)
+        self.publish(command)
+        return command.id
+
+    def prepare(self, device: str, action: str, params: dict[str, Any], *,
+                cause: dict[str, Any] | None = None, now: float | None = None) -> Prepared:
+        """A command made and remembered as waiting, not yet logged nor published: the
+        caller logs ``events`` with ``state()`` in its own commit, then calls ``publish``."""
         now = time.time() if now is None else now
         cid = f"{self._gateway_id}-{int(now * 1000)}-{next(self._counter)}"
         topic = f"devices/{device}/cmd"
@@ -188,12 +212,12 @@ class CommandSender:
             events.insert(0, self._timed_out(old_id, old, now, "too many commands waiting "
                                              "(commands.max_pending)"))
         self._pending[cid] = Pending(device, now, action, time.monotonic() + self._timeout)
-        # Logged and remembered before it is published: an answer after a crash finds it.
-        self._store.append_events(events, now)
-        self._save()
         payload = body if self._master is None else seal(self._key(device), topic, body)
-        self._link.publish(topic, payload, qos=1, content_type="application/json")
-        return cid
+        return Prepared(cid, topic, payload, events)
+
+    def publish(self, command: Prepared) -> None:
+        self._link.publish(command.topic, command.payload, qos=1,
+                           content_type="application/json")
 
     def _timed_out(self, cid: str, pending: Pending, now: float, reason: str) -> Event:
         return Event(TIMED_OUT, pending.device, now, {
@@ -215,8 +239,7 @@ class CommandSender:
             expired.append(self._timed_out(cid, first, wall, f"no answer within "
                                            f"{self._timeout:g} s (commands.ack_timeout)"))
         if expired:
-            self._store.append_events(expired, wall)
-            self._save()
+            self._store.append_events_with_state(expired, [self.state()], wall)
 
     # -- answers in ----------------------------------------------------------------------
 
@@ -230,9 +253,7 @@ class CommandSender:
         event, taken = self._judge(device, topic, payload, now)
         if event is None:
             return
-        self._store.append_events([event], now)
-        if taken:
-            self._save()
+        self._store.append_events_with_state([event], [self.state()] if taken else [], now)
 
     def _judge(self, device: str, topic: str, payload: bytes,  # noqa: PLR0911 - one per reason
                now: float) -> tuple[Event | None, bool]:

@@ -17,7 +17,7 @@ import time
 
 import orjson
 
-from gateway.commands import CommandSender
+from gateway.commands import CommandSender, Prepared
 from gateway.config import GatewayConfig
 from gateway.engine import CommandEvent, Engine, EngineConfig, load_rule_files
 from gateway.engine.rules import Group
@@ -110,23 +110,33 @@ class RuleService:
         if not events:
             return
         logged: list[Event] = []
+        commands: list[Prepared] = []
         for event in events:
             if isinstance(event, CommandEvent):
-                # Keep the engine's order in the log: the alert, then the command it caused.
-                self._store.append_events(logged)
-                logged = []
-                self._commands.send(event.device, event.action, dict(event.params), cause={
-                    "group": event.group, "rule": event.rule, "trigger": str(event.trigger),
-                    "device": event.source_device})
+                # The engine's order in the log: the alert, then the command it caused.
+                command = self._commands.prepare(
+                    event.device, event.action, dict(event.params), cause={
+                        "group": event.group, "rule": event.rule, "trigger": str(event.trigger),
+                        "device": event.source_device})
+                logged.extend(command.events)
+                commands.append(command)
             else:
                 logged.append(Event(event.cloud_type, event.device, event.time,
                                     event.to_dict()))
-        self._store.append_events(logged)
+        # One commit for the events, the alert states and the waiting commands: a crash
+        # keeps all or none, so an alert never fires twice nor its command goes out twice.
+        self._store.append_events_with_state(logged, [self._state(),
+                                                      self._commands.state()])
+        # Published after the commit (even when the disk is full: actuation comes first).
+        for command in commands:
+            self._commands.publish(command)
         self._metrics.rule_events.inc(len(events))
-        self.save()
+
+    def _state(self) -> tuple[str, bytes]:
+        return STATE_NAME, orjson.dumps(self.engine.snapshot())
 
     def save(self) -> None:
-        self._store.save_state(STATE_NAME, orjson.dumps(self.engine.snapshot()))
+        self._store.append_events_with_state((), [self._state()])
 
     def reload(self) -> None:
         try:

@@ -308,3 +308,23 @@ def test_counters_agree_with_the_data_after_a_crash(tmp_path):
     assert again.counters["readings"] == 100
     assert again.counters["dead_letters.bad_json"] == 3
     assert log_stats(again._conn)["counters"]["readings"] == 100
+
+
+def test_events_and_state_commit_together_or_not_at_all(tmp_path):
+    """A rule tick logs its events and saves alert and command state in one commit: when
+    the state cannot be written (a fault injected by a trigger), the events are not in the
+    log either, so a restart cannot see "fired" without the state that says so."""
+    from gateway.events import Event
+
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    fired = Event("io.fieldgate.alert.fired", "d", NOW, {"rule": "Hot"})
+    assert store.append_events_with_state([fired], [("engine", b"1"), ("commands", b"a")],
+                                          now=NOW) == [1]
+    assert store.load_state("engine") == b"1" and store.load_state("commands") == b"a"
+    store._conn.execute("CREATE TRIGGER fault BEFORE INSERT ON state "
+                        "BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END")
+    assert store.append_events_with_state([fired], [("engine", b"2")], now=NOW) == []
+    assert store.load_state("engine") == b"1"
+    assert [r.seq for r in LogReader(tmp_path / "log.db").read(
+        0, max_readings=10, max_bytes=10**6)] == [1]
+    assert store.counters["state_saves_failed"] == 1

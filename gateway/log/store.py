@@ -388,7 +388,7 @@ class LogStore:
     def save_state(self, name: str, value: bytes) -> None:
         """Keep a component's state (the rule engine's alert states) with the log, durably.
         On a full disk the previous state stays and the log reports itself full."""
-        self.append_events_with_state((), (name, value))
+        self.append_events_with_state((), [(name, value)])
 
     def load_state(self, name: str) -> bytes | None:
         row = self._conn.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
@@ -401,15 +401,15 @@ class LogStore:
         at the cap, room is made as for readings (drop_oldest), or the cap is exceeded by
         them (refuse).
         """
-        return self.append_events_with_state(events, None, now)
+        return self.append_events_with_state(events, (), now)
 
     def append_events_with_state(self, events: Sequence[Event],
-                                 state: tuple[str, bytes] | None,
+                                 states: Sequence[tuple[str, bytes]],
                                  now: float | None = None) -> list[int]:
-        """Log events and a component's state (name, value) in one transaction, so a crash
+        """Log events and components' states (name, value) in one transaction, so a crash
         cannot keep one without the other (an alert logged as fired but saved as pending
         would fire again, and resend its command)."""
-        if not events and state is None:
+        if not events and not states:
             return []
         now = time.time() if now is None else now
         seqs = list(range(self.next_seq, self.next_seq + len(events)))
@@ -425,16 +425,16 @@ class LogStore:
             if rows:
                 self._conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?)", rows)
                 counted["events"] += len(rows)
-            if state is not None:
-                self._conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", state)
+            if states:
+                self._conn.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", states)
             self._write_counters(counted)
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._write_failed(err)
             if events:
                 self._count_drop("disk_full_events", len(events), persist=False)
-            if state is not None:
-                self._unsaved["state_saves_failed"] += 1
+            if states:
+                self._unsaved["state_saves_failed"] += len(states)
             self._publish()
             return []
         if seqs:
