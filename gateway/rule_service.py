@@ -73,8 +73,17 @@ class RuleService:
                     log.info("Alert state of changed rules not restored: %s", ", ".join(dropped))
         self._next_tick = 0.0
         self._known: set[str] = set()
-        metrics.alerts_firing.set_function(lambda: len(self.engine.firing()))
-        metrics.watch_engine(self._drops)
+        # /metrics is served from another thread: it reads what the loop published after
+        # its last tick (a reference swap), never the engine's arrays while they change.
+        self._firing = 0
+        self._published_drops: dict[str, int] = {}
+        self._publish()
+        metrics.alerts_firing.set_function(lambda: self._firing)
+        metrics.watch_engine(lambda: self._published_drops)
+
+    def _publish(self) -> None:
+        self._firing = len(self.engine.firing())
+        self._published_drops = self._drops()
 
     def _drops(self) -> dict[str, int]:
         drops = self.engine.drops
@@ -107,6 +116,7 @@ class RuleService:
             return
         self._next_tick = now + self._cfg.engine.tick
         events = self.engine.tick(time.time())
+        self._publish()
         if not events:
             return
         logged: list[Event] = []
