@@ -153,13 +153,13 @@ def test_signed_command_reaches_the_device_and_its_answer_is_judged(
             gw.ingest.step(time.monotonic())
 
     # Ready when readings from the device are logged: both sides connected and subscribed.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while gw.store.counters["readings"] == 0 and time.monotonic() < deadline:
         turn(0.1)
     assert gw.commands is not None
     cid = gw.commands.send("gh-1", "fan", {"state": "on"}, cause={"rule": "TooHot"})
     gw.ingest.link.flush()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not _answers(gw):
         turn(0.1)
     stop.set()
@@ -201,7 +201,7 @@ def test_forged_acknowledgements_over_mqtt_are_rejected_with_a_reason(site, tmp_
     }
     pub = Publisher(site.port)
     links = [gw.ingest.link]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not gw.ingest.link.connected and time.monotonic() < deadline:
         poll_links(links, 0.05)
         gw.ingest.step(time.monotonic())
@@ -209,7 +209,7 @@ def test_forged_acknowledgements_over_mqtt_are_rejected_with_a_reason(site, tmp_
         device = "gh-8" if name == "other-device" else "gh-9"
         pub.publish(f"devices/{device}/cmd/ack", payload)
     pub.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while len(_answers(gw)) < len(forged) and time.monotonic() < deadline:
         poll_links(links, 0.05)
         gw.ingest.step(time.monotonic())
