@@ -14,7 +14,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-
 # Every wait's bound is stretched by this much: the numbers in the tests are what a fast
 # machine needs; a Raspberry Pi or a CI box with a busy core may need several times that.
 SLACK = float(os.environ.get("FIELDGATE_TEST_SLACK", "4"))

@@ -17,9 +17,8 @@ from devices.fleet import FleetError, load_fleet, parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
 from gateway.log.schema import connect
-from tests.mqtt_helpers import CloudCollector
+from tests.mqtt_helpers import CloudCollector, subscribe_and_wait
 from tests.mqtt_helpers import client as mqtt_client
-from tests.mqtt_helpers import subscribe_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 START = 1_800_000_000.0
