@@ -328,3 +328,17 @@ def test_events_and_state_commit_together_or_not_at_all(tmp_path):
     assert [r.seq for r in LogReader(tmp_path / "log.db").read(
         0, max_readings=10, max_bytes=10**6)] == [1]
     assert store.counters["state_saves_failed"] == 1
+
+
+def test_the_wal_is_bounded(tmp_path):
+    """The WAL is checkpointed and cut back, so the log's disk use is the cap plus a bound."""
+    from gateway.log.schema import JOURNAL_LIMIT, WAL_PAGES
+
+    store = LogStore(_cfg(tmp_path, max_bytes=64 * 1024 * 1024), "gw", ["uplink"])
+    wal = tmp_path / "log.db-wal"
+    biggest = 0
+    for k in range(100):
+        store.append([_msg(i) for i in range(k * 1000, k * 1000 + 1000)], now=NOW)
+        biggest = max(biggest, wal.stat().st_size)
+    assert (tmp_path / "log.db").stat().st_size > JOURNAL_LIMIT  # checkpoints happened
+    assert biggest <= max(JOURNAL_LIMIT, (WAL_PAGES + 200) * 1080)

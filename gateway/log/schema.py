@@ -25,6 +25,12 @@ ROW_OVERHEAD = 40
 # write fewer bytes per commit at low rates (flash wear), larger ones cost fewer pages per
 # row at high rates.
 PAGE_SIZE = 1024
+# Checkpoint when the WAL holds this many pages (4 MiB of 1 KiB pages): a page rewritten by
+# many commits in between reaches the database file once; longer makes the WAL bigger and
+# reopening slower. After a checkpoint the WAL file is cut back to JOURNAL_LIMIT bytes, so
+# the log's disk use is log.max_bytes plus at most about this much.
+WAL_PAGES = 4096
+JOURNAL_LIMIT = 4 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,6 +73,8 @@ def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
         if not readonly:
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # new files only
             conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT}")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.executescript(SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
