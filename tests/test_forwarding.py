@@ -111,29 +111,34 @@ def test_a_topic_the_cloud_acl_denies_is_dead_lettered_and_telemetry_flows(
         cloud.stop()
 
 
-def test_a_row_over_the_brokers_maximum_packet_size_is_dead_lettered_and_the_rest_flows(
+def test_a_reading_over_the_brokers_maximum_packet_size_is_dead_lettered_and_the_rest_flows(
         site, make_gateway, tmp_path):
     from gateway.mosquitto import Mosquitto
 
     cloud = Mosquitto(tmp_path, "small-cloud", extra="max_packet_size 16384\n").start()
     try:
-        gw = make_gateway(site, cloud).start()
+        gw = make_gateway(site, cloud, ingest={"max_metrics": 2000}).start()
         sink = CloudCollector(cloud.port, gw.gateway_id)
         pub = Publisher(site.port)
         for i in range(100):
             pub.publish("sensors/d/telemetry", orjson.dumps({"i": i}))
-        # One site message, one log row of 1,000 readings: ~90 KB, over 16 KiB.
-        huge = [{"big": k, "pad": 1234567.25} for k in range(1000)]
-        pub.publish("sensors/d/telemetry", orjson.dumps(huge))
+        # One site message of 1,000 readings (~90 KB): cut into batches that fit, delivered.
+        many = [{"many": k, "pad": 1234567.25} for k in range(1000)]
+        pub.publish("sensors/d/telemetry", orjson.dumps(many))
+        # One reading of 1,500 metrics (~30 KB): no batch can carry it.
+        pub.publish("sensors/d/telemetry",
+                    orjson.dumps({f"metric_{k:05d}": 1234567.25 for k in range(1500)}))
         for i in range(100, 200):
             pub.publish("sensors/d/telemetry", orjson.dumps({"i": i}))
         pub.close()
-        assert sink.wait_for(lambda: len(sink.unique()) == 200, 20), \
-            f"{len(sink.unique())} of 200 arrived; gateway log:\n{gw.log()}"
-        assert sorted(r["i"] for r in sink.unique().values()) == list(range(200))
-        assert not any("big" in r for r in sink.unique().values())
+        assert sink.wait_for(lambda: len(sink.unique()) == 1200, 20), \
+            f"{len(sink.unique())} of 1200 arrived; gateway log:\n{gw.log()}"
+        got = sink.unique().values()
+        assert sorted(r["i"] for r in got if "i" in r) == list(range(200))
+        assert sorted(r["many"] for r in got if "many" in r) == list(range(1000))
+        assert not any("metric_00000" in r for r in got)
         assert gw.metric('fieldgate_uplink_rejected_total{code="0x95"}') == 1.0
-        assert gw.metric("fieldgate_uplink_dead_lettered_readings_total") == 1000.0
+        assert gw.metric("fieldgate_uplink_dead_lettered_readings_total") == 1.0
         assert gw.stop() == 0
         [row] = _dlq(gw, "uplink_rejected:0x95")
         assert row["topic"] == f"fieldgate/{gw.gateway_id}/telemetry"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -155,9 +156,11 @@ def test_cap_drop_oldest_keeps_newest_and_counts(site, cloud, make_gateway):
     gw = make_gateway(site, cloud, log={"max_bytes": "256KiB", "when_full": "drop_oldest"},
                       ingest={"max_payload": "4KiB"}).start()
     pub = Publisher(site.port)
-    n = 12000  # ~100 bytes each in the log: about 5x the cap
+    n = 12000  # ~50 bytes each in the log (compressed): about 2x the cap
+    noise = random.Random(1)
     for i in range(n):
-        pub.publish("sensors/d/telemetry", orjson.dumps({"i": i, "pad": 1234567.5}))
+        pub.publish("sensors/d/telemetry", orjson.dumps(
+            {"i": i, "a": noise.random(), "b": noise.random()}))
     pub.close()
     assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_readings_total") == n, 20)
     dropped = gw.metric('fieldgate_log_dropped_readings_total{reason="cap"}')
@@ -179,9 +182,11 @@ def test_cap_refuse_backpressures_site_and_loses_nothing(site, cloud, make_gatew
     gw = make_gateway(site, cloud, log={"max_bytes": "256KiB", "when_full": "refuse"},
                       ingest={"max_payload": "4KiB"}).start()
     pub = Publisher(site.port)
-    n = 6000  # about 2.5x the cap
+    n = 12000  # ~50 bytes each in the log (compressed): about 2x the cap
+    noise = random.Random(2)
     for i in range(n):
-        pub.publish("sensors/d/telemetry", orjson.dumps({"i": i, "pad": 1234567.5}))
+        pub.publish("sensors/d/telemetry", orjson.dumps(
+            {"i": i, "a": noise.random(), "b": noise.random()}))
     pub.close()
     assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_log_full") == 1.0, 20)
     time.sleep(1.0)

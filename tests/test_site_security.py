@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.commands import seal, unseal
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
+from gateway.log.reader import LogReader
 from gateway.mosquitto import Mosquitto
 from gateway.mqtt.link import poll_links
 from gateway.site import hash_password
@@ -166,8 +167,9 @@ def test_the_shipped_site_config_confines_each_device_to_its_own_topics(locked_s
     gh1.publish("devices/gh-2/cmd/ack", b'{"id":"forged","status":"ok"}')
     gh1.publish("sensors/gh-1/temp", b"21")
     turn_until(lambda: gw.store.counters["readings"] >= 1, "gh-1's reading")
-    devices = [d for (d,) in gw.store._conn.execute(
-        "SELECT json_extract(body, '$.device') FROM records WHERE kind = 0")]
+    logged = LogReader(gw.store.path).read(1, max_readings=100, max_bytes=10**6)
+    devices = [r["device"] for row in logged if row.kind == 0
+               for r in orjson.loads(b"[" + row.body + b"]")]
     assert devices == ["gh-1"], "only gh-1's own reading reached the gateway"
 
     # The gateway's user writes commands; each device gets its own and nothing forged.

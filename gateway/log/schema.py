@@ -7,14 +7,21 @@ from pathlib import Path
 
 from gateway.errors import LogCorruptError, LogError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Schema changes that an older log file is brought up to on open, by the version they lead to.
 MIGRATIONS = {
     # v2: dead letters keep their site message key, so a redelivered bad message is
     # recognised like a redelivered good one.
     2: "ALTER TABLE dead_letters ADD COLUMN msg_key INTEGER NOT NULL DEFAULT 0",
+    # v3: a row holds a group commit's readings, compressed, with its messages' keys.
+    3: "ALTER TABLE records ADD COLUMN codec INTEGER NOT NULL DEFAULT 0; "
+       "ALTER TABLE records ADD COLUMN keys BLOB",
 }
+
+# records.codec: how body is stored.
+CODEC_RAW = 0
+CODEC_ZLIB = 1
 
 # Records cost a little more than their body on disk (row header, rowid, index entries); this
 # estimate makes the byte cap track the file's real growth closely enough.
@@ -37,10 +44,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
     seq      INTEGER PRIMARY KEY,  -- sequence number of the first reading in the row
     n        INTEGER NOT NULL,     -- readings in the row (seq .. seq+n-1)
-    kind     INTEGER NOT NULL,     -- 0 telemetry
+    kind     INTEGER NOT NULL,     -- 0 telemetry, 1 event
     created  REAL    NOT NULL,     -- when the row was appended (epoch seconds)
-    msg_key  INTEGER NOT NULL,     -- crc32 of topic and payload: spots site redeliveries
-    body     BLOB    NOT NULL      -- readings as comma-joined JSON objects, each with its seq
+    msg_key  INTEGER NOT NULL,     -- v2 rows: the one site message's key (else 0)
+    body     BLOB    NOT NULL,     -- readings as comma-joined JSON objects, each with its seq
+    codec    INTEGER NOT NULL DEFAULT 0,  -- 0 body as is, 1 zlib
+    keys     BLOB                  -- packed uint64 keys of the site messages in the row
 );
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -108,6 +117,7 @@ def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
 def _migrate(conn: sqlite3.Connection, version: int) -> None:
     conn.execute("BEGIN")
     for target in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute(MIGRATIONS[target])
+        for statement in MIGRATIONS[target].split("; "):
+            conn.execute(statement)
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
     conn.execute("COMMIT")
