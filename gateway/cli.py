@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -195,10 +196,8 @@ def status(config_path: Path, once: bool, interval: str) -> None:
             return
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the way out
             run_live(watcher, console, interval=every, stop=stop)
-        except KeyboardInterrupt:
-            pass
     finally:
         watcher.close()
 
