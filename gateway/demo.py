@@ -49,6 +49,7 @@ from gateway.status import StatusError, StatusWatcher
 from gateway.status.sources import metrics_url, scrape
 from gateway.status.state import Tone
 from gateway.status.view import render
+from gateway.status.watch import links_of
 
 # When the cloud is cut, after this many seconds of normal flow.
 _CUT_AFTER = 5.0
@@ -234,7 +235,7 @@ def run_demo(duration: float, cut_cloud: float) -> int:
             gateway_thread.start()
             consumer = _CloudConsumer(cloud.port, cfg.gateway_id)
             _wait_for_metrics(metrics_url(metrics), gateway_thread)
-            watcher = StatusWatcher(metrics_url(metrics), cfg.log.path)
+            watcher = StatusWatcher(metrics_url(metrics), cfg.log.path, links_of(cfg))
             sim = subprocess.Popen(
                 [sys.executable, "-m", "devices", "simulate", "--fleet", str(_fleet_file()),
                  "--broker", site.url, "--rate-scale", str(_RATE_SCALE),

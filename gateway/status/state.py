@@ -99,7 +99,7 @@ def _param_text(action: str, params: Any) -> str:
 
 def _number(value: Any) -> str:
     if isinstance(value, int | float) and math.isfinite(value):
-        return f"{value:.1f}" if isinstance(value, float) else str(value)
+        return f"{value:.1f}".removesuffix(".0")
     return "-"
 
 
@@ -208,8 +208,8 @@ class StatusState:
             while len(self._commands) > MAX_COMMANDS:
                 self._commands.popitem(last=False)
             self._device(device).actuators[action] = Actuator(action, state, "sent", at)
-            signed = "signed " if data.get("signed") else ""
-            self.note(at, "command", f"{action} {state} {signed}sent to {device}", Tone.INFO)
+            signed = " (signed)" if data.get("signed") else ""
+            self.note(at, "command", f"{action} {state} sent to {device}{signed}", Tone.INFO)
         elif kind in ("command.acknowledged", "command.rejected", "command.timed_out"):
             action = str(data.get("action", ""))
             known = self._commands.get(str(data.get("id", "")))

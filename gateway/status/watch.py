@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -26,8 +27,10 @@ from gateway.status.view import render
 class StatusWatcher:
     """One gateway's /metrics and log, polled into a StatusState."""
 
-    def __init__(self, metrics: str, log: Path) -> None:
+    def __init__(self, metrics: str, log: Path, links: tuple[str, ...] = ("site",)) -> None:
         self.metrics_url = metrics
+        # A link that never connected has no gauge yet; the config says it should be there.
+        self._links = links
         self.tail = LogTail(log)
         self.state = StatusState()
 
@@ -37,6 +40,7 @@ class StatusWatcher:
         error: str | None = None
         try:
             metrics = scrape(self.metrics_url)
+            metrics = replace(metrics, links=dict.fromkeys(self._links, False) | metrics.links)
         except StatusError as err:
             error = str(err)
         try:
@@ -74,7 +78,13 @@ def watcher_for(cfg: GatewayConfig, config_name: str) -> StatusWatcher:
                           "the gateway")
     url = metrics_url(cfg.metrics.listen)
     scrape(url)  # fail now, in one line, rather than draw an empty screen
-    return StatusWatcher(url, cfg.log.path)
+    return StatusWatcher(url, cfg.log.path, links_of(cfg))
+
+
+def links_of(cfg: GatewayConfig) -> tuple[str, ...]:
+    """The links a gateway with this config keeps up (the names on /metrics)."""
+    return ("site", *(("cloud",) if cfg.cloud is not None else ()),
+            *(("influx",) if cfg.influx is not None else ()))
 
 
 def print_once(watcher: StatusWatcher, console: Console) -> None:
