@@ -127,10 +127,14 @@ def check(config_path: Path) -> None:
 @click.option("--cut-cloud", default="0s", show_default=True,
               help="Stop the cloud broker this long (after 5 s) to show store-and-forward.")
 def demo(duration: str, cut_cloud: str) -> None:
-    """Run the whole path on this machine: brokers, gateway, simulated sensors.
+    """Run the whole path on this machine: brokers, gateway, InfluxDB, simulated sensors.
 
-    Needs Mosquitto (sudo apt-get install mosquitto); everything else is temporary and
-    removed at the end. Exits 0 when every logged reading arrived at the cloud broker.
+    Needs Mosquitto; with InfluxDB 1.x installed (sudo apt-get install -y mosquitto
+    influxdb) the gateway also writes to an influxd it starts, and the demo ends with
+    what `gateway query last` and `gateway query alerts` say. On a terminal it shows the
+    `gateway status` view live. Everything is temporary and removed at the end. Exits 0
+    when every logged reading arrived at the cloud broker (and InfluxDB holds every
+    record and the same alerts).
 
     \b
     Example:

@@ -4,7 +4,10 @@ Starts a site and a cloud Mosquitto on free loopback ports, the gateway (durable
 temporary directory, the demo greenhouse rules, a site master key for commands), the
 emulated greenhouse fleet (`devices simulate`, a separate process that knows the gateway
 only through MQTT)
-and a cloud-side consumer that counts readings and events; prints one line a second.
+and a cloud-side consumer that counts readings and events. With influxd installed, an
+InfluxDB 1.x on a free port is the second sink, and the demo ends with `gateway query last`
+and `gateway query alerts` against it. On a terminal the live view is `gateway status`'s
+(gateway/status, fed by the gateway's /metrics and log); otherwise one line a second.
 The heat fault on gh-1 fires TooHot, the gateway sends a fan command signed with gh-1's key
 (derived from the master key, which the emulator holds since it plays every device), the
 device verifies it and answers, signed, the gateway believes the answer, the temperature
