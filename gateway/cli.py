@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -126,10 +127,14 @@ def check(config_path: Path) -> None:
 @click.option("--cut-cloud", default="0s", show_default=True,
               help="Stop the cloud broker this long (after 5 s) to show store-and-forward.")
 def demo(duration: str, cut_cloud: str) -> None:
-    """Run the whole path on this machine: brokers, gateway, simulated sensors.
+    """Run the whole path on this machine: brokers, gateway, InfluxDB, simulated sensors.
 
-    Needs Mosquitto (sudo apt-get install mosquitto); everything else is temporary and
-    removed at the end. Exits 0 when every logged reading arrived at the cloud broker.
+    Needs Mosquitto; with InfluxDB 1.x installed (sudo apt-get install -y mosquitto
+    influxdb) the gateway also writes to an influxd it starts, and the demo ends with
+    what `gateway query last` and `gateway query alerts` say. On a terminal it shows the
+    `gateway status` view live. Everything is temporary and removed at the end. Exits 0
+    when every logged reading arrived at the cloud broker (and InfluxDB holds every
+    record and the same alerts).
 
     \b
     Example:
@@ -148,6 +153,57 @@ def demo(duration: str, cut_cloud: str) -> None:
         raise SystemExit(run_demo(seconds, cut))
     except FieldgateError as err:
         _fail(err)
+
+
+@main.command()
+@_config_option
+@click.option("--once", is_flag=True,
+              help="Print one snapshot and exit (for scripts and SSH sessions).")
+@click.option("--interval", default="1s", show_default=True, help="Redraw this often (live).")
+def status(config_path: Path, once: bool, interval: str) -> None:
+    """Watch a running gateway: devices, sparklines, actuators, links, sink depths, events.
+
+    A row per device with its latest values and a sparkline of the last minute, the
+    state of its actuators (the last command and its answer), the site/cloud/influx
+    links, readings per second, how many records each sink still owes, and a feed of
+    alerts, commands and link changes. Everything comes from the gateway itself: its
+    /metrics endpoint (metrics.listen) and its log file, read-only. Live until Ctrl-C;
+    with --once (or when the output is not a terminal) one snapshot, plain text.
+
+    \b
+    Example:
+      gateway status -c /etc/fieldgate/gateway.yaml
+      gateway status -c gateway.yaml --once | grep waiting
+    """
+    import threading
+
+    from rich.console import Console
+
+    from gateway.status import StatusError, print_once, run_live, watcher_for
+    from gateway.units import parse_duration
+
+    try:
+        every = parse_duration(interval)
+    except ValueError as err:
+        _fail(ValueError(f"--interval: {err}"), 2)
+    if every <= 0:
+        _fail(ValueError(f"--interval: {interval!r} must be longer than 0s"), 2)
+    cfg = _load(config_path)
+    try:
+        watcher = watcher_for(cfg, str(config_path))
+    except StatusError as err:
+        _fail(err)
+    console = Console()
+    try:
+        if once or not console.is_terminal:
+            print_once(watcher, console)
+            return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the way out
+            run_live(watcher, console, interval=every, stop=stop)
+    finally:
+        watcher.close()
 
 
 @main.group("site")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,14 +158,17 @@ def test_log_stats_shows_depth_per_sink(site, cloud, make_gateway):
 def test_demo_closes_the_loop_and_survives_a_cloud_cut():
     """Heat rises on gh-1, TooHot fires, the signed fan command is verified and acknowledged
     by the emulated device, the temperature falls and the alert resolves; meanwhile the
-    cloud link is cut and every reading still arrives."""
+    cloud link is cut and every reading still arrives. With influxd installed the same
+    readings and alerts land in InfluxDB, and the demo ends with what `gateway query`
+    says about them."""
     out = subprocess.run([sys.executable, "-m", "gateway", "demo", "--duration", "20s",
                           "--cut-cloud", "3s"], cwd=ROOT, text=True, capture_output=True,
-                         timeout=120)
+                         timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "CUT" in out.stdout
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("done:") and " 0 missing;" in last, last
+    lines = out.stdout.strip().splitlines()
+    last = next(line for line in lines if line.startswith("done:"))
+    assert " 0 missing;" in last, last
     numbers = dict(re.findall(r"(fired|resolved) (\d+)", last))
     numbers.update((word, n) for n, word in re.findall(r"(\d+) (acknowledged|rejected)", last))
     assert int(numbers["fired"]) >= 1
@@ -173,6 +177,24 @@ def test_demo_closes_the_loop_and_survives_a_cloud_cut():
     assert int(numbers["rejected"]) == 0
     # Every answer was signed by the device and matched a command that waited for it.
     assert " 0 not believed, 0 timed out" in last, last
+
+    after = lines[lines.index(last) + 1:]
+    if shutil.which("influxd") is None and shutil.which("influxd", path="/usr/bin") is None:
+        assert any("sudo apt-get install -y influxdb" in line for line in lines), lines
+        return
+    # `gateway query last`: a row per metric of each device, gh-1's temperature among them.
+    start = after.index(next(line for line in after if line.startswith("$ gateway query last")))
+    table = after[start + 1:after.index(next(line for line in after
+                                              if line.startswith("$ gateway query alerts")))]
+    assert table[0].split() == ["gateway", "device", "metric", "value", "time", "age"]
+    rows = [line.split() for line in table[2:]]
+    assert {(r[0], r[1], r[2]) for r in rows} >= {("demo", f"gh-{n}", m) for n in range(1, 5)
+                                                  for m in ("temp", "hum", "soil")}
+    # `gateway query alerts`: InfluxDB holds the alerts the cloud consumer counted.
+    influx = next(line for line in after if line.startswith("influxdb:"))
+    fired, resolved = map(int, re.findall(r"(\d+) alerts fired, (\d+) resolved", influx)[0])
+    assert (fired, resolved) == (int(numbers["fired"]), int(numbers["resolved"])), influx
+    assert sum(" alert.fired " in line for line in after) == fired
 
 
 def test_metrics_port_in_use_is_one_clear_line(tmp_path):

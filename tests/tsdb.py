@@ -27,38 +27,13 @@ from typing import Any
 
 import pytest
 
+from gateway.influxd import CONF
 from gateway.mosquitto import free_port
 
 _START_TIMEOUT = 30.0
 
-INFLUXD_CONF = """\
-reporting-disabled = true
-bind-address = "127.0.0.1:{rpc}"
-[meta]
-  dir = "{dir}/meta"
-  logging-enabled = false
-[data]
-  dir = "{dir}/data"
-  wal-dir = "{dir}/wal"
-  query-log-enabled = false
-  trace-logging-enabled = false
-[monitor]
-  store-enabled = false
-[http]
-  enabled = true
-  bind-address = "127.0.0.1:{port}"
-  auth-enabled = {auth}
-  log-enabled = false
-  max-body-size = {max_body}
-[logging]
-  level = "warn"
-[subscriber]
-  enabled = false
-[continuous_queries]
-  enabled = false
-[retention]
-  enabled = false
-"""
+# The config the demo runs influxd with (one place for both).
+INFLUXD_CONF = CONF
 
 
 def _binary(name: str) -> str:
