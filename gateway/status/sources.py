@@ -21,14 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import split_host_port
 from gateway.errors import FieldgateError, LogError
+from gateway.log.reader import plain_body
 from gateway.log.schema import connect
 
 # Keys of a logged reading that are not metrics.
 _NOT_METRICS = frozenset({"seq", "device", "ts", "gateway", "clock_unsynced"})
-# Newest log rows read per poll. A busy gateway logs more than this in a second; the view
-# then sees the newest rows only (values stay current, sparklines sample), and a poll stays
-# a few tens of milliseconds of the gateway's core on a Pi.
-ROWS_PER_POLL = 5000
+# Newest log rows (one per group commit, up to 2,048 readings each) read per poll. A busy
+# gateway logs more than this in a second; the view then sees the newest rows only (values
+# stay current, sparklines sample), and a poll stays a few tens of milliseconds on a Pi.
+ROWS_PER_POLL = 200
 # How far back (in sequence numbers) the first poll looks for events: enough to find the
 # last command to each actuator on a quiet site, bounded so a 1 GB log is not scanned.
 EVENT_LOOKBACK = 200_000
@@ -193,12 +194,12 @@ class LogTail:
         top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
         readings: list[LoggedReading] = []
         rows = conn.execute(
-            "SELECT created, body FROM records WHERE seq > ? AND kind = 0 ORDER BY seq DESC "
-            "LIMIT ?", (self._seen, ROWS_PER_POLL)).fetchall()
-        for created, body in reversed(rows):
+            "SELECT created, body, codec FROM records WHERE seq > ? AND kind = 0 "
+            "ORDER BY seq DESC LIMIT ?", (self._seen, ROWS_PER_POLL)).fetchall()
+        for created, body, codec in reversed(rows):
             if created < since:
                 continue
-            for item in orjson.loads(b"[" + bytes(body) + b"]"):
+            for item in orjson.loads(b"[" + plain_body(body, codec) + b"]"):
                 metrics = {k: float(v) for k, v in item.items()
                            if k not in _NOT_METRICS and isinstance(v, int | float)}
                 readings.append(LoggedReading(created, str(item.get("device", "")), metrics))
