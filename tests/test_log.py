@@ -376,3 +376,37 @@ def test_a_commit_is_one_compressed_row_read_back_in_any_slices(tmp_path):
     between = reader.between(1500, 1510)
     assert [r["seq"] for row in between for r in orjson.loads(b"[" + row.body + b"]")] == \
         list(range(1500, 1510))
+
+
+def test_a_log_written_by_the_previous_version_is_upgraded_and_read(tmp_path):
+    """A v1 log file (one uncompressed row per site message, no dead-letter keys) opens,
+    is migrated in place, and its rows are forwarded and recognised as before."""
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "log.db", isolation_level=None)
+    old.executescript(OLD_SCHEMA)
+    old.execute("INSERT INTO meta VALUES ('schema', '1'), ('gateway_id', 'gw')")
+    key = message_key("sensors/d/telemetry", b"[1,2]", 42)
+    old.execute("INSERT INTO records VALUES (1, 2, 0, ?, ?, ?)", (NOW, key,
+                b'{"seq":1,"device":"d","ts":1.0,"v":1},{"seq":2,"device":"d","ts":2.0,"v":2}'))
+    old.close()
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    assert store.is_redelivery(key)
+    store.append([_msg(7)], now=NOW)
+    assert [r["seq"] for r in _bodies(store, tmp_path / "log.db")] == [1, 2, 3]
+    assert LogReader(tmp_path / "log.db").read(2, max_readings=1, max_bytes=10**6)[0].body == \
+        b'{"seq":2,"device":"d","ts":2.0,"v":2}'
+
+
+# The schema of a v1 log file, as the first release wrote it.
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE records (seq INTEGER PRIMARY KEY, n INTEGER NOT NULL, kind INTEGER NOT NULL,
+    created REAL NOT NULL, msg_key INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE cursors (sink TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE state (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, ts REAL NOT NULL, topic TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL,
+    replayed REAL);
+"""
