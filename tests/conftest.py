@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from gateway.mosquitto import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
 # What `gateway run` logs once its site subscriptions are acknowledged (SUBACK).
 READY = "Ready: site subscriptions in place"
 

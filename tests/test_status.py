@@ -4,7 +4,6 @@ sees it (a real terminal in tmux) and as a script sees it (--once)."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -12,12 +11,12 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 import yaml
 
 from gateway.mosquitto import free_port
 from gateway.status.view import SPARKS, sparkline
 from tests.mqtt_helpers import CloudCollector, Publisher
+from tests.tools import need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,9 +102,8 @@ def test_once_under_load_shows_the_depths_log_stats_shows(site, cloud, make_gate
     assert gw.stop() == 0
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt install "
-                    "tmux)")
 def test_live_view_in_a_real_terminal(site, make_gateway, tmp_path):
+    need("tmux", "tmux")
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     gw = make_gateway(site, None, rules=[str(rules)], engine={"tick": "200ms"}).start()

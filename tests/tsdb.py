@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,7 @@ import pytest
 
 from gateway.influxd import CONF
 from gateway.mosquitto import free_port
+from tests.tools import need
 
 _START_TIMEOUT = 30.0
 
@@ -37,10 +37,7 @@ INFLUXD_CONF = CONF
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/bin:/usr/sbin")
-    if found is None:
-        pytest.skip(f"{name} is not installed (apt install influxdb victoria-metrics)")
-    return found
+    return need(name, {"influxd": "influxdb"}.get(name, name))
 
 
 class _Server:
