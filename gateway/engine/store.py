@@ -84,7 +84,7 @@ def buckets_for(seconds: float, width: float) -> int:
     return max(1, math.ceil(seconds / width - 1e-9))
 
 
-def _run_starts(changed: B) -> I64:
+def run_starts(changed: B) -> I64:
     """Start of each run of a sorted array, from ``changed[i] = a[i + 1] != a[i]``."""
     flags = np.empty(changed.size + 1, dtype=bool)
     flags[0] = True
@@ -92,7 +92,7 @@ def _run_starts(changed: B) -> I64:
     return np.flatnonzero(flags)
 
 
-def _run_ends(starts: I64, size: int) -> I64:
+def run_ends(starts: I64, size: int) -> I64:
     """Last index of each run (inclusive)."""
     ends = np.empty_like(starts)
     ends[:-1] = starts[1:] - 1
@@ -262,7 +262,7 @@ class SeriesStore:
         # One sort serves every resolution: (metric, device, timestamp), arrival order on ties.
         order = np.lexsort((ts, met * self.capacity + dev))
         dev, met, ts, val = dev[order], met[order], ts[order], val[order]
-        m_bounds = _run_starts(met[1:] != met[:-1])
+        m_bounds = run_starts(met[1:] != met[:-1])
         for lo, hi in itertools.pairwise([*m_bounds.tolist(), met.size]):
             m = int(met[lo])
             d, t, v = self._unique(m, dev[lo:hi], ts[lo:hi], val[lo:hi])
@@ -283,25 +283,31 @@ class SeriesStore:
             self.drops.duplicate += int(np.count_nonzero(again))
             dev, ts, val = dev[~again], ts[~again], val[~again]
         if dev.size:
-            # Newest DEDUP_DEPTH of (remembered + this batch) per device: the batch is sorted
-            # by device and time, so its newest are the last entries of each device's run.
-            starts = _run_starts(dev[1:] != dev[:-1])
-            ends = _run_ends(starts, dev.size)
-            rows = dev[starts]
-            idx = ends[:, None] - np.arange(DEDUP_DEPTH)
-            newest = np.where(idx >= starts[:, None], ts[np.maximum(idx, 0)], -math.inf)
-            both = np.concatenate((recent[rows], newest), axis=1)
-            both.sort(axis=1)
-            recent[rows] = both[:, DEDUP_DEPTH:]
+            self.remember(m, dev, ts)
         return dev, ts, val
+
+    def remember(self, m: int, dev: I64, ts: F64) -> None:
+        """Keep the newest DEDUP_DEPTH of (remembered + ``ts``) per device; ``dev``/``ts``
+        are counted readings sorted by device and time, so a device's newest are the last
+        entries of its run. The newest of a union is the newest of the parts' newest, so
+        remembering several calls' readings at once leaves the same memory."""
+        recent = self.recent[m]
+        starts = run_starts(dev[1:] != dev[:-1])
+        ends = run_ends(starts, dev.size)
+        rows = dev[starts]
+        idx = ends[:, None] - np.arange(DEDUP_DEPTH)
+        newest = np.where(idx >= starts[:, None], ts[np.maximum(idx, 0)], -math.inf)
+        both = np.concatenate((recent[rows], newest), axis=1)
+        both.sort(axis=1)
+        recent[rows] = both[:, DEDUP_DEPTH:]
 
     def _merge(self, res: Resolution, ring: MetricRing, dev: I64, ts: F64,
                val: F64) -> None:
         """Fold one metric's readings (sorted by device, timestamp) into one ring."""
         assert res.head is not None
         bucket = bucket_of(ts, res.width)
-        starts = _run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]))
-        ends = _run_ends(starts, dev.size)
+        starts = run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]))
+        ends = run_ends(starts, dev.size)
         planes = ring.planes
         agg: dict[str, F64] = {}
         if "cnt" in planes:
