@@ -155,6 +155,7 @@ class Replay:
         self.engine = Engine(groups, config=config)
         self.labels = [(glob, dict(values)) for glob, values in labels]
         self.staged = staged
+        self.chunks_staged = 0  # chunks that took the fast path (the rest had repeats)
         self.summary = ReplaySummary()
         self._ids: dict[str, int] = {}
         self._metric_ids: dict[str, int] = {}
@@ -201,6 +202,7 @@ class Replay:
         batch = Batch(e_dev, e_met, e_ts, cols.value)
         call = np.cumsum(np.r_[False, e_tick[1:] != e_tick[:-1]])
         staged = self.engine.stage(batch, call, times) if self.staged else None
+        self.chunks_staged += staged is not None
         bounds = [*starts.tolist(), int(e_tick.size)]
         for j, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             number = int(numbers[j])

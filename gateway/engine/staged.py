@@ -110,17 +110,20 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     if dev.size == 0:
         _count_drops(store, late, future, used)
         return StagedIngest(n_ticks)
-    key = met * store.capacity + dev
+    key = met * (int(dev.max()) + 1) + dev  # orders as (metric, device)
     # Repeats: the same (metric, device, timestamp) twice in the chunk, or a remembered one.
-    by_time = np.lexsort((ts, key))
+    by_time = sorted_by([key], ts)
     k_s, t_s = key[by_time], ts[by_time]
     if ((k_s[1:] == k_s[:-1]) & (t_s[1:] == t_s[:-1])).any():
         return None
     m_s, d_s = met[by_time], dev[by_time]
     spans = list(itertools.pairwise([*run_starts(m_s[1:] != m_s[:-1]).tolist(), m_s.size]))
     for lo, hi in spans:
-        m = int(m_s[lo])
-        if (store.recent[m][d_s[lo:hi]] == t_s[lo:hi, None]).any():
+        recent = store.recent[int(m_s[lo])]
+        d, t = d_s[lo:hi], t_s[lo:hi]
+        # Only a reading no newer than a device's newest remembered one can repeat it.
+        maybe = np.flatnonzero(t <= recent[d, -1])
+        if maybe.size and (recent[d[maybe]] == t[maybe, None]).any():
             return None
     _count_drops(store, late, future, used)
     for lo, hi in spans:
@@ -128,7 +131,7 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     out = StagedIngest(n_ticks)
     # Tick-major order: (tick, metric, device, timestamp), arrival order on ties, which is
     # the order per-tick ingest sorts each call's readings into.
-    order = np.lexsort((ts, key, tick))
+    order = sorted_by([tick, key], ts)
     dev, met, ts, val, tick = dev[order], met[order], ts[order], val[order], tick[order]
     for m in np.unique(met).tolist():
         sel = np.flatnonzero(met == m)
@@ -171,13 +174,36 @@ def _share(res: Resolution, ring: MetricRing, dev: I64, ts: F64, val: F64, tick:
 
 def newest_per_tick(dev: I64, ts: F64, tick: I64, n_ticks: int) -> tuple[I64, I64, F64]:
     """(bounds, devices, newest timestamp) per (tick, device), in tick order."""
-    order = np.lexsort((dev, tick))
+    order = sorted_by([tick, dev], ts)
     d, t, k = dev[order], ts[order], tick[order]
     if d.size == 0:
         return np.zeros(n_ticks + 1, dtype=np.int64), d, t
     starts = run_starts((d[1:] != d[:-1]) | (k[1:] != k[:-1]))
     return (np.searchsorted(k[starts], np.arange(n_ticks + 1)), d[starts],
             np.maximum.reduceat(t, starts))
+
+
+# Keys below this sort by stable radix passes (numpy's stable sort of 16-bit integers).
+_RADIX = 1 << 16
+
+
+def sorted_by(keys: list[I64], ts: F64) -> I64:
+    """Order by ``keys`` (most significant first), then ``ts``, arrival order on ties:
+    ``np.lexsort((ts, *reversed(keys)))``, by radix passes when the keys are small and
+    the timestamps already ascend within equal keys (a recording in time order)."""
+    if ts.size and all(int(k.max()) < _RADIX for k in keys):
+        order = np.arange(ts.size)
+        for k in reversed(keys):
+            order = order[np.argsort(k[order].astype(np.uint16), kind="stable")]
+        same = np.ones(ts.size - 1, dtype=bool)
+        for k in keys:
+            k_o = k[order]
+            same &= k_o[1:] == k_o[:-1]
+        t = ts[order]
+        if not (same & (t[1:] < t[:-1])).any():
+            return order
+    out: I64 = np.lexsort((ts, *reversed(keys)))
+    return out
 
 
 def _count_drops(store: SeriesStore, late: B, future: B, used: B) -> None:
