@@ -257,7 +257,8 @@ def faulty_record(path: Path, seed: int) -> Path:
             energy[d] = 0.0 if rng.random() < 0.003 else energy[d] + rng.uniform(0, 1.2)
             row: dict = {"device": f"d-{d}", "ts": round(T0 + s + float(rng.uniform(0, 1)), 3),
                          "temp": round(float(24 + 3 * np.sin(s / 40 + d) + rng.normal(0, 1)), 2),
-                         "hum": None if rng.random() < 0.1 else round(float(45 + rng.normal(0, 3)), 1),
+                         "hum": None if rng.random() < 0.1 else
+                         round(float(45 + rng.normal(0, 3)), 1),
                          "energy": round(float(energy[d]), 3)}
             if d % 4 == 0:
                 row["door"] = bool(rng.random() < 0.2)
