@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterator
 from operator import itemgetter
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+from numpy.lib.stride_tricks import sliding_window_view
 
 from gateway.engine.replay import Columns, columns_of
 
@@ -69,7 +71,9 @@ def read_columns(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Columns
 
 def decode_jsonl(data: bytes, path: Path | str, first_line: int = 1) -> Columns:
     """Columns of JSONL ``data`` (whole lines); the fast scan, else the plain decoder."""
-    fast = _bulk(data)
+    fast = _scan(data)
+    if fast is None:
+        fast = _bulk(data)
     if fast is not None:
         return fast
     return _from_rows(_jsonl_rows(data, path, first_line))
@@ -200,3 +204,176 @@ def _csv(path: Path) -> Iterator[_Row]:
 
 def _from_rows(rows: Iterator[_Row]) -> Columns:
     return columns_of(rows)
+
+
+# -- the scan: compact lines of one layout, parsed by array operations -------------------
+
+_Q, _COLON, _COMMA, _LBRACE, _RBRACE, _MINUS, _DOT, _ZERO = (ord(c) for c in '":,{}-.0')
+# Longest name and number the scan takes; longer ones go to the bulk decoder.
+_MAX_NAME, _MAX_NUMBER = 64, 24
+# Decimal digits a number may have to be exact as an integer mantissa (< 2**53): with a
+# power of ten below 10**22 both sides of ``mantissa / 10**frac`` are exact doubles and
+# IEEE division rounds once, so the result is the correctly rounded value any JSON parser
+# gives. Longer numbers and exponents are read one by one with ``float``.
+_EXACT_DIGITS = 15
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+_JSON_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_LITERALS = {b"true": 1.0, b"false": 0.0, b"null": math.nan}
+
+
+def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not for me"
+    """Columns of compact JSONL lines (no spaces, no escapes) that all have the first
+    line's keys in its order, a string device and number/bool/null values — what
+    `devices simulate --record` writes — without a Python object per line. None: not
+    such a chunk; the bulk decoder takes it."""
+    if not data.endswith(b"\n") or any(c in data for c in (b"\\", b" ", b"\t", b"\r")):
+        return None
+    try:
+        head = orjson.loads(data[: data.index(b"\n")])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("device"), str) or \
+            "ts" not in head or any(isinstance(v, str | list | dict)
+                                    for k, v in head.items() if k != "device"):
+        return None
+    keys = list(head)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    n = ends.size
+    starts = np.r_[0, ends[:-1] + 1]
+    quotes = np.flatnonzero(buf == _Q)
+    per_line = 2 * len(keys) + 2
+    if quotes.size != n * per_line or (np.searchsorted(quotes, ends) !=
+                                       per_line * np.arange(1, n + 1)).any():
+        return None
+    q = quotes.reshape(n, per_line)
+    if (q[:, 0] != starts + 1).any() or (buf[starts] != _LBRACE).any() or \
+            (buf[ends - 1] != _RBRACE).any():
+        return None
+    numbers: dict[str, F64] = {}
+    names: npt.NDArray[np.void] | None = None
+    pair = 0  # quote pair of the key being read
+    for i, key in enumerate(keys):
+        k_open, k_close = q[:, 2 * pair], q[:, 2 * pair + 1]
+        raw = key.encode()
+        if (k_close - k_open - 1 != len(raw)).any() or \
+                (buf[k_open[:, None] + 1 + np.arange(len(raw))] !=
+                 np.frombuffer(raw, dtype=np.uint8)).any() or \
+                (buf[k_close + 1] != _COLON).any():
+            return None
+        last = i == len(keys) - 1
+        if key == "device":
+            v_open, v_close = q[:, 2 * pair + 2], q[:, 2 * pair + 3]
+            after = buf[v_close + 1]
+            if (v_open != k_close + 2).any() or \
+                    (after != (_RBRACE if last else _COMMA)).any() or \
+                    (v_close + 2 != (ends if last else q[:, 2 * pair + 4])).any():
+                return None
+            names = _names(buf, v_open + 1, v_close - v_open - 1)
+            if names is None:
+                return None
+            pair += 2
+            continue
+        first = k_close + 2
+        if last:
+            stop = ends - 1
+        else:
+            stop = q[:, 2 * pair + 2] - 1
+            if (buf[stop] != _COMMA).any():
+                return None
+        parsed = _numbers(data, buf, first, stop - first)
+        if parsed is None or (key == "ts" and np.isnan(parsed).any()):
+            return None
+        numbers[key] = parsed
+        pair += 1
+    assert names is not None
+    ts = numbers.pop("ts")
+    for key in _NOT_METRICS & set(numbers):
+        numbers.pop(key)
+    if not ((ts >= 0) & (ts < _LATEST_TS)).all():
+        return None
+    uniq, first_at, inverse = np.unique(names, return_index=True, return_inverse=True)
+    rank = np.argsort(first_at, kind="stable")
+    code = np.empty_like(rank)
+    code[rank] = np.arange(rank.size)
+    try:
+        devices = [bytes(uniq[r]).rstrip(b"\0").decode() for r in rank.tolist()]
+    except UnicodeDecodeError:
+        return None
+    values = np.stack(list(numbers.values()), axis=1) if numbers else np.zeros((n, 0))
+    present = ~np.isnan(values)
+    if not np.isfinite(values[present]).all():
+        return None
+    rows = np.broadcast_to(np.arange(n)[:, None], values.shape)[present]
+    metric = np.broadcast_to(np.arange(values.shape[1]), values.shape)[present]
+    return Columns(devices, code[inverse.ravel()], ts, list(numbers), rows.astype(np.int64),
+                   metric.astype(np.int64), values[present])
+
+
+def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[np.void] | None:
+    """Device names as fixed-width byte strings (compared bytewise); None when empty, too
+    long or holding control characters."""
+    if length.size == 0 or length.min() < 1 or length.max() > _MAX_NAME:
+        return None
+    width = -(-int(length.max()) // 8) * 8
+    col = np.arange(width)
+    inside = col < length[:, None]
+    chars = np.where(inside, buf[np.minimum(start[:, None] + col, buf.size - 1)], 0)
+    if (inside & (chars < 0x20)).any():
+        return None
+    out: npt.NDArray[np.void] = np.ascontiguousarray(chars.astype(np.uint8)).view(
+        f"V{width}").ravel()
+    return out
+
+
+def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64,
+             length: I64) -> F64 | None:
+    """JSON numbers (true/false 1/0, null NaN) at ``start``/``length``; None when one is
+    not a JSON number or literal."""
+    n = start.size
+    if n == 0:
+        return np.zeros(0)
+    if length.min() < 1 or length.max() > _MAX_NUMBER:
+        return None
+    width = int(length.max())
+    col = np.arange(width)
+    # Right-aligned, padded with '0' on the left: the last digit is in the last column.
+    pad = col < (width - length)[:, None]
+    # Rows of a sliding view (no index matrix), from before the buffer's start if need be.
+    left = start + length - width
+    at = start  # in ``data``
+    if left.min() < 0:
+        buf, start, left = np.r_[np.zeros(width, np.uint8), buf], start + width, left + width
+    chars = sliding_window_view(buf, width)[left]
+    chars[pad] = _ZERO
+    digit = (chars >= _ZERO) & (chars <= _ZERO + 9)
+    dot = chars == _DOT
+    neg = buf[start] == _MINUS
+    lead = buf[np.minimum(start + neg, buf.size - 1)]
+    second = buf[np.minimum(start + neg + 1, buf.size - 1)]
+    dots = dot.sum(axis=1)
+    plain = (width - (digit | dot).sum(axis=1) == neg) & (dots <= 1) & digit[:, -1]
+    plain &= (lead >= _ZERO) & (lead <= _ZERO + 9)
+    plain &= ~((lead == _ZERO) & (length > neg + 1) & (second >= _ZERO) &
+               (second <= _ZERO + 9))  # no leading zeros
+    plain &= length - neg - dots <= _EXACT_DIGITS
+    # The digits with the dot read as a 0 ("12.34" -> 12034 = L * 10**(f + 1) + R), then
+    # the dot taken out: L * 10**f + R = X - 9 * L * 10**f, L = X // 10**(f + 1).
+    frac = np.where(dots > 0, width - 1 - np.argmax(dot, axis=1), 0)
+    k = min(width, _EXACT_DIGITS + 2)  # a plain number's columns: digits, dot, sign
+    x = np.where(digit[:, -k:], chars[:, -k:] - _ZERO, 0).astype(np.int64) @ _POW10[k - 1::-1]
+    x = np.where(plain, x, 0)
+    scale = _POW10[np.minimum(frac, 17)]
+    mantissa = np.where(dots > 0, x - 9 * (x // (scale * 10)) * scale, x)
+    out = mantissa.astype(np.float64) / 10.0 ** frac
+    out = np.where(neg, -out, out)
+    for i in np.flatnonzero(~plain).tolist():
+        token = data[int(at[i]): int(at[i] + length[i])]
+        literal = _LITERALS.get(token)
+        if literal is not None:
+            out[i] = literal
+        elif _JSON_NUMBER.fullmatch(token):
+            out[i] = float(token)
+        else:
+            return None
+    return out

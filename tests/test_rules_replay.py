@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.engine import load_rule_files
 from gateway.engine.replay import Replay, columns_of, replay, replay_clock
-from gateway.recorded import _bulk, _from_rows, _jsonl_rows, decode_jsonl, read_columns
+from gateway.recorded import _bulk, _from_rows, _jsonl_rows, _scan, decode_jsonl, read_columns
 from tests.test_rules_cli import gateway
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +208,54 @@ def test_bulk_decoder_takes_emulator_records_and_refuses_what_it_cannot_vouch_fo
     rec.write_bytes(line + b'{"device": "gh-2", "ts": "soon"}\n')
     with pytest.raises(ValueError, match=r":2: ts 'soon' is not epoch seconds$"):
         list(read_columns(rec))
+
+
+numbers = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                    st.floats(-1e6, 1e6).map(lambda x: round(x, 3)),
+                    st.integers(-10**17, 10**17), st.booleans(), st.none())
+
+
+@st.composite
+def records(draw: st.DrawFn) -> bytes:
+    """What `devices simulate --record` writes: compact lines, one layout."""
+    keys = draw(st.lists(names.filter(lambda k: k not in ("device", "ts", "seq", "gateway")),
+                         max_size=4, unique=True))
+    lines = []
+    for _ in range(draw(st.integers(1, 20))):
+        row: dict = {"device": draw(names), "ts": draw(st.one_of(
+            st.floats(0, 1e10), st.floats(0, 1e10).map(lambda x: round(x, 3)),
+            st.integers(0, 10**10)))}
+        row.update({k: draw(numbers) for k in keys})
+        lines.append(orjson.dumps(row) + b"\n")
+    return b"".join(lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(records())
+def test_scan_agrees_with_the_plain_decoder(data):
+    plain = as_readings(_from_rows(_jsonl_rows(data, "f", 1)))
+    scan = _scan(data)
+    if b" " not in data and b"\\" not in data:  # no spaces, no escapes: the scan's case
+        assert scan is not None
+    if scan is not None:
+        assert as_readings(scan) == plain
+        assert scan.devices == list(dict.fromkeys(r[0] for r in plain))
+
+
+def test_scan_reads_records_and_refuses_what_is_not_json():
+    line = b'{"device":"gh-1","ts":1732600000.123,"temp":-21.4,"hum":null,"door":true}\n'
+    cols = _scan(line * 2 + line.replace(b"gh-1", b"gh-2"))
+    assert cols is not None and cols.devices == ["gh-1", "gh-2"]
+    assert cols.value.tolist() == [-21.4, 1.0] * 3 and cols.metrics == ["temp", "hum", "door"]
+    for bad in (b"01", b"+1", b"1.", b".5", b"-", b"1e", b"nan", b"Infinity", b"1_0", b"tru",
+                b'"1"', b"1-2"):
+        odd = line + line.replace(b"-21.4", bad)
+        assert _scan(odd) is None, bad
+        if bad != b'"1"':  # a number in a string is read by the plain decoder
+            with pytest.raises(ValueError, match=":2: "):
+                decode_jsonl(odd, "f")  # the plain decoder words the error
+    assert _scan(line + line.replace(b'"hum"', b'"hun"')) is None  # another layout
+    assert _scan(line + line.replace(b"-21.4", b"1e3")).value.tolist()[2] == 1000.0
 
 
 def test_chunks_split_at_line_ends(tmp_path):
