@@ -257,7 +257,7 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
         k_open, k_close = q[:, 2 * pair], q[:, 2 * pair + 1]
         raw = key.encode()
         if (k_close - k_open - 1 != len(raw)).any() or \
-                (buf[k_open[:, None] + 1 + np.arange(len(raw))] !=
+                (sliding_window_view(buf, len(raw))[k_open + 1] !=
                  np.frombuffer(raw, dtype=np.uint8)).any() or \
                 (buf[k_close + 1] != _COLON).any():
             return None
@@ -316,13 +316,14 @@ def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[n
     if length.size == 0 or length.min() < 1 or length.max() > _MAX_NAME:
         return None
     width = -(-int(length.max()) // 8) * 8
-    col = np.arange(width)
-    inside = col < length[:, None]
-    chars = np.where(inside, buf[np.minimum(start[:, None] + col, buf.size - 1)], 0)
+    if start.max() + width > buf.size:
+        buf = np.r_[buf, np.zeros(width, np.uint8)]
+    chars = sliding_window_view(buf, width)[start]
+    inside = np.arange(width) < length[:, None]
     if (inside & (chars < 0x20)).any():
         return None
-    out: npt.NDArray[np.void] = np.ascontiguousarray(chars.astype(np.uint8)).view(
-        f"V{width}").ravel()
+    chars[~inside] = 0
+    out: npt.NDArray[np.void] = chars.view(f"V{width}").ravel()
     return out
 
 
