@@ -315,6 +315,8 @@ class Engine:
             cond = (evaluate(rule.cond, values) > 0) & mask
             clear = None if rule.clear is None else (evaluate(rule.clear, values) > 0) & mask
             step = rule.table.step(cond, clear, now)
+            if not step.any:
+                continue
             for kind, hits in ((Kind.FLAPPING, step.flapping), (Kind.FIRED, step.fired),
                                (Kind.RESOLVED, step.resolved)):
                 rows = np.flatnonzero(hits)
