@@ -131,7 +131,12 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     out = StagedIngest(n_ticks)
     # Tick-major order: (tick, metric, device, timestamp), arrival order on ties, which is
     # the order per-tick ingest sorts each call's readings into.
-    order = sorted_by([tick, key], ts)
+    # By tick, stably, from the (metric, device, timestamp) order.
+    t_s = tick[by_time]
+    if int(t_s.max()) < _RADIX:
+        order = by_time[np.argsort(t_s.astype(np.uint16), kind="stable")]
+    else:
+        order = by_time[np.argsort(t_s, kind="stable")]
     dev, met, ts, val, tick = dev[order], met[order], ts[order], val[order], tick[order]
     for m in np.unique(met).tolist():
         sel = np.flatnonzero(met == m)
