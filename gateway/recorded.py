@@ -337,33 +337,34 @@ def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64,
     if length.min() < 1 or length.max() > _MAX_NUMBER:
         return None
     width = int(length.max())
-    col = np.arange(width)
-    # Right-aligned, padded with '0' on the left: the last digit is in the last column.
-    pad = col < (width - length)[:, None]
-    # Rows of a sliding view (no index matrix), from before the buffer's start if need be.
+    # Rows of a sliding view (no index matrix), from before the buffer's start if need be;
+    # right-aligned: the last digit is in the last column.
     left = start + length - width
     at = start  # in ``data``
     if left.min() < 0:
         buf, start, left = np.r_[np.zeros(width, np.uint8), buf], start + width, left + width
-    chars = sliding_window_view(buf, width)[left]
-    chars[pad] = _ZERO
-    digit = (chars >= _ZERO) & (chars <= _ZERO + 9)
+    # Column-major (width x numbers), so every step is a vector operation across numbers;
+    # padded with '0' on the left.
+    chars = np.ascontiguousarray(sliding_window_view(buf, width)[left].T)
+    chars[np.arange(width)[:, None] < width - length] = _ZERO
+    value = chars - np.uint8(_ZERO)  # 0..9 for digits (unsigned: others wrap past 9)
+    digit = value < 10
     dot = chars == _DOT
     neg = buf[start] == _MINUS
-    lead = buf[np.minimum(start + neg, buf.size - 1)]
-    second = buf[np.minimum(start + neg + 1, buf.size - 1)]
-    dots = dot.sum(axis=1)
-    plain = (width - (digit | dot).sum(axis=1) == neg) & (dots <= 1) & digit[:, -1]
-    plain &= (lead >= _ZERO) & (lead <= _ZERO + 9)
-    plain &= ~((lead == _ZERO) & (length > neg + 1) & (second >= _ZERO) &
-               (second <= _ZERO + 9))  # no leading zeros
+    lead = buf[start + neg] - np.uint8(_ZERO)
+    second = buf[np.minimum(start + neg + 1, buf.size - 1)] - np.uint8(_ZERO)
+    dots = dot.sum(axis=0)
+    plain = (width - (digit | dot).sum(axis=0) == neg) & (dots <= 1) & digit[-1] & (lead < 10)
+    plain &= ~((lead == 0) & (length > neg + 1) & (second < 10))  # no leading zeros
     plain &= length - neg - dots <= _EXACT_DIGITS
     # The digits with the dot read as a 0 ("12.34" -> 12034 = L * 10**(f + 1) + R), then
     # the dot taken out: L * 10**f + R = X - 9 * L * 10**f, L = X // 10**(f + 1).
-    frac = np.where(dots > 0, width - 1 - np.argmax(dot, axis=1), 0)
+    frac = np.where(dots > 0, width - 1 - (dot * np.arange(width)[:, None]).sum(axis=0), 0)
     k = min(width, _EXACT_DIGITS + 2)  # a plain number's columns: digits, dot, sign
-    x = np.where(digit[:, -k:], chars[:, -k:] - _ZERO, 0).astype(np.int64) @ _POW10[k - 1::-1]
-    x = np.where(plain, x, 0)
+    x = np.zeros(n, dtype=np.int64)
+    for row in np.where(digit[-k:], value[-k:], 0):
+        x = x * 10 + row
+    x[~plain] = 0
     scale = _POW10[np.minimum(frac, 17)]
     mantissa = np.where(dots > 0, x - 9 * (x // (scale * 10)) * scale, x)
     out = mantissa.astype(np.float64) / 10.0 ** frac
