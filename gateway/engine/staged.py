@@ -130,13 +130,13 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
         store.remember(int(m_s[lo]), d_s[lo:hi], t_s[lo:hi])
     out = StagedIngest(n_ticks)
     # Tick-major order: (tick, metric, device, timestamp), arrival order on ties, which is
-    # the order per-tick ingest sorts each call's readings into.
-    # By tick, stably, from the (metric, device, timestamp) order.
-    t_s = tick[by_time]
-    if int(t_s.max()) < _RADIX:
-        order = by_time[np.argsort(t_s.astype(np.uint16), kind="stable")]
+    # the order per-tick ingest sorts each call's readings into: a stable sort by tick of
+    # the (metric, device, timestamp) order.
+    k_t = tick[by_time]
+    if int(k_t.max()) < _RADIX:
+        order = by_time[np.argsort(k_t.astype(np.uint16), kind="stable")]
     else:
-        order = by_time[np.argsort(t_s, kind="stable")]
+        order = by_time[np.argsort(k_t, kind="stable")]
     dev, met, ts, val, tick = dev[order], met[order], ts[order], val[order], tick[order]
     for m in np.unique(met).tolist():
         sel = np.flatnonzero(met == m)
