@@ -29,7 +29,7 @@ from gateway.engine.alerts import AlertTable
 from gateway.engine.compiled import CompiledRule, alert_events, compile_rule
 from gateway.engine.events import DeviceEvent, Event, Kind, clean
 from gateway.engine.rules import Group, fingerprint
-from gateway.engine.staged import StagedIngest, newest_per_tick, stage
+from gateway.engine.staged import StagedIngest, stage
 from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore, width_for
 from gateway.engine.vector import TickValues, evaluate
 from gateway.units import Duration
@@ -272,10 +272,13 @@ class Engine:
 
     def stage(self, batch: Batch, tick: I64, now: F64) -> StagedIngest | None:
         """Prepare ``len(now)`` ingest calls at once (replay's fast path, see ``staged``):
-        reading ``i`` belongs to call ``tick[i]`` at time ``now[tick[i]]``; then
+        reading ``i`` belongs to call ``tick[i]`` (non-decreasing: the batch is in arrival
+        order) at time ``now[tick[i]]``; then
         ``ingest_staged(staged, j, now[j])`` for each ``j`` in order, with ticks between
         as usual, leaves the engine as ``ingest`` calls would. None: the batch has a
         repeated reading; ingest it call by call."""
+        if tick.size and (tick[1:] < tick[:-1]).any():
+            raise ValueError("stage: readings must come in call order")
         now = np.maximum(now, self._now)
         known = batch.device >= 0
         if not known.all():
@@ -287,8 +290,9 @@ class Engine:
         if staged is not None:
             self.dropped_devices += int(np.count_nonzero(~known))
             fresh = batch.ts <= now[tick] + self.config.future_tolerance
-            staged.arrived = newest_per_tick(batch.device[fresh], batch.ts[fresh],
-                                             tick[fresh], staged.ticks)
+            # ``tick`` does not decrease: each call's readings are one slice.
+            staged.arrived = (np.searchsorted(tick[fresh], np.arange(staged.ticks + 1)),
+                              batch.device[fresh], batch.ts[fresh])
         return staged
 
     def ingest_staged(self, staged: StagedIngest, j: int, now: float) -> None:

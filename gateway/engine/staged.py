@@ -52,8 +52,8 @@ class StagedIngest:
     """A chunk of ticks' readings, reduced and waiting to be folded in tick by tick."""
 
     ticks: int
-    # Newest timestamp per device and tick (not from the future), for device liveness.
-    arrived: tuple[I64, I64, F64] | None = None  # (bounds, devices, newest)
+    # Readings (not from the future) per tick, for device liveness: (bounds, dev, ts).
+    arrived: tuple[I64, I64, F64] | None = None
     # Per metric: devices that got a counted reading at each tick (``seen``).
     seen: list[tuple[int, I64, I64]] = field(default_factory=list)  # (metric, bounds, devs)
     shares: list[_RingShare] = field(default_factory=list)
@@ -61,11 +61,10 @@ class StagedIngest:
     def apply(self, store: SeriesStore, j: int, last_seen: F64) -> None:
         """Fold tick ``j``'s readings in; ``store.advance`` to its time first."""
         if self.arrived is not None:
-            bounds, devs, newest = self.arrived
+            bounds, devs, ts = self.arrived
             lo, hi = bounds[j], bounds[j + 1]
             if hi > lo:
-                rows = devs[lo:hi]
-                last_seen[rows] = np.maximum(last_seen[rows], newest[lo:hi])
+                np.maximum.at(last_seen, devs[lo:hi], ts[lo:hi])
         for m, bounds, devs in self.seen:
             lo, hi = bounds[j], bounds[j + 1]
             if hi > lo:
@@ -175,17 +174,6 @@ def _share(res: Resolution, ring: MetricRing, dev: I64, ts: F64, val: F64, tick:
         agg["first"], agg["first_ts"] = val[starts], ts[starts]
     bounds = np.searchsorted(tick[starts], np.arange(n_ticks + 1))
     return _RingShare(res, ring, bounds, dev[starts], bucket[starts], agg)
-
-
-def newest_per_tick(dev: I64, ts: F64, tick: I64, n_ticks: int) -> tuple[I64, I64, F64]:
-    """(bounds, devices, newest timestamp) per (tick, device), in tick order."""
-    order = sorted_by([tick, dev], ts)
-    d, t, k = dev[order], ts[order], tick[order]
-    if d.size == 0:
-        return np.zeros(n_ticks + 1, dtype=np.int64), d, t
-    starts = run_starts((d[1:] != d[:-1]) | (k[1:] != k[:-1]))
-    return (np.searchsorted(k[starts], np.arange(n_ticks + 1)), d[starts],
-            np.maximum.reduceat(t, starts))
 
 
 # Keys below this sort by stable radix passes (numpy's stable sort of 16-bit integers).
