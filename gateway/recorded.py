@@ -301,13 +301,19 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
     except UnicodeDecodeError:
         return None
     values = np.stack(list(numbers.values()), axis=1) if numbers else np.zeros((n, 0))
-    present = ~np.isnan(values)
-    if not np.isfinite(values[present]).all():
+    width = values.shape[1]
+    if np.isinf(values).any():
         return None
-    rows = np.broadcast_to(np.arange(n)[:, None], values.shape)[present]
-    metric = np.broadcast_to(np.arange(values.shape[1]), values.shape)[present]
+    present = ~np.isnan(values)
+    if present.all():  # no nulls: every line has every metric
+        rows, metric = np.repeat(np.arange(n), width), np.tile(np.arange(width), n)
+        flat = values.ravel()
+    else:
+        rows = np.broadcast_to(np.arange(n)[:, None], values.shape)[present]
+        metric = np.broadcast_to(np.arange(width), values.shape)[present]
+        flat = values[present]
     return Columns(devices, code[inverse.ravel()], ts, list(numbers), rows.astype(np.int64),
-                   metric.astype(np.int64), values[present])
+                   metric.astype(np.int64), flat)
 
 
 def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[np.void] | None:
