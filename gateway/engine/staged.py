@@ -54,7 +54,7 @@ class StagedIngest:
     ticks: int
     # Readings (not from the future) per tick, for device liveness: (bounds, dev, ts).
     arrived: tuple[I64, I64, F64] | None = None
-    # Per metric: devices that got a counted reading at each tick (``seen``).
+    # Per metric: devices whose first counted reading comes at each tick (``seen``).
     seen: list[tuple[int, I64, I64]] = field(default_factory=list)  # (metric, bounds, devs)
     shares: list[_RingShare] = field(default_factory=list)
 
@@ -105,7 +105,8 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     used_table[[m for m in store.seen if m < n_met]] = True
     used = used_table[met] if met.size else np.zeros(0, dtype=bool)
     keep = used & ~late & ~future
-    dev, met, ts, val, tick = dev[keep], met[keep], ts[keep], val[keep], tick[keep]
+    if not keep.all():
+        dev, met, ts, val, tick = dev[keep], met[keep], ts[keep], val[keep], tick[keep]
     if dev.size == 0:
         _count_drops(store, late, future, used)
         return StagedIngest(n_ticks)
@@ -128,20 +129,27 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     for lo, hi in spans:
         store.remember(int(m_s[lo]), d_s[lo:hi], t_s[lo:hi])
     out = StagedIngest(n_ticks)
-    # Tick-major order: (tick, metric, device, timestamp), arrival order on ties, which is
-    # the order per-tick ingest sorts each call's readings into: a stable sort by tick of
-    # the (metric, device, timestamp) order.
-    k_t = tick[by_time]
-    if int(k_t.max()) < _RADIX:
-        order = by_time[np.argsort(k_t.astype(np.uint16), kind="stable")]
+    # A device's metric is seen from the first call that counts one of its readings.
+    key_starts = run_starts(k_s[1:] != k_s[:-1])
+    first_call = np.minimum.reduceat(tick[by_time], key_starts)
+    by_call = np.argsort(first_call, kind="stable")
+    key_met, key_dev = m_s[key_starts], d_s[key_starts]
+    for m in np.unique(key_met).tolist():
+        mine = by_call[key_met[by_call] == m]
+        out.seen.append((m, np.searchsorted(first_call[mine], np.arange(n_ticks + 1)),
+                         key_dev[mine]))
+    # Per metric, call-major order: (metric, call, device, timestamp), arrival order on
+    # ties, the order per-tick ingest sorts each call's readings into: a stable sort by
+    # (metric, call) of the (metric, device, timestamp) order.
+    group = m_s * n_ticks + tick[by_time]
+    if int(group.max()) < _RADIX:
+        order = by_time[np.argsort(group.astype(np.uint16), kind="stable")]
     else:
-        order = by_time[np.argsort(k_t, kind="stable")]
+        order = by_time[np.argsort(group, kind="stable")]
     dev, met, ts, val, tick = dev[order], met[order], ts[order], val[order], tick[order]
-    for m in np.unique(met).tolist():
-        sel = np.flatnonzero(met == m)
-        d, t, v, k = dev[sel], ts[sel], val[sel], tick[sel]
-        first = run_starts((d[1:] != d[:-1]) | (k[1:] != k[:-1]))
-        out.seen.append((m, np.searchsorted(k[first], np.arange(n_ticks + 1)), d[first]))
+    for lo, hi in itertools.pairwise([*run_starts(met[1:] != met[:-1]).tolist(), met.size]):
+        m = int(met[lo])
+        d, t, v, k = dev[lo:hi], ts[lo:hi], val[lo:hi], tick[lo:hi]
         for res in store.resolutions.values():
             ring = res.rings.get(m)
             if ring is not None:
