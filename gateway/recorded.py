@@ -216,7 +216,7 @@ _MAX_NAME, _MAX_NUMBER = 64, 24
 # IEEE division rounds once, so the result is the correctly rounded value any JSON parser
 # gives. Longer numbers and exponents are read one by one with ``float``.
 _EXACT_DIGITS = 15
-_POW10 = 10 ** np.arange(19, dtype=np.int64)
+_POW10F = 10.0 ** np.arange(23)  # exact doubles
 _JSON_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LITERALS = {b"true": 1.0, b"false": 0.0, b"null": math.nan}
 
@@ -363,17 +363,17 @@ def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64,
     plain = (width - (digit | dot).sum(axis=0) == neg) & (dots <= 1) & digit[-1] & (lead < 10)
     plain &= ~((lead == 0) & (length > neg + 1) & (second < 10))  # no leading zeros
     plain &= length - neg - dots <= _EXACT_DIGITS
-    # The digits with the dot read as a 0 ("12.34" -> 12034 = L * 10**(f + 1) + R), then
-    # the dot taken out: L * 10**f + R = X - 9 * L * 10**f, L = X // 10**(f + 1).
-    frac = np.where(dots > 0, width - 1 - (dot * np.arange(width)[:, None]).sum(axis=0), 0)
+    # The mantissa: digits in order, skipping the dot (x10 and add at a digit, x1 and add 0
+    # elsewhere); fraction digits: digits right of the dot.
     k = min(width, _EXACT_DIGITS + 2)  # a plain number's columns: digits, dot, sign
+    times = np.where(digit[-k:], np.uint8(10), np.uint8(1))
+    add = np.where(digit[-k:], value[-k:], np.uint8(0))
     x = np.zeros(n, dtype=np.int64)
-    for row in np.where(digit[-k:], value[-k:], 0):
-        x = x * 10 + row
-    x[~plain] = 0
-    scale = _POW10[np.minimum(frac, 17)]
-    mantissa = np.where(dots > 0, x - 9 * (x // (scale * 10)) * scale, x)
-    out = mantissa.astype(np.float64) / 10.0 ** frac
+    for t, d in zip(times, add, strict=True):
+        x = x * t + d
+    place = (dot.view(np.uint8) * np.arange(1, width + 1, dtype=np.uint8)[:, None]).max(axis=0)
+    frac = np.where(place > 0, width - place.astype(np.int64), 0)
+    out = x.astype(np.float64) / _POW10F[np.minimum(frac, _POW10F.size - 1)]
     out = np.where(neg, -out, out)
     for i in np.flatnonzero(~plain).tolist():
         token = data[int(at[i]): int(at[i] + length[i])]
