@@ -139,24 +139,25 @@ class MetricRing:
 
     def merge(self, rows: I64, buckets: I64, agg: dict[str, F64]) -> None:
         """Fold per-(row, bucket) aggregates in; ``(rows, buckets)`` pairs are unique."""
-        cols = buckets % self.slots
+        # Flat positions in the (C-ordered) planes: take/put skip 2-D index arithmetic.
+        at = rows * self.slots + buckets % self.slots
         p = self.planes
         for name in ("cnt", "sum", "sumsq"):
             if name in p:
-                p[name][rows, cols] += agg[name]
+                np.put(p[name], at, np.take(p[name], at) + agg[name])
         if "min" in p:
-            p["min"][rows, cols] = np.minimum(p["min"][rows, cols], agg["min"])
+            np.put(p["min"], at, np.minimum(np.take(p["min"], at), agg["min"]))
         if "max" in p:
-            p["max"][rows, cols] = np.maximum(p["max"][rows, cols], agg["max"])
+            np.put(p["max"], at, np.maximum(np.take(p["max"], at), agg["max"]))
         if "last" in p:
             # Ties on timestamp go to the reading that arrived later.
-            newer = agg["last_ts"] >= p["last_ts"][rows, cols]
-            p["last"][rows[newer], cols[newer]] = agg["last"][newer]
-            p["last_ts"][rows[newer], cols[newer]] = agg["last_ts"][newer]
+            newer = agg["last_ts"] >= np.take(p["last_ts"], at)
+            np.put(p["last"], at[newer], agg["last"][newer])
+            np.put(p["last_ts"], at[newer], agg["last_ts"][newer])
         if "first" in p:
-            older = agg["first_ts"] < p["first_ts"][rows, cols]
-            p["first"][rows[older], cols[older]] = agg["first"][older]
-            p["first_ts"][rows[older], cols[older]] = agg["first_ts"][older]
+            older = agg["first_ts"] < np.take(p["first_ts"], at)
+            np.put(p["first"], at[older], agg["first"][older])
+            np.put(p["first_ts"], at[older], agg["first_ts"][older])
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.planes.values())
