@@ -89,7 +89,10 @@ class AlertTable:
             self.trans[rows, self.trans_pos[rows] % self.flap_k] = now
             self.trans_pos[rows] += 1
             # K changes inside the window <=> the oldest of the last K is inside it.
-            flapping = self.trans[:n].min(axis=1) >= now - self.flap_window
+            oldest = self.trans[:n, 0]
+            for j in range(1, self.trans.shape[1]):  # column by column: vector operations
+                oldest = np.minimum(oldest, self.trans[:n, j])
+            flapping = oldest >= now - self.flap_window
             entered = flapping & ~self.flapping[:n]
             self.flapping[:n] = flapping
         firing = state == FIRING

@@ -109,7 +109,7 @@ class TickValues:
         if key in self._cache:
             return self._cache[key]
         m = self.metric_ids.get(node.metric)
-        if m is None or m not in self.store.rings:
+        if m is None or m not in self.store.seen:  # seen: the metrics with rings
             out = self._no_data(node.func)
         else:
             out = self._compute(node.func, m, node.seconds)
