@@ -293,8 +293,8 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
     if not ((ts >= 0) & (ts < _LATEST_TS)).all():
         return None
     # Names of up to 8 bytes compare as one integer (faster to sort than bytes).
-    keys = names.view(np.uint64) if names.dtype.itemsize == 8 else names
-    uniq, first_at, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    sortable = names.view(np.uint64) if names.dtype.itemsize == 8 else names
+    uniq, first_at, inverse = np.unique(sortable, return_index=True, return_inverse=True)
     uniq = names[first_at]
     rank = np.argsort(first_at, kind="stable")
     code = np.empty_like(rank)
