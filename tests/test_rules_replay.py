@@ -317,6 +317,8 @@ def faulty_record(path: Path, seed: int) -> Path:
             lines.append(row)
             if rng.random() < 0.02:
                 lines.append(dict(row))  # republished at once
+            if rng.random() < 0.005:
+                lines.append({"device": row["device"], "ts": row["ts"] + 0.5, "temp": None})
             if rng.random() < 0.01 and len(lines) > 200:
                 lines.append(dict(lines[-int(rng.integers(2, 200))]))  # redelivered later
     path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))

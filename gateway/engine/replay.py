@@ -190,21 +190,26 @@ class Replay:
         clock = np.maximum(replay_clock(cols.ts), self._floor)
         self._floor = float(clock[-1])
         tick = np.ceil(clock / self.interval - 1e-9).astype(np.int64)
-        e_tick = tick[cols.row]
-        e_dev = dev_map[cols.device[cols.row]]
+        if cols.value.size == 0:
+            return
+        # Readings of one tick are one ingest call; calls are numbered in file order.
+        new = np.empty(tick.size, dtype=bool)
+        new[0] = True
+        np.not_equal(tick[1:], tick[:-1], out=new[1:])
+        firsts = np.flatnonzero(new)
+        numbers = tick[firsts]
+        times = (numbers * self.interval).astype(np.float64)
+        e_dev = dev_map[cols.device][cols.row]
         e_met = met_map[cols.metric]
         e_ts = cols.ts[cols.row]
-        if e_tick.size == 0:
-            return
-        starts = np.flatnonzero(np.r_[True, e_tick[1:] != e_tick[:-1]])
-        numbers = e_tick[starts]
-        times = (numbers * self.interval).astype(np.float64)
         batch = Batch(e_dev, e_met, e_ts, cols.value)
-        call = np.cumsum(np.r_[False, e_tick[1:] != e_tick[:-1]])
-        staged = self.engine.stage(batch, call, times) if self.staged else None
+        staged = self.engine.stage(batch, (np.cumsum(new) - 1)[cols.row], times) \
+            if self.staged else None
         self.chunks_staged += staged is not None
-        bounds = [*starts.tolist(), int(e_tick.size)]
+        bounds = [*np.searchsorted(cols.row, firsts).tolist(), int(cols.value.size)]
         for j, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if hi == lo:
+                continue  # readings without values: no call
             number = int(numbers[j])
             yield from self._run_until(number)
             if staged is not None:

@@ -131,7 +131,8 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     out = StagedIngest(n_ticks)
     # A device's metric is seen from the first call that counts one of its readings.
     key_starts = run_starts(k_s[1:] != k_s[:-1])
-    first_call = np.minimum.reduceat(tick[by_time], key_starts)
+    c_s = tick[by_time]
+    first_call = np.minimum.reduceat(c_s, key_starts)
     by_call = np.argsort(first_call, kind="stable")
     key_met, key_dev = m_s[key_starts], d_s[key_starts]
     for m in np.unique(key_met).tolist():
@@ -141,14 +142,14 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     # Per metric, call-major order: (metric, call, device, timestamp), arrival order on
     # ties, the order per-tick ingest sorts each call's readings into: a stable sort by
     # (metric, call) of the (metric, device, timestamp) order.
-    group = m_s * n_ticks + tick[by_time]
+    group = m_s * n_ticks + c_s
     if int(group.max()) < _RADIX:
         order = by_time[np.argsort(group.astype(np.uint16), kind="stable")]
     else:
         order = by_time[np.argsort(group, kind="stable")]
-    dev, met, ts, val, tick = dev[order], met[order], ts[order], val[order], tick[order]
-    for lo, hi in itertools.pairwise([*run_starts(met[1:] != met[:-1]).tolist(), met.size]):
-        m = int(met[lo])
+    dev, ts, val, tick = dev[order], ts[order], val[order], tick[order]
+    # The metrics' slices: each metric's readings, in the same count, in metric order.
+    for m, (lo, hi) in zip([int(m_s[lo]) for lo, _ in spans], spans, strict=True):
         d, t, v, k = dev[lo:hi], ts[lo:hi], val[lo:hi], tick[lo:hi]
         for res in store.resolutions.values():
             ring = res.rings.get(m)
