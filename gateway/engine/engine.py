@@ -31,7 +31,7 @@ from gateway.engine.events import DeviceEvent, Event, Kind, clean
 from gateway.engine.rules import Group, fingerprint
 from gateway.engine.staged import StagedIngest, stage
 from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore, width_for
-from gateway.engine.vector import TickValues, evaluate
+from gateway.engine.vector import TickValues, truth
 from gateway.units import Duration
 
 # A reading from the ingest side: device, timestamp, {metric: number or bool}.
@@ -316,8 +316,8 @@ class Engine:
         events: list[Event] = []
         for rule in self._rules:
             mask = self._masks[rule.group.name][:n]
-            cond = (evaluate(rule.cond, values) > 0) & mask
-            clear = None if rule.clear is None else (evaluate(rule.clear, values) > 0) & mask
+            cond = truth(rule.cond, values) & mask
+            clear = None if rule.clear is None else truth(rule.clear, values) & mask
             step = rule.table.step(cond, clear, now)
             if not step.any:
                 continue

@@ -14,10 +14,15 @@ Only ``absent()`` speaks about missing data (true when the window is empty).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from gateway.engine import expr as ex
 from gateway.engine.store import F64, SeriesStore
+
+B = npt.NDArray[np.bool_]
 
 # Variances below this fraction of mean² are rounding noise of sum-of-squares arithmetic
 # (exact data would give 0); treating them as 0 keeps zscore undefined for flat series
@@ -199,3 +204,55 @@ def _binary(op: str, a: F64, b: F64) -> F64:
 
 _COMPARE = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
             "==": np.equal, "!=": np.not_equal}
+
+
+def truth(node: ex.Node, values: TickValues) -> B:
+    """Where condition ``node`` is true: ``evaluate(node, values) > 0``, decided on masks.
+
+    A condition is 1.0, 0.0 or NaN, so it is true where it is 1.0: ``a and b`` where both
+    are true, ``a or b`` where either is, ``not a`` where ``a`` is false, a comparison
+    where it holds (a comparison with NaN never holds, except ``!=``). This skips the
+    three-valued arithmetic the rule step does not need.
+    """
+    if isinstance(node, ex.Logic):
+        left, right = truth(node.left, values), truth(node.right, values)
+        return left & right if node.op == "and" else left | right
+    if isinstance(node, ex.Not):
+        return falsity(node.arg, values)
+    if isinstance(node, ex.Binary) and node.op in _COMPARE:
+        a, b = _operand(node.left, values), _operand(node.right, values)
+        held = _COMPARE[node.op](a, b)
+        if node.op == "!=":
+            held = held & ~np.isnan(a) & ~np.isnan(b)
+        return _per_device(held, values)
+    out: B = evaluate(node, values) > 0
+    return out
+
+
+def falsity(node: ex.Node, values: TickValues) -> B:
+    """Where condition ``node`` is false (0.0; not where it is undefined)."""
+    if isinstance(node, ex.Logic):
+        left, right = falsity(node.left, values), falsity(node.right, values)
+        return left | right if node.op == "and" else left & right
+    if isinstance(node, ex.Not):
+        return truth(node.arg, values)
+    if isinstance(node, ex.Binary) and node.op in _COMPARE:
+        a, b = _operand(node.left, values), _operand(node.right, values)
+        if node.op == "!=":
+            return _per_device(np.equal(a, b), values)
+        return _per_device(~_COMPARE[node.op](a, b) & ~np.isnan(a) & ~np.isnan(b), values)
+    out: B = evaluate(node, values) == 0
+    return out
+
+
+def _operand(node: ex.Node, values: TickValues) -> F64 | float:
+    """A comparison's side: a number stays a scalar (numpy broadcasts it)."""
+    return node.value if isinstance(node, ex.Num) else evaluate(node, values)
+
+
+def _per_device(mask: Any, values: TickValues) -> B:
+    """One entry per device (a comparison of two numbers gives one bool)."""
+    out: B = np.asarray(mask, dtype=np.bool_)
+    if out.ndim == 0:
+        out = np.full(values.devices, bool(out))
+    return out
