@@ -253,7 +253,8 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
             (buf[ends - 1] != _RBRACE).any():
         return None
     numbers: dict[str, F64] = {}
-    names: npt.NDArray[np.void] | None = None
+    names: npt.NDArray[np.void] | npt.NDArray[np.uint64] | None = None
+    name_at = name_len = np.zeros(0, dtype=np.int64)
     pair = 0  # quote pair of the key being read
     for i, key in enumerate(keys):
         k_open, k_close = q[:, 2 * pair], q[:, 2 * pair + 1]
@@ -269,7 +270,10 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
                     (after != (_RBRACE if last else _COMMA)).any() or \
                     (v_close + 2 != (ends if last else q[:, 2 * pair + 4])).any():
                 return None
-            names = _names(buf, v_open + 1, v_close - v_open - 1)
+            name_at, name_len = v_open + 1, v_close - v_open - 1
+            names = _short_names(words, name_at, name_len)
+            if names is None:
+                names = _names(buf, name_at, name_len)
             if names is None:
                 return None
             pair += 2
@@ -292,15 +296,13 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
         numbers.pop(key)
     if not ((ts >= 0) & (ts < _LATEST_TS)).all():
         return None
-    # Names of up to 8 bytes compare as one integer (faster to sort than bytes).
-    sortable = names.view(np.uint64) if names.dtype.itemsize == 8 else names
-    uniq, first_at, inverse = np.unique(sortable, return_index=True, return_inverse=True)
-    uniq = names[first_at]
+    _, first_at, inverse = np.unique(names, return_index=True, return_inverse=True)
     rank = np.argsort(first_at, kind="stable")
     code = np.empty_like(rank)
     code[rank] = np.arange(rank.size)
     try:
-        devices = [bytes(uniq[r]).rstrip(b"\0").decode() for r in rank.tolist()]
+        devices = [data[a: a + size].decode() for a, size in zip(
+            name_at[first_at[rank]].tolist(), name_len[first_at[rank]].tolist(), strict=True)]
     except UnicodeDecodeError:
         return None
     values = np.stack(list(numbers.values()), axis=1) if numbers else np.zeros((n, 0))
@@ -327,6 +329,26 @@ def _same_bytes(words: npt.NDArray[np.uint64], at: I64, raw: bytes) -> bool:
         if ((words[at + off] & mask) != int.from_bytes(piece, "little")).any():
             return False
     return True
+
+
+_SPACES, _HIGH = 0x2020202020202020, 0x8080808080808080
+
+
+def _short_names(words: npt.NDArray[np.uint64], start: I64,
+                 length: I64) -> npt.NDArray[np.uint64] | None:
+    """Device names of 1..8 bytes as integers (equal names, equal integers); None when
+    one is longer (``_names`` takes them) or holds a control character."""
+    if length.size == 0 or length.min() < 1 or length.max() > 8:
+        return None
+    shift = (8 * length).astype(np.uint64)
+    mask = np.where(length == 8, np.uint64(2**64 - 1),
+                    (np.uint64(1) << np.minimum(shift, np.uint64(63))) - np.uint64(1))
+    out: npt.NDArray[np.uint64] = words[start] & mask
+    # A byte below 0x20 in the name (past its end: spaces): the has-less-than bit trick.
+    padded = out | (np.uint64(_SPACES) & ~mask)
+    if ((padded - np.uint64(_SPACES)) & ~padded & np.uint64(_HIGH)).any():
+        return None
+    return out
 
 
 def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[np.void] | None:

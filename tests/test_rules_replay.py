@@ -255,6 +255,10 @@ def test_scan_reads_records_and_refuses_what_is_not_json():
             with pytest.raises(ValueError, match=":2: "):
                 decode_jsonl(odd, "f")  # the plain decoder words the error
     assert _scan(line + line.replace(b'"hum"', b'"hun"')) is None  # another layout
+    for name in (b"gh\x01", b"g\x1fh-1-long-name", b""):  # control characters, empty
+        assert _scan(line + line.replace(b"gh-1", name)) is None, name
+    long = _scan(line + line.replace(b"gh-1", b"greenhouse-1"))
+    assert long is not None and long.devices == ["gh-1", "greenhouse-1"]
     assert _scan(line + line.replace(b"-21.4", b"1e3")).value.tolist()[2] == 1000.0
 
 
