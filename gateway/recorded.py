@@ -405,7 +405,8 @@ def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64,
     add = np.where(digit[-k:], value[-k:], np.uint8(0))
     x = np.zeros(n, dtype=np.int64)
     for t, d in zip(times, add, strict=True):
-        x = x * t + d
+        np.multiply(x, t, out=x)
+        np.add(x, d, out=x)
     place = (dot.view(np.uint8) * np.arange(1, width + 1, dtype=np.uint8)[:, None]).max(axis=0)
     frac = np.where(place > 0, width - place.astype(np.int64), 0)
     out = x.astype(np.float64) / _POW10F[np.minimum(frac, _POW10F.size - 1)]
