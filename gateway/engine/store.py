@@ -115,6 +115,17 @@ class Drops:
         return self.late + self.future + self.duplicate
 
 
+def _put_where(which: B, at: I64, *pairs: tuple[F64, F64]) -> None:
+    """``plane[at[which]] = values[which]`` for each (plane, values) pair."""
+    if which.all():
+        for plane, values in pairs:
+            np.put(plane, at, values)
+    elif which.any():
+        at = at[which]
+        for plane, values in pairs:
+            np.put(plane, at, values[which])
+
+
 class MetricRing:
     """Ring buffers of one metric: ``planes[name]`` has shape ``(devices, slots)``."""
 
@@ -151,13 +162,11 @@ class MetricRing:
             np.put(p["max"], at, np.maximum(np.take(p["max"], at), agg["max"]))
         if "last" in p:
             # Ties on timestamp go to the reading that arrived later.
-            newer = agg["last_ts"] >= np.take(p["last_ts"], at)
-            np.put(p["last"], at[newer], agg["last"][newer])
-            np.put(p["last_ts"], at[newer], agg["last_ts"][newer])
+            _put_where(agg["last_ts"] >= np.take(p["last_ts"], at), at,
+                       (p["last"], agg["last"]), (p["last_ts"], agg["last_ts"]))
         if "first" in p:
-            older = agg["first_ts"] < np.take(p["first_ts"], at)
-            np.put(p["first"], at[older], agg["first"][older])
-            np.put(p["first_ts"], at[older], agg["first_ts"][older])
+            _put_where(agg["first_ts"] < np.take(p["first_ts"], at), at,
+                       (p["first"], agg["first"]), (p["first_ts"], agg["first_ts"]))
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.planes.values())
