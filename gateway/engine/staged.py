@@ -42,7 +42,7 @@ class _RingShare:
     res: Resolution
     ring: MetricRing
     bounds: I64  # [tick j's entries] = bounds[j]:bounds[j + 1]
-    rows: I64
+    at: I64  # flat position in the ring's planes (``MetricRing.merge_at``)
     buckets: I64
     agg: dict[str, F64]
 
@@ -79,11 +79,10 @@ class StagedIngest:
             # A bucket older than the ring is older than every window that reads it.
             fits = buckets > res.head - ring.slots
             if fits.all():
-                ring.merge(share.rows[lo:hi], buckets,
-                           {k: v[lo:hi] for k, v in share.agg.items()})
+                ring.merge_at(share.at[lo:hi], {k: v[lo:hi] for k, v in share.agg.items()})
             else:
-                ring.merge(share.rows[lo:hi][fits], buckets[fits],
-                           {k: v[lo:hi][fits] for k, v in share.agg.items()})
+                ring.merge_at(share.at[lo:hi][fits],
+                              {k: v[lo:hi][fits] for k, v in share.agg.items()})
 
 
 def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
@@ -182,7 +181,9 @@ def _share(res: Resolution, ring: MetricRing, dev: I64, ts: F64, val: F64, tick:
     if "first" in planes:
         agg["first"], agg["first_ts"] = val[starts], ts[starts]
     bounds = np.searchsorted(tick[starts], np.arange(n_ticks + 1))
-    return _RingShare(res, ring, bounds, dev[starts], bucket[starts], agg)
+    buckets = bucket[starts]
+    return _RingShare(res, ring, bounds, dev[starts] * ring.slots + buckets % ring.slots,
+                      buckets, agg)
 
 
 # Keys below this sort by stable radix passes (numpy's stable sort of 16-bit integers).

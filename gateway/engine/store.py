@@ -115,15 +115,21 @@ class Drops:
         return self.late + self.future + self.duplicate
 
 
+def _flat(plane: F64) -> F64:
+    """A 1-D view of a (C-ordered) plane: writes through it land in the plane."""
+    assert plane.flags.c_contiguous
+    return plane.reshape(-1)
+
+
 def _put_where(which: B, at: I64, *pairs: tuple[F64, F64]) -> None:
-    """``plane[at[which]] = values[which]`` for each (plane, values) pair."""
+    """``plane.flat[at[which]] = values[which]`` for each (plane, values) pair."""
     if which.all():
         for plane, values in pairs:
-            np.put(plane, at, values)
+            _flat(plane)[at] = values
     elif which.any():
         at = at[which]
         for plane, values in pairs:
-            np.put(plane, at, values[which])
+            _flat(plane)[at] = values[which]
 
 
 class MetricRing:
@@ -150,22 +156,27 @@ class MetricRing:
 
     def merge(self, rows: I64, buckets: I64, agg: dict[str, F64]) -> None:
         """Fold per-(row, bucket) aggregates in; ``(rows, buckets)`` pairs are unique."""
-        # Flat positions in the (C-ordered) planes: take/put skip 2-D index arithmetic.
-        at = rows * self.slots + buckets % self.slots
+        self.merge_at(rows * self.slots + buckets % self.slots, agg)
+
+    def merge_at(self, at: I64, agg: dict[str, F64]) -> None:
+        """``merge`` by flat positions ``row * slots + slot`` (unique)."""
         p = self.planes
         for name in ("cnt", "sum", "sumsq"):
             if name in p:
-                np.put(p[name], at, np.take(p[name], at) + agg[name])
+                flat = _flat(p[name])
+                flat[at] = flat[at] + agg[name]
         if "min" in p:
-            np.put(p["min"], at, np.minimum(np.take(p["min"], at), agg["min"]))
+            flat = _flat(p["min"])
+            flat[at] = np.minimum(flat[at], agg["min"])
         if "max" in p:
-            np.put(p["max"], at, np.maximum(np.take(p["max"], at), agg["max"]))
+            flat = _flat(p["max"])
+            flat[at] = np.maximum(flat[at], agg["max"])
         if "last" in p:
             # Ties on timestamp go to the reading that arrived later.
-            _put_where(agg["last_ts"] >= np.take(p["last_ts"], at), at,
+            _put_where(agg["last_ts"] >= _flat(p["last_ts"])[at], at,
                        (p["last"], agg["last"]), (p["last_ts"], agg["last_ts"]))
         if "first" in p:
-            _put_where(agg["first_ts"] < np.take(p["first_ts"], at), at,
+            _put_where(agg["first_ts"] < _flat(p["first_ts"])[at], at,
                        (p["first"], agg["first"]), (p["first_ts"], agg["first_ts"]))
 
     def nbytes(self) -> int:
