@@ -65,18 +65,26 @@ def read_columns(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Columns
                 rest = data
                 continue
             data, rest = data[:cut], data[cut:]
-            yield decode_jsonl(data, path, first_line)
-            first_line += data.count(b"\n")
+            cols, lines = _decode(data, path, first_line)
+            yield cols
+            first_line += data.count(b"\n") if lines is None else lines
 
 
 def decode_jsonl(data: bytes, path: Path | str, first_line: int = 1) -> Columns:
-    """Columns of JSONL ``data`` (whole lines); the fast scan, else the plain decoder."""
-    fast = _scan(data)
-    if fast is None:
-        fast = _bulk(data)
+    """Columns of JSONL ``data`` (whole lines): the scan, the bulk decoder, else the plain
+    decoder (which words errors)."""
+    return _decode(data, path, first_line)[0]
+
+
+def _decode(data: bytes, path: Path | str, first_line: int) -> tuple[Columns, int | None]:
+    """Columns, and the number of lines when the scan read them (one reading a line)."""
+    scanned = _scan(data)
+    if scanned is not None:
+        return scanned, scanned.readings
+    fast = _bulk(data)
     if fast is not None:
-        return fast
-    return _from_rows(_jsonl_rows(data, path, first_line))
+        return fast, None
+    return _from_rows(_jsonl_rows(data, path, first_line)), None
 
 
 # -- the bulk decoder ---------------------------------------------------------------------

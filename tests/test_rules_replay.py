@@ -354,3 +354,11 @@ def test_staged_replay_gives_the_events_of_tick_by_tick(tmp_path, seed):
     assert d.late and d.future and d.duplicate
     assert {rule for rule, _ in fast.summary.events} >= {
         "north/Hot", "north/Silent", "all/Busy", "all/Draw", "all/Dry"}
+
+
+def test_errors_name_the_line_after_scanned_chunks(tmp_path):
+    rec = greenhouse_record(tmp_path / "gh.jsonl", seconds=60, devices=3)  # 36 lines
+    with rec.open("ab") as fh:
+        fh.write(b'{"device":"gh-0","ts":"soon"}\n')
+    with pytest.raises(ValueError, match=r"gh\.jsonl:37: ts 'soon' is not epoch seconds"):
+        list(read_columns(rec, chunk_bytes=300))

@@ -184,7 +184,10 @@ class Replay:
         low, high = float(cols.ts.min()), float(cols.ts.max())
         s.first = low if s.first is None else min(s.first, low)
         s.last = high if s.last is None else max(s.last, high)
-        dev_map = np.array([self._device(n) for n in cols.devices], dtype=np.int64)
+        known = list(map(self._ids.get, cols.devices))
+        dev_map = np.array([self._device(name) if i is None else i
+                            for name, i in zip(cols.devices, known, strict=True)]
+                           if None in known else known, dtype=np.int64)
         met_map = np.array([self.engine.metric_id(m) for m in cols.metrics] or [0],
                            dtype=np.int64)
         clock = np.maximum(replay_clock(cols.ts), self._floor)
