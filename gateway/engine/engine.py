@@ -335,6 +335,8 @@ class Engine:
             return []
         seen = self._last_seen[:n]
         silent = (now - seen > after) & np.isfinite(seen)
+        if not silent.any() and not self._offline[:n].any():
+            return []  # everyone online and heard from: nothing changes
         went = silent & ~self._offline[:n]
         back = ~silent & self._offline[:n]
         self._offline[:n] = silent
