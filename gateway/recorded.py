@@ -5,12 +5,18 @@ A JSONL line is ``{"device", "ts", <metric>: number | bool | null, ...}`` — wh
 ``gateway`` are skipped). CSV has a header with ``device``, ``ts`` and one column per
 metric (empty: no value).
 
-JSONL is decoded without Python code per line: a chunk of lines is one orjson call (as a
-JSON array), and columns come out of it by C-level ``map``/``itemgetter`` per shape (key
-set) of line and one numpy conversion. Anything the bulk decoder does not vouch for (a
-line that is not an object, a string where a number belongs, blank lines, a bad ts) sends
-that chunk through the plain per-line decoder, which is also the one that words errors
-(``file:line: problem``).
+JSONL is decoded without Python code per line, by the first of three decoders that
+vouches for a chunk of lines:
+
+- the scan (``_scan``): compact lines that all have the first line's keys in its order (what
+  the emulator records) are taken apart by array operations on the bytes: quote positions
+  give keys, names and number spans; numbers are read as exact integer mantissas over a
+  power of ten (so each value is the correctly rounded double, as from any JSON parser);
+- the bulk decoder (``_bulk``): one orjson call for the chunk (as a JSON array), columns by
+  C-level ``map``/``itemgetter`` per shape (key set) of line and one numpy conversion;
+- the plain per-line decoder, for anything else (a line that is not an object, a string
+  where a number belongs, blank lines, a bad ts); it is also the one that words errors
+  (``file:line: problem``).
 """
 
 from __future__ import annotations

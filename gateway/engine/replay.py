@@ -12,6 +12,12 @@ ingested at that tick as a live reading is at its arrival, with the live engine'
 late/future tolerances. So one reading stamped an hour ahead (a device clock skew) is set
 aside as *future* instead of dragging the clock an hour forward, while a real gap in the
 recording moves the clock with the readings after it.
+
+Speed. The ingest calls of a whole chunk are prepared at once (``Engine.stage``: filter,
+sort, repeat check and per-bucket sums for every tick of the chunk) and each tick's share
+is folded in at that tick, which leaves every tick exactly what per-tick ``ingest`` calls
+would; a chunk with a repeated reading is ingested call by call (``staged=False`` does that
+for every chunk, for comparison).
 """
 
 from __future__ import annotations
