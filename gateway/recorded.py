@@ -5,18 +5,25 @@ A JSONL line is ``{"device", "ts", <metric>: number | bool | null, ...}`` — wh
 ``gateway`` are skipped). CSV has a header with ``device``, ``ts`` and one column per
 metric (empty: no value).
 
-JSONL is decoded without Python code per line: a chunk of lines is one orjson call (as a
-JSON array), and columns come out of it by C-level ``map``/``itemgetter`` per shape (key
-set) of line and one numpy conversion. Anything the bulk decoder does not vouch for (a
-line that is not an object, a string where a number belongs, blank lines, a bad ts) sends
-that chunk through the plain per-line decoder, which is also the one that words errors
-(``file:line: problem``).
+JSONL is decoded without Python code per line, by the first of three decoders that
+vouches for a chunk of lines:
+
+- the scan (``_scan``): compact lines that all have the first line's keys in its order (what
+  the emulator records) are taken apart by array operations on the bytes: quote positions
+  give keys, names and number spans; numbers are read as exact integer mantissas over a
+  power of ten (so each value is the correctly rounded double, as from any JSON parser);
+- the bulk decoder (``_bulk``): one orjson call for the chunk (as a JSON array), columns by
+  C-level ``map``/``itemgetter`` per shape (key set) of line and one numpy conversion;
+- the plain per-line decoder, for anything else (a line that is not an object, a string
+  where a number belongs, blank lines, a bad ts); it is also the one that words errors
+  (``file:line: problem``).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterator
 from operator import itemgetter
 from pathlib import Path
@@ -25,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+from numpy.lib.stride_tricks import sliding_window_view
 
 from gateway.engine.replay import Columns, columns_of
 
@@ -63,16 +71,26 @@ def read_columns(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Columns
                 rest = data
                 continue
             data, rest = data[:cut], data[cut:]
-            yield decode_jsonl(data, path, first_line)
-            first_line += data.count(b"\n")
+            cols, lines = _decode(data, path, first_line)
+            yield cols
+            first_line += data.count(b"\n") if lines is None else lines
 
 
 def decode_jsonl(data: bytes, path: Path | str, first_line: int = 1) -> Columns:
-    """Columns of JSONL ``data`` (whole lines); the fast scan, else the plain decoder."""
+    """Columns of JSONL ``data`` (whole lines): the scan, the bulk decoder, else the plain
+    decoder (which words errors)."""
+    return _decode(data, path, first_line)[0]
+
+
+def _decode(data: bytes, path: Path | str, first_line: int) -> tuple[Columns, int | None]:
+    """Columns, and the number of lines when the scan read them (one reading a line)."""
+    scanned = _scan(data)
+    if scanned is not None:
+        return scanned, scanned.readings
     fast = _bulk(data)
     if fast is not None:
-        return fast
-    return _from_rows(_jsonl_rows(data, path, first_line))
+        return fast, None
+    return _from_rows(_jsonl_rows(data, path, first_line)), None
 
 
 # -- the bulk decoder ---------------------------------------------------------------------
@@ -200,3 +218,220 @@ def _csv(path: Path) -> Iterator[_Row]:
 
 def _from_rows(rows: Iterator[_Row]) -> Columns:
     return columns_of(rows)
+
+
+# -- the scan: compact lines of one layout, parsed by array operations -------------------
+
+_Q, _COLON, _COMMA, _LBRACE, _RBRACE, _MINUS, _DOT, _ZERO = (ord(c) for c in '":,{}-.0')
+# Longest name and number the scan takes; longer ones go to the bulk decoder.
+_MAX_NAME, _MAX_NUMBER = 64, 24
+# Decimal digits a number may have to be exact as an integer mantissa (< 2**53): with a
+# power of ten below 10**22 both sides of ``mantissa / 10**frac`` are exact doubles and
+# IEEE division rounds once, so the result is the correctly rounded value any JSON parser
+# gives. Longer numbers and exponents are read one by one with ``float``.
+_EXACT_DIGITS = 15
+_POW10F = 10.0 ** np.arange(23)  # exact doubles
+_JSON_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_LITERALS = {b"true": 1.0, b"false": 0.0, b"null": math.nan}
+
+
+def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not for me"
+    """Columns of compact JSONL lines (no spaces, no escapes) that all have the first
+    line's keys in its order, a string device and number/bool/null values — what
+    `devices simulate --record` writes — without a Python object per line. None: not
+    such a chunk; the bulk decoder takes it."""
+    if not data.endswith(b"\n") or any(c in data for c in (b"\\", b" ", b"\t", b"\r")):
+        return None
+    try:
+        head = orjson.loads(data[: data.index(b"\n")])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("device"), str) or \
+            "ts" not in head or any(isinstance(v, str | list | dict)
+                                    for k, v in head.items() if k != "device"):
+        return None
+    keys = list(head)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # Every 8 bytes from each offset as one little-endian integer (overlapping, unaligned).
+    words = np.ndarray((buf.size,), dtype="<u8", buffer=data + bytes(8), strides=(1,))
+    ends = np.flatnonzero(buf == ord("\n"))
+    n = ends.size
+    starts = np.r_[0, ends[:-1] + 1]
+    quotes = np.flatnonzero(buf == _Q)
+    per_line = 2 * len(keys) + 2
+    if quotes.size != n * per_line or (np.searchsorted(quotes, ends) !=
+                                       per_line * np.arange(1, n + 1)).any():
+        return None
+    q = quotes.reshape(n, per_line)
+    if (q[:, 0] != starts + 1).any() or (buf[starts] != _LBRACE).any() or \
+            (buf[ends - 1] != _RBRACE).any():
+        return None
+    numbers: dict[str, F64] = {}
+    names: npt.NDArray[np.void] | npt.NDArray[np.uint64] | None = None
+    name_at = name_len = np.zeros(0, dtype=np.int64)
+    pair = 0  # quote pair of the key being read
+    for i, key in enumerate(keys):
+        k_open, k_close = q[:, 2 * pair], q[:, 2 * pair + 1]
+        raw = key.encode()
+        if (k_close - k_open - 1 != len(raw)).any() or (buf[k_close + 1] != _COLON).any() \
+                or not _same_bytes(words, k_open + 1, raw):
+            return None
+        last = i == len(keys) - 1
+        if key == "device":
+            v_open, v_close = q[:, 2 * pair + 2], q[:, 2 * pair + 3]
+            after = buf[v_close + 1]
+            if (v_open != k_close + 2).any() or \
+                    (after != (_RBRACE if last else _COMMA)).any() or \
+                    (v_close + 2 != (ends if last else q[:, 2 * pair + 4])).any():
+                return None
+            name_at, name_len = v_open + 1, v_close - v_open - 1
+            names = _short_names(words, name_at, name_len)
+            if names is None:
+                names = _names(buf, name_at, name_len)
+            if names is None:
+                return None
+            pair += 2
+            continue
+        first = k_close + 2
+        if last:
+            stop = ends - 1
+        else:
+            stop = q[:, 2 * pair + 2] - 1
+            if (buf[stop] != _COMMA).any():
+                return None
+        parsed = _numbers(data, buf, first, stop - first)
+        if parsed is None or (key == "ts" and np.isnan(parsed).any()):
+            return None
+        numbers[key] = parsed
+        pair += 1
+    assert names is not None
+    ts = numbers.pop("ts")
+    for key in _NOT_METRICS & set(numbers):
+        numbers.pop(key)
+    if not ((ts >= 0) & (ts < _LATEST_TS)).all():
+        return None
+    _, first_at, inverse = np.unique(names, return_index=True, return_inverse=True)
+    rank = np.argsort(first_at, kind="stable")
+    code = np.empty_like(rank)
+    code[rank] = np.arange(rank.size)
+    try:
+        devices = [data[a: a + size].decode() for a, size in zip(
+            name_at[first_at[rank]].tolist(), name_len[first_at[rank]].tolist(), strict=True)]
+    except UnicodeDecodeError:
+        return None
+    values = np.stack(list(numbers.values()), axis=1) if numbers else np.zeros((n, 0))
+    width = values.shape[1]
+    if np.isinf(values).any():
+        return None
+    present = ~np.isnan(values)
+    if present.all():  # no nulls: every line has every metric
+        rows, metric = np.repeat(np.arange(n), width), np.tile(np.arange(width), n)
+        flat = values.ravel()
+    else:
+        rows = np.broadcast_to(np.arange(n)[:, None], values.shape)[present]
+        metric = np.broadcast_to(np.arange(width), values.shape)[present]
+        flat = values[present]
+    return Columns(devices, code[inverse.ravel()], ts, list(numbers), rows.astype(np.int64),
+                   metric.astype(np.int64), flat)
+
+
+def _same_bytes(words: npt.NDArray[np.uint64], at: I64, raw: bytes) -> bool:
+    """Whether ``raw`` is at every offset ``at``, compared 8 bytes at a time."""
+    for off in range(0, len(raw), 8):
+        piece = raw[off: off + 8]
+        mask = np.uint64((1 << 8 * len(piece)) - 1)
+        if ((words[at + off] & mask) != int.from_bytes(piece, "little")).any():
+            return False
+    return True
+
+
+_SPACES, _HIGH = 0x2020202020202020, 0x8080808080808080
+
+
+def _short_names(words: npt.NDArray[np.uint64], start: I64,
+                 length: I64) -> npt.NDArray[np.uint64] | None:
+    """Device names of 1..8 bytes as integers (equal names, equal integers); None when
+    one is longer (``_names`` takes them) or holds a control character."""
+    if length.size == 0 or length.min() < 1 or length.max() > 8:
+        return None
+    shift = (8 * length).astype(np.uint64)
+    mask = np.where(length == 8, np.uint64(2**64 - 1),
+                    (np.uint64(1) << np.minimum(shift, np.uint64(63))) - np.uint64(1))
+    out: npt.NDArray[np.uint64] = words[start] & mask
+    # A byte below 0x20 in the name (past its end: spaces): the has-less-than bit trick.
+    padded = out | (np.uint64(_SPACES) & ~mask)
+    if ((padded - np.uint64(_SPACES)) & ~padded & np.uint64(_HIGH)).any():
+        return None
+    return out
+
+
+def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[np.void] | None:
+    """Device names as fixed-width byte strings (compared bytewise); None when empty, too
+    long or holding control characters."""
+    if length.size == 0 or length.min() < 1 or length.max() > _MAX_NAME:
+        return None
+    width = -(-int(length.max()) // 8) * 8
+    if start.max() + width > buf.size:
+        buf = np.r_[buf, np.zeros(width, np.uint8)]
+    chars = sliding_window_view(buf, width)[start]
+    inside = np.arange(width) < length[:, None]
+    if (inside & (chars < 0x20)).any():
+        return None
+    chars[~inside] = 0
+    out: npt.NDArray[np.void] = chars.view(f"V{width}").ravel()
+    return out
+
+
+def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64,
+             length: I64) -> F64 | None:
+    """JSON numbers (true/false 1/0, null NaN) at ``start``/``length``; None when one is
+    not a JSON number or literal."""
+    n = start.size
+    if n == 0:
+        return np.zeros(0)
+    if length.min() < 1 or length.max() > _MAX_NUMBER:
+        return None
+    width = int(length.max())
+    # Rows of a sliding view (no index matrix), from before the buffer's start if need be;
+    # right-aligned: the last digit is in the last column.
+    left = start + length - width
+    at = start  # in ``data``
+    if left.min() < 0:
+        buf, start, left = np.r_[np.zeros(width, np.uint8), buf], start + width, left + width
+    # Column-major (width x numbers), so every step is a vector operation across numbers;
+    # padded with '0' on the left.
+    chars = np.ascontiguousarray(sliding_window_view(buf, width)[left].T)
+    chars[np.arange(width)[:, None] < width - length] = _ZERO
+    value = chars - np.uint8(_ZERO)  # 0..9 for digits (unsigned: others wrap past 9)
+    digit = value < 10
+    dot = chars == _DOT
+    neg = buf[start] == _MINUS
+    lead = buf[start + neg] - np.uint8(_ZERO)
+    second = buf[np.minimum(start + neg + 1, buf.size - 1)] - np.uint8(_ZERO)
+    dots = dot.sum(axis=0)
+    plain = (width - (digit | dot).sum(axis=0) == neg) & (dots <= 1) & digit[-1] & (lead < 10)
+    plain &= ~((lead == 0) & (length > neg + 1) & (second < 10))  # no leading zeros
+    plain &= length - neg - dots <= _EXACT_DIGITS
+    # The mantissa: digits in order, skipping the dot (x10 and add at a digit, x1 and add 0
+    # elsewhere); fraction digits: digits right of the dot.
+    k = min(width, _EXACT_DIGITS + 2)  # a plain number's columns: digits, dot, sign
+    times = np.where(digit[-k:], np.uint8(10), np.uint8(1))
+    add = np.where(digit[-k:], value[-k:], np.uint8(0))
+    x = np.zeros(n, dtype=np.int64)
+    for t, d in zip(times, add, strict=True):
+        np.multiply(x, t, out=x)
+        np.add(x, d, out=x)
+    place = (dot.view(np.uint8) * np.arange(1, width + 1, dtype=np.uint8)[:, None]).max(axis=0)
+    frac = np.where(place > 0, width - place.astype(np.int64), 0)
+    out = x.astype(np.float64) / _POW10F[np.minimum(frac, _POW10F.size - 1)]
+    out = np.where(neg, -out, out)
+    for i in np.flatnonzero(~plain).tolist():
+        token = data[int(at[i]): int(at[i] + length[i])]
+        literal = _LITERALS.get(token)
+        if literal is not None:
+            out[i] = literal
+        elif _JSON_NUMBER.fullmatch(token):
+            out[i] = float(token)
+        else:
+            return None
+    return out

@@ -6,11 +6,14 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.engine import Engine, EngineConfig, width_for
 from gateway.engine import expr as ex
-from gateway.engine.vector import TickValues, evaluate
+from gateway.engine.vector import TickValues, evaluate, falsity, truth
 from tests.engine_helpers import feed, one_rule
+from tests.test_engine_reference import condition, steps
 
 CFG = EngineConfig(bucket_width=1.0, offline_after=None, lookback=60)
 # temp readings at t = 0..9: 10, 12, ..., 28 (t=4 missing)
@@ -151,3 +154,22 @@ def test_state_is_bounded_by_max_devices():
     assert engine.devices == ["d0", "d1"]
     assert engine.dropped_devices == 3
     assert np.all(engine.store.rings[engine.metric_id("temp")].planes["cnt"][:2].sum(1) == 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(condition(), steps(), st.sampled_from(["==", "!="]))
+def test_truth_masks_agree_with_three_valued_evaluation(text, series, eq):
+    """The tick decides conditions on masks (vector.truth); they must be exactly where
+    the three-valued value is 1.0 (true) or 0.0 (false), NaN sides and all."""
+    text = f"({text}) or (hum {eq} 7)"
+    node = ex.parse(text, lookback=CFG.lookback)
+    engine = Engine(one_rule(text), config=CFG)
+    now = 0.0
+    for now, rows in series:
+        feed(engine, rows, now)
+    engine.store.advance(now)
+    values = TickValues(engine.store, engine._metric_ids, now, len(engine.devices))
+    for part in (node, node.left, node.right, ex.Not(node)):
+        value = evaluate(part, values)
+        assert np.array_equal(truth(part, values), value > 0), part
+        assert np.array_equal(falsity(part, values), value == 0), part

@@ -24,6 +24,7 @@ class StepResult:
     fired: B  # emit a fired event (and fire actions)
     resolved: B
     flapping: B  # entered flapping on this tick
+    any: bool = True  # False: all three are empty
 
 
 class AlertTable:
@@ -60,10 +61,14 @@ class AlertTable:
         """Advance every device by one tick; ``cond`` is already masked to matching devices."""
         n = cond.size
         state, since = self.state[:n], self.since[:n]
-        if now < self.warm_until:
-            # Windows are refilling after a restart: hold every state as it was.
+        if now < self.warm_until or not (
+                cond.any() or state.any() or self.emitted[:n].any() or
+                (self.flap_k > 0 and self.flapping[:n].any())):
+            # Windows are refilling after a restart: hold every state as it was. Or all
+            # inactive, told so, not flapping and no condition true: nothing can change
+            # (no transition, so the flapping window only empties further).
             none = np.zeros(n, dtype=bool)
-            return StepResult(none, none, none)
+            return StepResult(none, none, none, any=False)
         was = state.copy()
         start = (was == INACTIVE) & cond
         at_once = start & (self.for_ <= 0)
@@ -84,7 +89,10 @@ class AlertTable:
             self.trans[rows, self.trans_pos[rows] % self.flap_k] = now
             self.trans_pos[rows] += 1
             # K changes inside the window <=> the oldest of the last K is inside it.
-            flapping = self.trans[:n].min(axis=1) >= now - self.flap_window
+            oldest = self.trans[:n, 0]
+            for j in range(1, self.trans.shape[1]):  # column by column: vector operations
+                oldest = np.minimum(oldest, self.trans[:n, j])
+            flapping = oldest >= now - self.flap_window
             entered = flapping & ~self.flapping[:n]
             self.flapping[:n] = flapping
         firing = state == FIRING

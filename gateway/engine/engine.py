@@ -29,8 +29,9 @@ from gateway.engine.alerts import AlertTable
 from gateway.engine.compiled import CompiledRule, alert_events, compile_rule
 from gateway.engine.events import DeviceEvent, Event, Kind, clean
 from gateway.engine.rules import Group, fingerprint
+from gateway.engine.staged import StagedIngest, stage
 from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore, width_for
-from gateway.engine.vector import TickValues, evaluate
+from gateway.engine.vector import TickValues, truth
 from gateway.units import Duration
 
 # A reading from the ingest side: device, timestamp, {metric: number or bool}.
@@ -269,6 +270,37 @@ class Engine:
         np.maximum.at(self._last_seen, batch.device[fresh], batch.ts[fresh])
         self.store.ingest(batch.device, batch.metric, batch.ts, batch.value, now)
 
+    def stage(self, batch: Batch, tick: I64, now: F64) -> StagedIngest | None:
+        """Prepare ``len(now)`` ingest calls at once (replay's fast path, see ``staged``):
+        reading ``i`` belongs to call ``tick[i]`` (non-decreasing: the batch is in arrival
+        order) at time ``now[tick[i]]``; then
+        ``ingest_staged(staged, j, now[j])`` for each ``j`` in order, with ticks between
+        as usual, leaves the engine as ``ingest`` calls would. None: the batch has a
+        repeated reading; ingest it call by call."""
+        if tick.size and (tick[1:] < tick[:-1]).any():
+            raise ValueError("stage: readings must come in call order")
+        now = np.maximum(now, self._now)
+        known = batch.device >= 0
+        if not known.all():
+            batch = Batch(batch.device[known], batch.metric[known], batch.ts[known],
+                          batch.value[known])
+            tick = tick[known]
+        staged = stage(self.store, batch.device, batch.metric, batch.ts, batch.value, tick,
+                       now)
+        if staged is not None:
+            self.dropped_devices += int(np.count_nonzero(~known))
+            fresh = batch.ts <= now[tick] + self.config.future_tolerance
+            # ``tick`` does not decrease: each call's readings are one slice.
+            staged.arrived = (np.searchsorted(tick[fresh], np.arange(staged.ticks + 1)),
+                              batch.device[fresh], batch.ts[fresh])
+        return staged
+
+    def ingest_staged(self, staged: StagedIngest, j: int, now: float) -> None:
+        """Call ``j`` of a staged batch, as ``ingest`` of its readings at ``now``."""
+        now = self._clock(now)
+        self.store.advance(now)
+        staged.apply(self.store, j, self._last_seen)
+
     @property
     def drops(self) -> Drops:
         return self.store.drops
@@ -284,9 +316,11 @@ class Engine:
         events: list[Event] = []
         for rule in self._rules:
             mask = self._masks[rule.group.name][:n]
-            cond = (evaluate(rule.cond, values) > 0) & mask
-            clear = None if rule.clear is None else (evaluate(rule.clear, values) > 0) & mask
+            cond = truth(rule.cond, values) & mask
+            clear = None if rule.clear is None else truth(rule.clear, values) & mask
             step = rule.table.step(cond, clear, now)
+            if not step.any:
+                continue
             for kind, hits in ((Kind.FLAPPING, step.flapping), (Kind.FIRED, step.fired),
                                (Kind.RESOLVED, step.resolved)):
                 rows = np.flatnonzero(hits)
@@ -301,6 +335,8 @@ class Engine:
             return []
         seen = self._last_seen[:n]
         silent = (now - seen > after) & np.isfinite(seen)
+        if not silent.any() and not self._offline[:n].any():
+            return []  # everyone online and heard from: nothing changes
         went = silent & ~self._offline[:n]
         back = ~silent & self._offline[:n]
         self._offline[:n] = silent

@@ -84,7 +84,7 @@ def buckets_for(seconds: float, width: float) -> int:
     return max(1, math.ceil(seconds / width - 1e-9))
 
 
-def _run_starts(changed: B) -> I64:
+def run_starts(changed: B) -> I64:
     """Start of each run of a sorted array, from ``changed[i] = a[i + 1] != a[i]``."""
     flags = np.empty(changed.size + 1, dtype=bool)
     flags[0] = True
@@ -92,7 +92,7 @@ def _run_starts(changed: B) -> I64:
     return np.flatnonzero(flags)
 
 
-def _run_ends(starts: I64, size: int) -> I64:
+def run_ends(starts: I64, size: int) -> I64:
     """Last index of each run (inclusive)."""
     ends = np.empty_like(starts)
     ends[:-1] = starts[1:] - 1
@@ -113,6 +113,23 @@ class Drops:
     def set_aside(self) -> int:
         """Readings of metrics the rules read that were left out (late, future, repeats)."""
         return self.late + self.future + self.duplicate
+
+
+def _flat(plane: F64) -> F64:
+    """A 1-D view of a (C-ordered) plane: writes through it land in the plane."""
+    assert plane.flags.c_contiguous
+    return plane.reshape(-1)
+
+
+def _put_where(which: B, at: I64, *pairs: tuple[F64, F64]) -> None:
+    """``plane.flat[at[which]] = values[which]`` for each (plane, values) pair."""
+    if which.all():
+        for plane, values in pairs:
+            _flat(plane)[at] = values
+    elif which.any():
+        at = at[which]
+        for plane, values in pairs:
+            _flat(plane)[at] = values[which]
 
 
 class MetricRing:
@@ -139,24 +156,28 @@ class MetricRing:
 
     def merge(self, rows: I64, buckets: I64, agg: dict[str, F64]) -> None:
         """Fold per-(row, bucket) aggregates in; ``(rows, buckets)`` pairs are unique."""
-        cols = buckets % self.slots
+        self.merge_at(rows * self.slots + buckets % self.slots, agg)
+
+    def merge_at(self, at: I64, agg: dict[str, F64]) -> None:
+        """``merge`` by flat positions ``row * slots + slot`` (unique)."""
         p = self.planes
         for name in ("cnt", "sum", "sumsq"):
             if name in p:
-                p[name][rows, cols] += agg[name]
+                flat = _flat(p[name])
+                flat[at] = flat[at] + agg[name]
         if "min" in p:
-            p["min"][rows, cols] = np.minimum(p["min"][rows, cols], agg["min"])
+            flat = _flat(p["min"])
+            flat[at] = np.minimum(flat[at], agg["min"])
         if "max" in p:
-            p["max"][rows, cols] = np.maximum(p["max"][rows, cols], agg["max"])
+            flat = _flat(p["max"])
+            flat[at] = np.maximum(flat[at], agg["max"])
         if "last" in p:
             # Ties on timestamp go to the reading that arrived later.
-            newer = agg["last_ts"] >= p["last_ts"][rows, cols]
-            p["last"][rows[newer], cols[newer]] = agg["last"][newer]
-            p["last_ts"][rows[newer], cols[newer]] = agg["last_ts"][newer]
+            _put_where(agg["last_ts"] >= _flat(p["last_ts"])[at], at,
+                       (p["last"], agg["last"]), (p["last_ts"], agg["last_ts"]))
         if "first" in p:
-            older = agg["first_ts"] < p["first_ts"][rows, cols]
-            p["first"][rows[older], cols[older]] = agg["first"][older]
-            p["first_ts"][rows[older], cols[older]] = agg["first_ts"][older]
+            _put_where(agg["first_ts"] < _flat(p["first_ts"])[at], at,
+                       (p["first"], agg["first"]), (p["first_ts"], agg["first_ts"]))
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.planes.values())
@@ -262,7 +283,7 @@ class SeriesStore:
         # One sort serves every resolution: (metric, device, timestamp), arrival order on ties.
         order = np.lexsort((ts, met * self.capacity + dev))
         dev, met, ts, val = dev[order], met[order], ts[order], val[order]
-        m_bounds = _run_starts(met[1:] != met[:-1])
+        m_bounds = run_starts(met[1:] != met[:-1])
         for lo, hi in itertools.pairwise([*m_bounds.tolist(), met.size]):
             m = int(met[lo])
             d, t, v = self._unique(m, dev[lo:hi], ts[lo:hi], val[lo:hi])
@@ -283,25 +304,31 @@ class SeriesStore:
             self.drops.duplicate += int(np.count_nonzero(again))
             dev, ts, val = dev[~again], ts[~again], val[~again]
         if dev.size:
-            # Newest DEDUP_DEPTH of (remembered + this batch) per device: the batch is sorted
-            # by device and time, so its newest are the last entries of each device's run.
-            starts = _run_starts(dev[1:] != dev[:-1])
-            ends = _run_ends(starts, dev.size)
-            rows = dev[starts]
-            idx = ends[:, None] - np.arange(DEDUP_DEPTH)
-            newest = np.where(idx >= starts[:, None], ts[np.maximum(idx, 0)], -math.inf)
-            both = np.concatenate((recent[rows], newest), axis=1)
-            both.sort(axis=1)
-            recent[rows] = both[:, DEDUP_DEPTH:]
+            self.remember(m, dev, ts)
         return dev, ts, val
+
+    def remember(self, m: int, dev: I64, ts: F64) -> None:
+        """Keep the newest DEDUP_DEPTH of (remembered + ``ts``) per device; ``dev``/``ts``
+        are counted readings sorted by device and time, so a device's newest are the last
+        entries of its run. The newest of a union is the newest of the parts' newest, so
+        remembering several calls' readings at once leaves the same memory."""
+        recent = self.recent[m]
+        starts = run_starts(dev[1:] != dev[:-1])
+        ends = run_ends(starts, dev.size)
+        rows = dev[starts]
+        idx = ends[:, None] - np.arange(DEDUP_DEPTH)
+        newest = np.where(idx >= starts[:, None], ts[np.maximum(idx, 0)], -math.inf)
+        both = np.concatenate((recent[rows], newest), axis=1)
+        both.sort(axis=1)
+        recent[rows] = both[:, DEDUP_DEPTH:]
 
     def _merge(self, res: Resolution, ring: MetricRing, dev: I64, ts: F64,
                val: F64) -> None:
         """Fold one metric's readings (sorted by device, timestamp) into one ring."""
         assert res.head is not None
         bucket = bucket_of(ts, res.width)
-        starts = _run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]))
-        ends = _run_ends(starts, dev.size)
+        starts = run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]))
+        ends = run_ends(starts, dev.size)
         planes = ring.planes
         agg: dict[str, F64] = {}
         if "cnt" in planes:

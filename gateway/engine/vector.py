@@ -14,10 +14,15 @@ Only ``absent()`` speaks about missing data (true when the window is empty).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from gateway.engine import expr as ex
 from gateway.engine.store import F64, SeriesStore
+
+B = npt.NDArray[np.bool_]
 
 # Variances below this fraction of mean² are rounding noise of sum-of-squares arithmetic
 # (exact data would give 0); treating them as 0 keeps zscore undefined for flat series
@@ -54,12 +59,19 @@ class TickValues:
         key = (str(metric), plane, seconds)
         if key not in self._cache:
             parts = self._parts(metric, plane, seconds)
+            # One or two parts (a window that wraps around the ring), combined elementwise.
             if plane == "min":
-                out = np.minimum.reduce([p.min(axis=1, initial=np.inf) for p in parts])
+                out = parts[0].min(axis=1, initial=np.inf)
+                for p in parts[1:]:
+                    out = np.minimum(out, p.min(axis=1, initial=np.inf))
             elif plane == "max":
-                out = np.maximum.reduce([p.max(axis=1, initial=-np.inf) for p in parts])
+                out = parts[0].max(axis=1, initial=-np.inf)
+                for p in parts[1:]:
+                    out = np.maximum(out, p.max(axis=1, initial=-np.inf))
             else:
-                out = np.add.reduce([p.sum(axis=1) for p in parts])
+                out = parts[0].sum(axis=1)
+                for p in parts[1:]:
+                    out = out + p.sum(axis=1)
             self._cache[key] = out
         return self._cache[key]
 
@@ -67,15 +79,21 @@ class TickValues:
         """Value and timestamp of the last (or first) reading in the window."""
         key_v, key_t = (str(metric), which, seconds), (str(metric), which + "_ts", seconds)
         if key_v not in self._cache:
+            none = -np.inf if which == "last" else np.inf
             best_v = np.full(self.devices, np.nan)
-            best_t = np.full(self.devices, -np.inf if which == "last" else np.inf)
+            best_t = np.full(self.devices, none)
             rows = np.arange(self.devices)
-            for ts, vals in zip(self._parts(metric, which + "_ts", seconds),
-                                self._parts(metric, which, seconds), strict=True):
-                if ts.shape[1] == 0:
-                    continue
+            parts = [(ts, vals) for ts, vals in zip(
+                self._parts(metric, which + "_ts", seconds),
+                self._parts(metric, which, seconds), strict=True) if ts.shape[1]]
+            for k, (ts, vals) in enumerate(parts):
                 idx = ts.argmax(axis=1) if which == "last" else ts.argmin(axis=1)
                 t, v = ts[rows, idx], vals[rows, idx]
+                if k == 0:
+                    # Against nothing yet: t is never worse than `none`, and is `none`
+                    # only where the window is empty.
+                    best_v, best_t = np.where(t != none, v, np.nan), t
+                    continue
                 # Parts hold different buckets, so timestamps never tie between them.
                 better = t > best_t if which == "last" else t < best_t
                 best_v = np.where(better, v, best_v)
@@ -83,13 +101,20 @@ class TickValues:
             self._cache[key_v], self._cache[key_t] = best_v, best_t
         return self._cache[key_v], self._cache[key_t]
 
+    def constant(self, value: float) -> F64:
+        """``value`` for every device (shared: callers never write into it)."""
+        key = ("", "num", value)
+        if key not in self._cache:
+            self._cache[key] = np.full(self.devices, value)
+        return self._cache[key]
+
     def window(self, node: ex.Window) -> F64:
         """Value of ``func(metric, seconds)`` per device (1.0/0.0 for ``absent``)."""
         key = (node.func, node.metric, node.seconds)
         if key in self._cache:
             return self._cache[key]
         m = self.metric_ids.get(node.metric)
-        if m is None or m not in self.store.rings:
+        if m is None or m not in self.store.seen:  # seen: the metrics with rings
             out = self._no_data(node.func)
         else:
             out = self._compute(node.func, m, node.seconds)
@@ -137,7 +162,7 @@ class TickValues:
 def evaluate(node: ex.Node, values: TickValues) -> F64:  # noqa: PLR0911 - one per node type
     """Numbers for ``num`` nodes; 1.0/0.0/NaN (true/false/undefined) for conditions."""
     if isinstance(node, ex.Num):
-        return np.full(values.devices, node.value)
+        return values.constant(node.value)
     if isinstance(node, ex.Window):
         return values.window(node)
     if isinstance(node, ex.Abs):
@@ -172,6 +197,62 @@ def _binary(op: str, a: F64, b: F64) -> F64:
         return a * b
     if op == "/":
         return np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan)
-    cmp = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
-           "==": np.equal, "!=": np.not_equal}[op]
-    return np.where(np.isnan(a) | np.isnan(b), np.nan, cmp(a, b).astype(np.float64))
+    out = _COMPARE[op](a, b).astype(np.float64)
+    out[np.isnan(a) | np.isnan(b)] = np.nan
+    return out
+
+
+_COMPARE = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+            "==": np.equal, "!=": np.not_equal}
+
+
+def truth(node: ex.Node, values: TickValues) -> B:
+    """Where condition ``node`` is true: ``evaluate(node, values) > 0``, decided on masks.
+
+    A condition is 1.0, 0.0 or NaN, so it is true where it is 1.0: ``a and b`` where both
+    are true, ``a or b`` where either is, ``not a`` where ``a`` is false, a comparison
+    where it holds (a comparison with NaN never holds, except ``!=``). This skips the
+    three-valued arithmetic the rule step does not need.
+    """
+    if isinstance(node, ex.Logic):
+        left, right = truth(node.left, values), truth(node.right, values)
+        return left & right if node.op == "and" else left | right
+    if isinstance(node, ex.Not):
+        return falsity(node.arg, values)
+    if isinstance(node, ex.Binary) and node.op in _COMPARE:
+        a, b = _operand(node.left, values), _operand(node.right, values)
+        held = _COMPARE[node.op](a, b)
+        if node.op == "!=":
+            held = held & ~np.isnan(a) & ~np.isnan(b)
+        return _per_device(held, values)
+    out: B = evaluate(node, values) > 0
+    return out
+
+
+def falsity(node: ex.Node, values: TickValues) -> B:
+    """Where condition ``node`` is false (0.0; not where it is undefined)."""
+    if isinstance(node, ex.Logic):
+        left, right = falsity(node.left, values), falsity(node.right, values)
+        return left | right if node.op == "and" else left & right
+    if isinstance(node, ex.Not):
+        return truth(node.arg, values)
+    if isinstance(node, ex.Binary) and node.op in _COMPARE:
+        a, b = _operand(node.left, values), _operand(node.right, values)
+        if node.op == "!=":
+            return _per_device(np.equal(a, b), values)
+        return _per_device(~_COMPARE[node.op](a, b) & ~np.isnan(a) & ~np.isnan(b), values)
+    out: B = evaluate(node, values) == 0
+    return out
+
+
+def _operand(node: ex.Node, values: TickValues) -> F64 | float:
+    """A comparison's side: a number stays a scalar (numpy broadcasts it)."""
+    return node.value if isinstance(node, ex.Num) else evaluate(node, values)
+
+
+def _per_device(mask: Any, values: TickValues) -> B:
+    """One entry per device (a comparison of two numbers gives one bool)."""
+    out: B = np.asarray(mask, dtype=np.bool_)
+    if out.ndim == 0:
+        out = np.full(values.devices, bool(out))
+    return out
