@@ -173,12 +173,13 @@ Event = Message | Connected | Published | Subscribed
 
 
 class _Outgoing:
-    __slots__ = ("data", "packet", "sent")
+    __slots__ = ("data", "packet", "sent", "tried")
 
     def __init__(self, packet: mqtt5.PublishPacket, data: bytes) -> None:
         self.packet = packet
         self.data = data
-        self.sent = False
+        self.sent = False   # written on the current connection
+        self.tried = False  # written on some connection: a resend carries DUP
 
 
 def _with_dup(p: mqtt5.PublishPacket) -> mqtt5.PublishPacket:
@@ -374,9 +375,9 @@ class MqttSession:
         if pid is None:
             self._send(data)
             return None
-        self._outbox[pid] = _Outgoing(packet, data)
+        out = self._outbox[pid] = _Outgoing(packet, data)
         if self.connected and self._sent < self.window:
-            self._outbox[pid].sent = True
+            out.sent = out.tried = True
             self._sent += 1
             self._send(data)
         return pid
@@ -475,7 +476,7 @@ class MqttSession:
         self._sent = 0
         for out in self._outbox.values():
             out.sent = False
-            if p.session_present and not out.packet.duplicate:
+            if p.session_present and out.tried and not out.packet.duplicate:
                 out.packet = _with_dup(out.packet)
                 out.data = out.packet.write()
         self._events.append(Connected(p.session_present, p.receive_max, p.max_packet_size,
@@ -606,7 +607,7 @@ class MqttSession:
             if self._sent >= self.window:
                 break
             if not out.sent:
-                out.sent = True
+                out.sent = out.tried = True
                 self._sent += 1
                 self._send(out.data)
 
