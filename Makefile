@@ -29,6 +29,7 @@ bench: $(PY)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_devices.py
 	$(PY) bench/bench_influx.py
+	$(PY) bench/bench_mqtt_codec.py
 
 sample: $(PY)
 	$(PY) -m gateway config sample > deploy/gateway.example.yaml
