@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from itertools import repeat
+from operator import itemgetter, mul
 from typing import Any
+
+import orjson
 
 from gateway.influx.lineproto import Precision, key, line, measurement, tag_set
 from gateway.influx.lineproto import timestamp as to_timestamp
@@ -35,6 +39,25 @@ _DEVICES_CACHED = 100_000
 _SUMMARY_MAX = 1000
 # Integers below 2**53 print the same as the float they stand for (21 -> "21").
 _EXACT_INT = 2**53
+# encode_many: below this many readings of one set of keys on average, a batch is encoded
+# one reading at a time (the column path costs a few calls per set of keys and per column).
+_MIN_PER_SHAPE = 8
+_NUMBERS = frozenset((float, int))
+
+
+class _Prefixes(dict[str, str]):
+    """Device -> ``<measurement>,<tags> ``; a dict so a batch looks devices up by a
+    C-level map; computed on a miss, cleared past ``_DEVICES_CACHED``."""
+
+    def __init__(self, encoder: ReadingEncoder) -> None:
+        super().__init__()
+        self._encoder = encoder
+
+    def __missing__(self, device: str) -> str:
+        if len(self) >= _DEVICES_CACHED:
+            self.clear()
+        prefix = self[device] = self._encoder.prefix(device)
+        return prefix
 
 
 class ReadingEncoder:
@@ -47,8 +70,10 @@ class ReadingEncoder:
         self._labels = {pattern: dict(values) for pattern, values in device_labels.items()}
         self._precision = precision
         self._factor = {Precision.S: 1, Precision.MS: 1000}.get(precision)
-        self._prefixes: dict[str, str] = {}
+        self._prefixes = _Prefixes(self)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
+        # Per set of keys: its metrics, sorted, and the line as a format string.
+        self._shapes: dict[tuple[str, ...], tuple[tuple[str, ...], str]] = {}
 
     def tags(self, device: str) -> dict[str, str]:
         """The device's tags: its labels (later globs add to earlier ones), then ours,
@@ -61,11 +86,9 @@ class ReadingEncoder:
         tags["device"] = device
         return tags
 
-    def _prefix(self, device: str) -> str:
-        if len(self._prefixes) >= _DEVICES_CACHED:
-            self._prefixes.clear()
-        prefix = self._prefixes[device] = f"{self._measurement}{tag_set(self.tags(device))} "
-        return prefix
+    def prefix(self, device: str) -> str:
+        """``<measurement>,<tag set> `` of the device's lines."""
+        return f"{self._measurement}{tag_set(self.tags(device))} "
 
     def _plan(self, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         """For a reading's keys: its metric names, sorted, each with ``<escaped key>=``."""
@@ -83,7 +106,7 @@ class ReadingEncoder:
         ``lineproto.float_value`` writes them, without the float round trip for integers
         that a float holds exactly.
         """
-        prefix = self._prefixes.get(reading["device"]) or self._prefix(reading["device"])
+        prefix = self._prefixes[reading["device"]]
         names = tuple(reading)
         fields = []
         for name, field in self._plans.get(names) or self._plan(names):
@@ -105,6 +128,101 @@ class ReadingEncoder:
         ts = reading["ts"]
         time = round(ts * self._factor) if self._factor else to_timestamp(ts, self._precision)
         return f"{prefix}{','.join(fields)} {time}"
+
+    def encode_many(self, readings: Sequence[Mapping[str, Any]]) -> list[str]:
+        """``[encode(r) for r in readings]``, a column at a time: the sink's drain path.
+
+        Readings with the same keys (most of a batch: a fleet sends few shapes) are
+        encoded together: the devices' prefixes, each metric's texts and the timestamps
+        come from C-level maps over the batch, and one format call per reading puts a line
+        together. A column that is not all finite floats and exact integers (a bool, a
+        huge integer, a null) sends its readings through ``encode``, which the property
+        tests hold this to.
+        """
+        if not readings:
+            return []
+        first = tuple(readings[0])
+        if list(map(len, readings)).count(len(first)) == len(readings):
+            # Same number of keys, and every reading has the first one's (else KeyError):
+            # the same keys, found without a tuple per reading.
+            try:
+                return self._encode_shape(readings, first)
+            except KeyError:
+                pass
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index, shape in enumerate(map(tuple, readings)):
+            groups.setdefault(shape, []).append(index)
+        if len(groups) * _MIN_PER_SHAPE > len(readings):
+            return list(map(self.encode, readings))
+        lines = [""] * len(readings)
+        for shape, indexes in groups.items():
+            encoded = self._encode_shape(itemgetter(*indexes)(readings) if len(indexes) > 1
+                                         else [readings[indexes[0]]], shape)
+            for index, text in zip(indexes, encoded, strict=True):
+                lines[index] = text
+        return lines
+
+    def _encode_shape(self, readings: Sequence[Mapping[str, Any]],
+                      shape: tuple[str, ...]) -> list[str]:
+        """Lines of readings that all have the keys ``shape`` (KeyError if one lacks one
+        of them; it may have others, which the caller rules out)."""
+        found = self._shapes.get(shape)
+        if found is None:
+            if len(self._shapes) >= _DEVICES_CACHED:
+                self._shapes.clear()
+            plan = self._plans.get(shape) or self._plan(shape)
+            # A format string: braces in a field key are doubled to stay literal.
+            fields = ",".join(field.replace("{", "{{").replace("}", "}}") + "{}"
+                              for _, field in plan)
+            found = self._shapes[shape] = (tuple(name for name, _ in plan),
+                                           "{}" + fields + " {}")
+        names, template = found
+        if not names or "device" not in shape or "ts" not in shape:
+            return list(map(self.encode, readings))
+        columns = []
+        for name in names:
+            texts = _texts(list(map(itemgetter(name), readings)))
+            if texts is None:
+                return list(map(self.encode, readings))
+            columns.append(texts)
+        stamps = list(map(itemgetter("ts"), readings))
+        if self._factor is not None:
+            times: list[int] = list(map(round, map(mul, stamps, repeat(self._factor))))
+        else:
+            precision = self._precision
+            times = [to_timestamp(ts, precision) for ts in stamps]
+        prefixes = list(map(self._prefixes.__getitem__, map(itemgetter("device"), readings)))
+        return list(map(template.format, prefixes, *columns, times))
+
+
+def _texts(values: list[Any]) -> list[str] | None:
+    """A column's field values as ``encode`` writes them; None if some need ``encode``
+    (anything but finite floats and integers that a float holds exactly).
+
+    orjson writes a list of numbers at a few ns each where ``repr`` costs over 100 ns a
+    float, and its shortest round-trip digits are ``repr``'s, except in notation: it
+    writes exponents as ``1e-6`` (not ``1e-06``) and numbers below 1e-4 without one. A
+    column holding either takes ``repr``. The property tests check the two agree.
+    """
+    kinds = set(map(type, values))
+    if not kinds <= _NUMBERS:
+        return None
+    if float in kinds and not math.isfinite(sum(values)):
+        return None  # a NaN or an infinity (or an overflowing sum: the slow path decides)
+    if int in kinds and not -_EXACT_INT < min(values) <= max(values) < _EXACT_INT:
+        return None
+    text = orjson.dumps(values).decode()
+    if "e" in text or "[0.0000" in text or ",0.0000" in text or "-0.0000" in text:
+        texts = list(map(repr, values))
+        if float not in kinds:
+            return texts
+        text = ",".join(texts)
+    else:
+        text = text[1:-1]
+    if float in kinds:
+        # Trim a trailing ".0" ("21.0" -> "21"): one replace over the column.
+        text = (text + ",").replace(".0,", ",")[:-1]
+    return text.split(",")
 
 
 def event_line(event: Mapping[str, Any], *, gateway: str, site: str,

@@ -254,26 +254,30 @@ class InfluxSink:
         seq = self._next
         size = 0
         while len(lines) < cfg.batch_max_points and size < self._max_bytes:
-            rows = self._reader.read(seq, max_readings=cfg.batch_max_points - len(lines),
-                                     max_bytes=self._max_bytes - size)
-            if not rows:
+            run = self._reader.read_run(seq, max_readings=cfg.batch_max_points - len(lines),
+                                        max_bytes=self._max_bytes - size)
+            if run is None:
                 break
-            if rows[0].kind == KIND_EVENT:
-                line = event_line(orjson.loads(rows[0].body), gateway=self._gateway,
+            if run.kind == KIND_EVENT:
+                body = run.bodies[0]
+                line = event_line(orjson.loads(body), gateway=self._gateway,
                                   site=self._site, precision=self._precision)
                 if line:
                     lines.append(line)
-                    sources.append(rows[0].body)
+                    sources.append(body)
                     events += 1
             else:
-                encode = self._encoder.encode
-                for reading in orjson.loads(b"[" + b",".join([r.body for r in rows]) + b"]"):
-                    line = encode(reading)
-                    if line:
-                        lines.append(line)
-                        sources.append(reading)
-            size += sum(len(r.body) + 1 for r in rows)
-            seq = rows[-1].seq + rows[-1].n
+                body = b",".join(run.bodies)
+                readings = orjson.loads(b"[" + body + b"]")
+                encoded = self._encoder.encode_many(readings)
+                if "" in encoded:  # a reading without a finite metric has no point
+                    keep = [i for i, line in enumerate(encoded) if line]
+                    encoded = [encoded[i] for i in keep]
+                    readings = [readings[i] for i in keep]
+                lines += encoded
+                sources += readings
+            size += len(body) + 1
+            seq = run.end
         # Nothing read at all: what lay ahead was removed (cap or age) before it was sent.
         end = max(seq, store.next_seq) if seq == self._next else seq
         self._next = end
