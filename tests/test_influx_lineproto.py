@@ -130,10 +130,15 @@ def batches(draw: st.DrawFn) -> list[dict[str, object]]:
 @example(readings=[{"seq": 1, "device": "d", "ts": 1.5, "{x}": 1.0, "a b=": 2},
                    {"seq": 2, "device": "d", "ts": 2.5, "a b=": 3, "{x}": 4.5}],
          precision=Precision.NS)
-def test_encode_many_is_encode_of_each(readings, precision):
+def test_batch_encoders_are_encode_of_each(readings, precision):
     encoder = ReadingEncoder(measurement_name="tele{m}", gateway="gw", site="s",
                              device_labels={"*": {"zone": "a b"}}, precision=precision)
-    assert encoder.encode_many(readings) == [encoder.encode(r) for r in readings]
+    lines = [encoder.encode(r) for r in readings]
+    assert encoder.encode_many(readings) == lines
+    # The sink's path: one text, and the readings that made a line (for dead letters).
+    text, kept = encoder.encode_text(readings)
+    assert text == "".join(line + "\n" for line in lines if line)
+    assert list(kept) == [r for r, line in zip(readings, lines, strict=True) if line]
 
 
 # Where orjson's notation differs from repr's: below 1e-4 and in exponents.
@@ -147,10 +152,10 @@ _NOTATION = st.sampled_from([1e-4, -1e-4, 9.99e-5, 1e-5, -2e-5, 9.34414305231445
 @example(values=[0.5, 9.344143052314458e-06])
 @example(values=[2e-05, 1])
 @example(values=[0.5, 0.00002])
-def test_encode_many_numbers_are_repr(values):
+def test_column_numbers_are_repr(values):
     # The column path writes numbers with orjson; the per-reading path with repr.
     encoder = ReadingEncoder(measurement_name="t", gateway="g", site="s", device_labels={},
                              precision=Precision.S)
     readings = [{"seq": i, "device": "d", "ts": 1.0, "v": v} for i, v in enumerate(values)]
-    expected = [encoder.encode(r) for r in readings]
-    assert encoder.encode_many(readings) == expected
+    expected = "".join(encoder.encode(r) + "\n" for r in readings)
+    assert encoder.encode_text(readings)[0] == expected

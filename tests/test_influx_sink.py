@@ -4,16 +4,21 @@ response status means, and the loop's view of the sink (wake fd, depth)."""
 from __future__ import annotations
 
 import select
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from gateway.config import GatewayConfig, parse_config
+from gateway.config import GatewayConfig, LogSection, parse_config
 from gateway.events import Event
 from gateway.influx.http import retry_after
+from gateway.log.reader import LogReader
 from gateway.log.store import LogStore, Message
 from gateway.metrics import GatewayMetrics
 from gateway.sinks.influx import NAME, InfluxSink, Outcome, classify
@@ -160,3 +165,55 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
                         "influx": {"username": "u", "password_file": str(tmp_path / "nope")}})
     problems = check_config(cfg)
     assert len(problems) == 1 and problems[0].startswith("influx.password: cannot read")
+
+
+# -- the sink's read path: LogReader.read_run against LogReader.read --------------------------
+
+_rows = st.lists(st.tuples(st.sampled_from([0, 0, 1]),  # kind: telemetry or an event
+                           st.integers(1, 4),              # readings in the row
+                           st.integers(1, 300),            # body size
+                           st.sampled_from([False, False, False, True])),  # dropped: a gap
+                 min_size=1, max_size=40)
+
+
+@settings(max_examples=100)
+@given(rows=_rows, start=st.integers(0, 30), max_readings=st.integers(1, 50),
+       max_bytes=st.integers(1, 3000))
+@example(rows=[(0, 1, 10, False), (1, 1, 10, False), (0, 1, 10, False)], start=1,
+         max_readings=10, max_bytes=100)  # an event ends the run
+@example(rows=[(0, 1, 10, False), (0, 4, 10, False), (0, 1, 10, False)], start=1,
+         max_readings=3, max_bytes=100)  # a row with readings past the bound
+@example(rows=[(0, 1, 60, False), (0, 1, 60, False), (0, 1, 60, False)], start=1,
+         max_readings=10, max_bytes=130)  # the byte bound
+@example(rows=[(0, 1, 10, True), (0, 1, 10, False)], start=1, max_readings=1,
+         max_bytes=100)  # a gap before the first row
+def test_read_run_reads_what_read_reads(rows, start, max_readings, max_bytes):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "log.db"
+        LogStore(LogSection(path=path), "gw").close()
+        conn = sqlite3.connect(path)
+        seq = 1
+        kept = []  # seq of each row written, or None for one dropped
+        for kind, readings, size, dropped in rows:
+            n = 1 if kind else readings  # an event is one record
+            kept.append(None if dropped else seq)
+            if not dropped:
+                conn.execute("INSERT INTO records VALUES (?,?,?,?,?,?)",
+                             (seq, n, kind, 0.0, 0, bytes([48 + seq % 10]) * size))
+            seq += n
+        # seq runs on without a gap from ``start``: a row begins there, none dropped after.
+        gaps = start not in kept or None in kept[kept.index(start):]
+        conn.commit()
+        conn.close()
+        reader = LogReader(path)
+        expected = reader.read(start, max_readings=max_readings, max_bytes=max_bytes)
+        run = reader.read_run(start, max_readings=max_readings, max_bytes=max_bytes)
+        reader.close()
+    if not expected:
+        assert run is None
+        return
+    assert run is not None and run.kind == expected[0].kind and run.bodies
+    # Where seq has gaps the run may stop sooner; it is always a prefix of read's rows.
+    count = len(run.bodies) if gaps else len(expected)
+    assert run.bodies == [row.body for row in expected[:count]]
+    assert run.end == expected[count - 1].seq + expected[count - 1].n

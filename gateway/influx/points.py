@@ -72,8 +72,6 @@ class ReadingEncoder:
         self._factor = {Precision.S: 1, Precision.MS: 1000}.get(precision)
         self._prefixes = _Prefixes(self)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
-        # Per set of keys: its metrics, sorted, and the line as a format string.
-        self._shapes: dict[tuple[str, ...], tuple[tuple[str, ...], str]] = {}
 
     def tags(self, device: str) -> dict[str, str]:
         """The device's tags: its labels (later globs add to earlier ones), then ours,
@@ -129,26 +127,37 @@ class ReadingEncoder:
         time = round(ts * self._factor) if self._factor else to_timestamp(ts, self._precision)
         return f"{prefix}{','.join(fields)} {time}"
 
-    def encode_many(self, readings: Sequence[Mapping[str, Any]]) -> list[str]:
-        """``[encode(r) for r in readings]``, a column at a time: the sink's drain path.
+    def encode_text(self, readings: Sequence[Mapping[str, Any]]
+                    ) -> tuple[str, Sequence[Mapping[str, Any]]]:
+        """The lines of ``readings`` as one text, each line ended by a newline (a request
+        body), and the readings that made a line: all of them unless one had no finite
+        metric (``encode`` gives it ``""``). The sink's drain path.
 
-        Readings with the same keys (most of a batch: a fleet sends few shapes) are
-        encoded together: the devices' prefixes, each metric's texts and the timestamps
-        come from C-level maps over the batch, and one format call per reading puts a line
-        together. A column that is not all finite floats and exact integers (a bool, a
-        huge integer, a null) sends its readings through ``encode``, which the property
-        tests hold this to.
+        When every reading has the same keys (a batch from a fleet of one kind of device)
+        the text is put together a column at a time (``_shape_text``); else by
+        ``encode_many``.
         """
-        if not readings:
-            return []
-        first = tuple(readings[0])
-        if list(map(len, readings)).count(len(first)) == len(readings):
-            # Same number of keys, and every reading has the first one's (else KeyError):
-            # the same keys, found without a tuple per reading.
-            try:
-                return self._encode_shape(readings, first)
-            except KeyError:
-                pass
+        if readings:
+            first = tuple(readings[0])
+            if list(map(len, readings)).count(len(first)) == len(readings):
+                # Same number of keys, and every reading has the first one's (else
+                # KeyError): the same keys, found without a tuple per reading.
+                try:
+                    text = self._shape_text(readings, first)
+                except KeyError:
+                    text = None
+                if text is not None:
+                    return text, readings
+        lines = self.encode_many(readings)
+        if "" in lines:
+            kept = [i for i, point in enumerate(lines) if point]
+            lines = [lines[i] for i in kept]
+            readings = [readings[i] for i in kept]
+        return "".join([point + "\n" for point in lines]), readings
+
+    def encode_many(self, readings: Sequence[Mapping[str, Any]]) -> list[str]:
+        """``[encode(r) for r in readings]``, a column at a time where readings share
+        their keys (``_shape_text``), one at a time where they do not."""
         groups: dict[tuple[str, ...], list[int]] = {}
         for index, shape in enumerate(map(tuple, readings)):
             groups.setdefault(shape, []).append(index)
@@ -156,43 +165,49 @@ class ReadingEncoder:
             return list(map(self.encode, readings))
         lines = [""] * len(readings)
         for shape, indexes in groups.items():
-            encoded = self._encode_shape(itemgetter(*indexes)(readings) if len(indexes) > 1
-                                         else [readings[indexes[0]]], shape)
-            for index, text in zip(indexes, encoded, strict=True):
-                lines[index] = text
+            group = [readings[i] for i in indexes]
+            text = self._shape_text(group, shape)
+            encoded = text.split("\n")[:-1] if text is not None else map(self.encode, group)
+            for index, point in zip(indexes, encoded, strict=True):
+                lines[index] = point
         return lines
 
-    def _encode_shape(self, readings: Sequence[Mapping[str, Any]],
-                      shape: tuple[str, ...]) -> list[str]:
-        """Lines of readings that all have the keys ``shape`` (KeyError if one lacks one
-        of them; it may have others, which the caller rules out)."""
-        found = self._shapes.get(shape)
-        if found is None:
-            if len(self._shapes) >= _DEVICES_CACHED:
-                self._shapes.clear()
-            plan = self._plans.get(shape) or self._plan(shape)
-            # A format string: braces in a field key are doubled to stay literal.
-            fields = ",".join(field.replace("{", "{{").replace("}", "}}") + "{}"
-                              for _, field in plan)
-            found = self._shapes[shape] = (tuple(name for name, _ in plan),
-                                           "{}" + fields + " {}")
-        names, template = found
-        if not names or "device" not in shape or "ts" not in shape:
-            return list(map(self.encode, readings))
-        columns = []
-        for name in names:
+    def _shape_text(self, readings: Sequence[Mapping[str, Any]],
+                    shape: tuple[str, ...]) -> str | None:
+        """The lines of readings that all have the keys ``shape`` (KeyError if one lacks
+        one; it may have others, which the caller rules out), each ended by a newline.
+
+        The devices' prefixes, each metric's texts and the timestamps come from C-level
+        maps over the batch, and the lines are one join over them, interleaved by slice
+        assignment: no Python call per reading. None when a column holds anything but
+        finite floats and integers that a float holds exactly (a bool, a huge integer, a
+        null): those take ``encode``, which the property tests hold this to.
+        """
+        plan = self._plans.get(shape) or self._plan(shape)
+        if not plan or "device" not in shape or "ts" not in shape:
+            return None
+        count = len(readings)
+        width = 2 * len(plan) + 2  # prefix, (field key, value) per metric, timestamp
+        parts: list[str] = [""] * (width * count)
+        parts[0::width] = map(self._prefixes.__getitem__, map(itemgetter("device"), readings))
+        for column, (name, field) in enumerate(plan):
             texts = _texts(list(map(itemgetter(name), readings)))
             if texts is None:
-                return list(map(self.encode, readings))
-            columns.append(texts)
+                return None
+            parts[2 * column + 1::width] = [field if column == 0 else "," + field] * count
+            parts[2 * column + 2::width] = texts
         stamps = list(map(itemgetter("ts"), readings))
         if self._factor is not None:
             times: list[int] = list(map(round, map(mul, stamps, repeat(self._factor))))
         else:
             precision = self._precision
             times = [to_timestamp(ts, precision) for ts in stamps]
-        prefixes = list(map(self._prefixes.__getitem__, map(itemgetter("device"), readings)))
-        return list(map(template.format, prefixes, *columns, times))
+        try:  # " <time>\n" for each, from one orjson call (integers of up to 64 bits)
+            joined = orjson.dumps(times).decode()[1:-1]
+            parts[width - 1::width] = (" " + joined.replace(",", "\n, ") + "\n").split(",")
+        except orjson.JSONEncodeError:
+            parts[width - 1::width] = map(" {}\n".format, times)
+        return "".join(parts)
 
 
 def _texts(values: list[Any]) -> list[str] | None:

@@ -63,9 +63,28 @@ class LogReader:
         return out
 
     def read_run(self, from_seq: int, *, max_readings: int, max_bytes: int) -> Run | None:
-        """What ``read`` returns, as one ``Run`` of bodies rather than a ``Row`` per row:
-        a drain of many small rows spends its time in per-row Python, so the bounds are
-        found by C-level scans over the columns (the influx sink's path)."""
+        """What ``read`` returns, as one ``Run`` of bodies rather than a ``Row`` per row
+        (the influx sink's path: a drain of many small rows spent its time on per-row
+        Python). The bounds may cut it shorter than ``read`` where seq has gaps.
+
+        Usually the run is every row of seq ``from_seq .. from_seq + max_readings - 1``:
+        one aggregate query finds that it holds no event and fits ``max_bytes``, a second
+        fetches the bodies alone. Otherwise each row's kind and size are looked at.
+        """
+        to = from_seq + max_readings
+        # Rows ending past ``to`` hold readings beyond the bound: not in this run.
+        last, end, size, event = self._conn.execute(
+            "SELECT max(seq), max(seq + n), sum(length(body) + 1), "
+            "min(CASE WHEN kind != 0 THEN seq END) "
+            "FROM records WHERE seq >= ? AND seq < ? AND seq + n <= ?",
+            (from_seq, to, to)).fetchone()
+        if last is not None and event is None and size <= max_bytes:
+            # Up to ``last``: rows appended since are past it (and rows dropped since at
+            # the cap are simply not there).
+            rows = self._conn.execute(
+                "SELECT body FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                (from_seq, last)).fetchall()
+            return Run(0, list(map(itemgetter(0), rows)), end)
         rows = self._conn.execute(
             "SELECT seq, n, kind, body FROM records WHERE seq >= ? ORDER BY seq LIMIT ?",
             (from_seq, max_readings),
@@ -84,7 +103,7 @@ class LogReader:
         if sum(map(len, bodies[:count])) + count > max_bytes:
             sizes = accumulate(map((1).__add__, map(len, bodies[:count])))
             count = max(1, bisect_right(list(sizes), max_bytes))
-        return Run(0, list(bodies[:count]), seqs[count - 1] + ns[count - 1])
+        return Run(0, bodies[:count], seqs[count - 1] + ns[count - 1])
 
     def close(self) -> None:
         self._conn.close()
