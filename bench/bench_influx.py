@@ -20,6 +20,8 @@
     python bench/bench_influx.py                   # N = 1,000,000 (several minutes)
     python bench/bench_influx.py --readings 200000 # a quicker run
     python bench/bench_influx.py --only 1,6        # some parts only
+    python bench/bench_influx.py --only 1 --before main  # part 1 also for git ref main,
+                                                   # alternating with this tree, same log
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def fill_log(path: Path, n: int) -> float:
 
 
 class Gateway:
-    def __init__(self, work: Path, log: Path, site: Mosquitto, **sections: Any) -> None:
+    def __init__(self, work: Path, log: Path, site: Mosquitto, *, root: Path = ROOT,
+                 **sections: Any) -> None:
         self.metrics_port = free_port()
         cfg = {"gateway_id": GATEWAY_ID, "site": {"url": site.url},
                "log": {"path": str(log), "max_bytes": "8GiB", "synchronous": "normal"},
@@ -86,7 +89,7 @@ class Gateway:
         conf.write_text(yaml.safe_dump(cfg))
         self.stderr = work / f"gw-{self.metrics_port}.stderr"
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(conf)],
-                                     cwd=ROOT, stderr=self.stderr.open("wb"))
+                                     cwd=root, stderr=self.stderr.open("wb"))
         self.ps = psutil.Process(self.proc.pid)
         self.peak_rss = 0
 
@@ -134,10 +137,10 @@ class Gateway:
 
 
 def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str],
-          **sections: Any) -> tuple[float, int, Gateway]:
+          root: Path = ROOT, **sections: Any) -> tuple[float, int, Gateway]:
     log = work / f"{name}.db"
     shutil.copy(master, log)
-    gw = Gateway(work, log, site, **sections)
+    gw = Gateway(work, log, site, root=root, **sections)
     # Depth is only on /metrics once the gateway is wired; time from the process start.
     started = time.monotonic()
     while gw.metric('fieldgate_link_connected{link="site"}') is None:
@@ -146,6 +149,16 @@ def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str]
     seconds = time.monotonic() - started
     gw.stop()
     return seconds, gw.peak_rss, gw
+
+
+def checkout(ref: str, work: Path) -> Path:
+    """The tree of git ``ref`` in ``work``, to run its gateway beside this one."""
+    root = work / "before"
+    root.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
 
 
 def baseline(master: Path, n: int, vm: VictoriaMetrics) -> float:
@@ -259,6 +272,8 @@ def main() -> int:
     ap.add_argument("--readings", type=int, default=1_000_000)
     ap.add_argument("--paced-seconds", type=float, default=10.0)
     ap.add_argument("--only", default="1,2,3,4,5,6", help="parts to run, e.g. 1,6")
+    ap.add_argument("--before", metavar="REF", help="part 1 also with the gateway of git ref "
+                    "REF (twice each, alternating), for a before/after in one run")
     args = ap.parse_args()
     n = args.readings
     only = {int(part) for part in args.only.split(",")}
@@ -274,16 +289,22 @@ def main() -> int:
                                      "health_interval": "1h"}
         rate_v2 = 0.0
         if 1 in only:
-            vm = VictoriaMetrics(work / "vm1").start()
-            secs, rss, _ = drain(work, master, site, "v2", ["influx"],
-                                 influx={"url": vm.url, **influx_v2})
-            got = vm.samples('{__name__="telemetry_temp"}')
-            vm.stop()
-            rate_v2 = n / secs
-            ok &= rate_v2 >= 150_000 and got == n
-            print(f"1 drain v2 -> VictoriaMetrics: {rate_v2:,.0f} readings/s ({secs:.1f} s, "
-                  f"{got:,} points of {n:,}), peak RSS {rss / 2**20:.0f} MB  "
-                  "[target >= 150k/s]")
+            roots = [("", ROOT)]
+            if args.before:
+                before = checkout(args.before, work)
+                roots = [(f" [{args.before}]", before), (" [this tree]", ROOT)] * 2
+            for number, (label, root) in enumerate(roots):
+                vm = VictoriaMetrics(work / f"vm1-{number}").start()
+                secs, rss, _ = drain(work, master, site, f"v2-{number}", ["influx"], root,
+                                     influx={"url": vm.url, **influx_v2})
+                got = vm.samples('{__name__="telemetry_temp"}')
+                vm.stop()
+                if root == ROOT:
+                    rate_v2 = n / secs
+                    ok &= rate_v2 >= 150_000 and got == n
+                print(f"1 drain v2 -> VictoriaMetrics{label}: {n / secs:,.0f} readings/s "
+                      f"({secs:.1f} s, {got:,} points of {n:,}), peak RSS "
+                      f"{rss / 2**20:.0f} MB  [target >= 150k/s]")
 
         if 2 in only:
             vm = VictoriaMetrics(work / "vm2").start()
