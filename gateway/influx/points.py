@@ -9,8 +9,10 @@
 
 Every point is a pure function of its log record, so a batch sent again after a crash or
 a lost response writes the same points (same series, same timestamp): writes are
-idempotent. Readings are encoded by a hand-written fast path; the property tests check it
-against the generic ``lineproto.line`` and that against ``influxdb_client.Point``.
+idempotent. Readings are encoded by a hand-written fast path (``encode_text``, a batch a
+column at a time, which the sink uses; ``encode``, one reading); the property tests check
+the first against the second, that against the generic ``lineproto.line``, and that
+against ``influxdb_client.Point``.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class ReadingEncoder:
     def encode(self, reading: Mapping[str, Any]) -> str:
         """One reading as one line; ``""`` if it has no finite metric (never from decode).
 
-        The hot path of the sink (about 2 µs a reading here): tag sets are cached per
+        The reference for ``encode_text`` and its path for what the columns cannot take
+        (about 2 µs a reading here, where the columns take 0.6): tag sets are cached per
         device and field keys per set of metric names; numbers are written as
         ``lineproto.float_value`` writes them, without the float round trip for integers
         that a float holds exactly.
