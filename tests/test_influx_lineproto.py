@@ -130,6 +130,12 @@ def batches(draw: st.DrawFn) -> list[dict[str, object]]:
 @example(readings=[{"seq": 1, "device": "d", "ts": 1.5, "{x}": 1.0, "a b=": 2},
                    {"seq": 2, "device": "d", "ts": 2.5, "a b=": 3, "{x}": 4.5}],
          precision=Precision.NS)
+@example(readings=[{"seq": 1, "device": "d", "ts": 2e10 + 0.0005, "a": 1.0},
+                   {"seq": 2, "device": "d", "ts": 1.0000005, "a": 2.0}],
+         precision=Precision.NS)  # past numpy's range of timestamps: exact integers
+@example(readings=[{"seq": 1, "device": "d", "ts": 0.0005, "a": 1.0},
+                   {"seq": 2, "device": "d", "ts": 0.0015, "a": 2.0}],
+         precision=Precision.MS)  # halves round to even
 def test_batch_encoders_are_encode_of_each(readings, precision):
     encoder = ReadingEncoder(measurement_name="tele{m}", gateway="gw", site="s",
                              device_labels={"*": {"zone": "a b"}}, precision=precision)
