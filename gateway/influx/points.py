@@ -25,7 +25,6 @@ from itertools import repeat
 from operator import itemgetter, mul
 from typing import Any
 
-import numpy as np
 import orjson
 
 from gateway.influx.lineproto import Precision, key, line, measurement, tag_set
@@ -46,13 +45,6 @@ _EXACT_INT = 2**53
 # one reading at a time (the column path costs a few calls per set of keys and per column).
 _MIN_PER_SHAPE = 8
 _NUMBERS = frozenset((float, int))
-# encode_text: timestamps are scaled and rounded in numpy below this many seconds (int64
-# nanoseconds reach 2**63 near 9.2e9 s); beyond, by Python's exact integers.
-_NUMPY_SECONDS = 9e9
-# Precision -> factor from seconds, and whether that is then multiplied by 1000 (ns are
-# whole µs times 1000, as lineproto.timestamp writes them).
-_SCALES = {Precision.S: (1.0, False), Precision.MS: (1000.0, False),
-           Precision.US: (1_000_000.0, False), Precision.NS: (1_000_000.0, True)}
 
 
 class _Prefixes(dict[str, str]):
@@ -207,30 +199,18 @@ class ReadingEncoder:
                 return None
             parts[2 * column + 1::width] = [field if column == 0 else "," + field] * count
             parts[2 * column + 2::width] = texts
-        parts[width - 1::width] = self._time_texts(list(map(itemgetter("ts"), readings)))
-        return "".join(parts)
-
-    def _time_texts(self, stamps: list[Any]) -> list[str]:
-        """``" <timestamp>\n"`` for each reading, the integer ``encode`` writes."""
-        scale, times_1000 = _SCALES[self._precision]
-        try:
-            seconds = np.array(stamps, dtype=np.float64)
-        except (TypeError, ValueError):
-            seconds = np.array([np.nan])
-        # numpy rounds half to even like round(), on the same float64 product; past 1e10 s
-        # (or for a NaN: a null in the log) the exact integer path decides.
-        if seconds.size and float(np.abs(seconds).max()) < _NUMPY_SECONDS:
-            times = np.rint(seconds * scale).astype(np.int64)
-            if times_1000:
-                times *= 1000
-            joined = orjson.dumps(times, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+        stamps = list(map(itemgetter("ts"), readings))
+        if self._factor is not None:
+            times: list[int] = list(map(round, map(mul, stamps, repeat(self._factor))))
         else:
-            if self._factor is not None:
-                ints = list(map(round, map(mul, stamps, repeat(self._factor))))
-            else:
-                ints = [to_timestamp(ts, self._precision) for ts in stamps]
-            joined = "[" + ",".join(map(str, ints)) + "]"
-        return (" " + joined[1:-1].replace(",", "\n, ") + "\n").split(",")
+            precision = self._precision
+            times = [to_timestamp(ts, precision) for ts in stamps]
+        try:  # " <time>\n" for each, from one orjson call (integers of up to 64 bits)
+            joined = orjson.dumps(times).decode()[1:-1]
+            parts[width - 1::width] = (" " + joined.replace(",", "\n, ") + "\n").split(",")
+        except orjson.JSONEncodeError:
+            parts[width - 1::width] = map(" {}\n".format, times)
+        return "".join(parts)
 
 
 def _texts(values: list[Any]) -> list[str] | None:
