@@ -12,9 +12,16 @@
    peak RSS of the gateway (target <= 80 MB).
 5. paced 5k readings/s for some seconds through the site broker: gateway CPU with the
    influx sink minus the same run without it, per reading (target <= 5 µs).
+6. encode in-process, CPU µs per reading from the log to line protocol: the sink's path
+   (LogReader.read_run, one orjson call per run, ReadingEncoder.encode_text a column at a
+   time) against the per-reading path it replaced (LogReader.read, encode per reading),
+   in the same run.
 
     python bench/bench_influx.py                   # N = 1,000,000 (several minutes)
     python bench/bench_influx.py --readings 200000 # a quicker run
+    python bench/bench_influx.py --only 1,6        # some parts only
+    python bench/bench_influx.py --only 1 --before main  # part 1 also for git ref main,
+                                                   # alternating with this tree, same log
 """
 
 from __future__ import annotations
@@ -72,7 +79,8 @@ def fill_log(path: Path, n: int) -> float:
 
 
 class Gateway:
-    def __init__(self, work: Path, log: Path, site: Mosquitto, **sections: Any) -> None:
+    def __init__(self, work: Path, log: Path, site: Mosquitto, *, root: Path = ROOT,
+                 **sections: Any) -> None:
         self.metrics_port = free_port()
         cfg = {"gateway_id": GATEWAY_ID, "site": {"url": site.url},
                "log": {"path": str(log), "max_bytes": "8GiB", "synchronous": "normal"},
@@ -81,7 +89,7 @@ class Gateway:
         conf.write_text(yaml.safe_dump(cfg))
         self.stderr = work / f"gw-{self.metrics_port}.stderr"
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(conf)],
-                                     cwd=ROOT, stderr=self.stderr.open("wb"))
+                                     cwd=root, stderr=self.stderr.open("wb"))
         self.ps = psutil.Process(self.proc.pid)
         self.peak_rss = 0
 
@@ -129,10 +137,10 @@ class Gateway:
 
 
 def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str],
-          **sections: Any) -> tuple[float, int, Gateway]:
+          root: Path = ROOT, **sections: Any) -> tuple[float, int, Gateway]:
     log = work / f"{name}.db"
     shutil.copy(master, log)
-    gw = Gateway(work, log, site, **sections)
+    gw = Gateway(work, log, site, root=root, **sections)
     # Depth is only on /metrics once the gateway is wired; time from the process start.
     started = time.monotonic()
     while gw.metric('fieldgate_link_connected{link="site"}') is None:
@@ -141,6 +149,16 @@ def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str]
     seconds = time.monotonic() - started
     gw.stop()
     return seconds, gw.peak_rss, gw
+
+
+def checkout(ref: str, work: Path) -> Path:
+    """The tree of git ``ref`` in ``work``, to run its gateway beside this one."""
+    root = work / "before"
+    root.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
 
 
 def baseline(master: Path, n: int, vm: VictoriaMetrics) -> float:
@@ -167,6 +185,43 @@ def baseline(master: Path, n: int, vm: VictoriaMetrics) -> float:
     if got != n:
         print(f"  baseline: VictoriaMetrics holds {got} of {n} points")
     return n / seconds
+
+
+def encode_cpu(master: Path) -> tuple[float, float]:
+    """CPU µs per reading, log to lines: the per-reading path, then the sink's column path
+    (best of three passes each, so a noisy neighbour costs less)."""
+    encoder = ReadingEncoder(measurement_name="telemetry", gateway=GATEWAY_ID, site=GATEWAY_ID,
+                             device_labels={}, precision=Precision.MS)
+    reader = LogReader(master)
+
+    def per_reading() -> int:
+        seq, n = 1, 0
+        while rows := reader.read(seq, max_readings=5000, max_bytes=1 << 20):
+            lines = [encoder.encode(r) for r in
+                     orjson.loads(b"[" + b",".join([r.body for r in rows]) + b"]")]
+            "\n".join(lines).encode()
+            seq, n = rows[-1].seq + rows[-1].n, n + len(lines)
+        return n
+
+    def columns() -> int:
+        seq, n = 1, 0
+        while run := reader.read_run(seq, max_readings=5000, max_bytes=1 << 20):
+            text, readings = encoder.encode_text(
+                orjson.loads(b"[" + b",".join(run.bodies) + b"]"))
+            text.encode()
+            seq, n = run.end, n + len(readings)
+        return n
+
+    figures = []
+    for path in (per_reading, columns):
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            n = path()
+            best = min(best, (time.process_time() - start) / n * 1e6)
+        figures.append(best)
+    reader.close()
+    return figures[0], figures[1]
 
 
 def _paced(port: int, rate: int, seconds: float, t0: float) -> None:
@@ -216,8 +271,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--readings", type=int, default=1_000_000)
     ap.add_argument("--paced-seconds", type=float, default=10.0)
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="parts to run, e.g. 1,6")
+    ap.add_argument("--before", metavar="REF", help="part 1 also with the gateway of git ref "
+                    "REF (twice each, alternating), for a before/after in one run")
     args = ap.parse_args()
     n = args.readings
+    only = {int(part) for part in args.only.split(",")}
     work = Path(tempfile.mkdtemp(prefix="bench-influx-"))
     ok = True
     try:
@@ -228,55 +287,76 @@ def main() -> int:
         site = Mosquitto(work, "site").start()
         influx_v2: dict[str, Any] = {"api": "v2", "org": "bench", "bucket": "b",
                                      "health_interval": "1h"}
+        rate_v2 = 0.0
+        if 1 in only:
+            roots = [("", ROOT)]
+            if args.before:
+                before = checkout(args.before, work)
+                roots = [(f" [{args.before}]", before), (" [this tree]", ROOT)] * 2
+            for number, (label, root) in enumerate(roots):
+                vm = VictoriaMetrics(work / f"vm1-{number}").start()
+                secs, rss, _ = drain(work, master, site, f"v2-{number}", ["influx"], root,
+                                     influx={"url": vm.url, **influx_v2})
+                got = vm.samples('{__name__="telemetry_temp"}')
+                vm.stop()
+                if root == ROOT:
+                    rate_v2 = n / secs
+                    ok &= rate_v2 >= 150_000 and got == n
+                print(f"1 drain v2 -> VictoriaMetrics{label}: {n / secs:,.0f} readings/s "
+                      f"({secs:.1f} s, {got:,} points of {n:,}), peak RSS "
+                      f"{rss / 2**20:.0f} MB  [target >= 150k/s]")
 
-        vm = VictoriaMetrics(work / "vm1").start()
-        secs, rss, _ = drain(work, master, site, "v2", ["influx"],
-                             influx={"url": vm.url, **influx_v2})
-        got = vm.samples('{__name__="telemetry_temp"}')
-        vm.stop()
-        rate_v2 = n / secs
-        ok &= rate_v2 >= 150_000 and got == n
-        print(f"1 drain v2 -> VictoriaMetrics: {rate_v2:,.0f} readings/s ({secs:.1f} s, "
-              f"{got:,} points of {n:,}), peak RSS {rss / 2**20:.0f} MB  [target >= 150k/s]")
+        if 2 in only:
+            vm = VictoriaMetrics(work / "vm2").start()
+            base = baseline(master, n, vm)
+            vm.stop()
+            ratio = f"; sink / baseline = {rate_v2 / base:.2f}" if rate_v2 else ""
+            print(f"2 baseline: influxdb-client batching WriteApi: {base:,.0f} readings/s"
+                  f"{ratio}")
 
-        vm = VictoriaMetrics(work / "vm2").start()
-        base = baseline(master, n, vm)
-        vm.stop()
-        print(f"2 baseline: influxdb-client batching WriteApi: {base:,.0f} readings/s; "
-              f"sink / baseline = {rate_v2 / base:.2f}")
+        if 3 in only:
+            influx = InfluxD(work / "influxd").start()
+            influx.create_database(DB)
+            secs, rss, _ = drain(work, master, site, "v1", ["influx"], influx={
+                "url": influx.url, "api": "v1", "database": DB, "health_interval": "1h"})
+            got = influx.count(DB, field="temp")
+            influx.stop()
+            print(f"3 drain v1 -> InfluxDB 1.x: {n / secs:,.0f} readings/s ({secs:.1f} s, "
+                  f"{got:,} points of {n:,}), peak RSS {rss / 2**20:.0f} MB")
+            ok &= got == n
 
-        influx = InfluxD(work / "influxd").start()
-        influx.create_database(DB)
-        secs, rss, _ = drain(work, master, site, "v1", ["influx"], influx={
-            "url": influx.url, "api": "v1", "database": DB, "health_interval": "1h"})
-        got = influx.count(DB, field="temp")
-        influx.stop()
-        print(f"3 drain v1 -> InfluxDB 1.x: {n / secs:,.0f} readings/s ({secs:.1f} s, "
-              f"{got:,} points of {n:,}), peak RSS {rss / 2**20:.0f} MB")
-        ok &= got == n
+        if 4 in only:
+            cloud = Mosquitto(work, "cloud").start()
+            vm = VictoriaMetrics(work / "vm3").start()
+            secs, rss, _ = drain(work, master, site, "both", ["influx", "uplink"],
+                                 influx={"url": vm.url, **influx_v2}, cloud={"url": cloud.url})
+            vm.stop()
+            cloud.stop()
+            ok &= rss <= 80 * 2**20
+            print(f"4 both sinks (uplink + influx v2) draining: {n / secs:,.0f} readings/s, "
+                  f"peak RSS {rss / 2**20:.0f} MB  [target <= 80 MB]")
 
-        cloud = Mosquitto(work, "cloud").start()
-        vm = VictoriaMetrics(work / "vm3").start()
-        secs, rss, _ = drain(work, master, site, "both", ["influx", "uplink"],
-                             influx={"url": vm.url, **influx_v2}, cloud={"url": cloud.url})
-        vm.stop()
-        cloud.stop()
-        ok &= rss <= 80 * 2**20
-        print(f"4 both sinks (uplink + influx v2) draining: {n / secs:,.0f} readings/s, "
-              f"peak RSS {rss / 2**20:.0f} MB  [target <= 80 MB]")
-
-        rate, seconds = 5000, args.paced_seconds
-        vm = VictoriaMetrics(work / "vm4").start()
-        without = paced_cpu(work, site, rate, seconds)
-        with_sink = paced_cpu(work, site, rate, seconds, influx={"url": vm.url, **influx_v2})
-        vm.stop()
-        total = rate * seconds
-        per = (with_sink - without) / total * 1e6
-        ok &= per <= 5
-        print(f"5 paced {rate}/s for {seconds:.0f} s: gateway CPU {without / total * 1e6:.1f}"
-              f" µs/reading without the sink, {with_sink / total * 1e6:.1f} with it: "
-              f"{per:.1f} µs/reading added  [target <= 5]")
+        if 5 in only:
+            rate, seconds = 5000, args.paced_seconds
+            vm = VictoriaMetrics(work / "vm4").start()
+            without = paced_cpu(work, site, rate, seconds)
+            with_sink = paced_cpu(work, site, rate, seconds,
+                                  influx={"url": vm.url, **influx_v2})
+            vm.stop()
+            total = rate * seconds
+            per = (with_sink - without) / total * 1e6
+            ok &= per <= 5
+            print(f"5 paced {rate}/s for {seconds:.0f} s: gateway CPU "
+                  f"{without / total * 1e6:.1f} µs/reading without the sink, "
+                  f"{with_sink / total * 1e6:.1f} with it: {per:.1f} µs/reading added  "
+                  "[target <= 5]")
         site.stop()
+
+        if 6 in only:
+            before, after = encode_cpu(master)
+            print(f"6 encode in-process, log to line protocol: {before:.2f} µs/reading per "
+                  f"reading (read, encode), {after:.2f} by columns (read_run, encode_text):"
+                  f" {before / after:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -631,7 +631,9 @@ def log_replay(config_path: Path, ids: tuple[int, ...], reason: str | None,
     """Send selected dead letters to the site broker again, after a fix.
 
     They go through ingest like new messages: accepted now, or back in the dead-letter
-    table with their reason. Truncated payloads (over log.dlq_max_payload) are skipped.
+    table with their reason. Truncated payloads (over log.dlq_max_payload) or topics, and
+    records a sink's destination refused (uplink_rejected:*, sink_rejected), are skipped
+    with a note: they are not site messages as they arrived.
 
     \b
     Example:
@@ -644,10 +646,13 @@ def log_replay(config_path: Path, ids: tuple[int, ...], reason: str | None,
         _fail(ValueError("say what to replay: --id N, --reason R or --since T"), 2)
     conn = _open_log(cfg, write=True)
     rows = dlq.select(conn, ids=ids, reason=reason, since=since, include_replayed=again)
-    whole = [r for r in rows if not r.truncated]
+    whole = []
     for row in rows:
-        if row.truncated:
-            click.echo(f"skip {row.id}: payload was truncated ({row.size} bytes)", err=True)
+        why = dlq.not_replayable(row)
+        if why is None:
+            whole.append(row)
+        else:
+            click.echo(why, err=True)
     if dry_run:
         for row in whole:
             click.echo(f"would replay {row.id} {row.topic}")

@@ -3,6 +3,12 @@
 Replay publishes the stored payload to the site broker on its original topic, so it flows
 through ingest like any message: after a fix (a new subscription, a larger max_payload, a
 repaired device) it is accepted; otherwise it lands in the table again with its reason.
+
+Only site messages can be replayed. A dead letter that a sink wrote (reason
+``uplink_rejected:0x..`` or ``sink_rejected``: its destination refused a log record for
+good) holds that record, not what a device sent, and its topic names the sink's
+destination; published to the site broker it would come back as telemetry it never was.
+Nor can a truncated payload or topic be sent as it arrived. ``not_replayable`` says why.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import GatewayConfig
 from gateway.errors import FieldgateError
+from gateway.log.store import DLQ_TOPIC_CUT
+
+# Reasons of dead letters written by sinks (gateway/sinks/*.py), not by ingest.
+_SINK_REASONS = ("uplink_rejected:", "sink_rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +42,18 @@ class DeadLetterRow:
     @property
     def truncated(self) -> bool:
         return len(self.payload) < self.size
+
+
+def not_replayable(row: DeadLetterRow) -> str | None:
+    """One line saying why ``row`` cannot be replayed, or None if it can."""
+    if row.reason.startswith(_SINK_REASONS):
+        return (f"skip {row.id}: {row.reason} is a log record that a sink's destination "
+                "refused, not a site message")
+    if row.truncated:
+        return f"skip {row.id}: payload was truncated ({row.size} bytes)"
+    if DLQ_TOPIC_CUT in row.detail:
+        return f"skip {row.id}: topic was truncated"
+    return None
 
 
 def select(conn: sqlite3.Connection, *, ids: tuple[int, ...] = (), reason: str | None = None,
@@ -61,7 +83,9 @@ def select(conn: sqlite3.Connection, *, ids: tuple[int, ...] = (), reason: str |
 
 def replay(cfg: GatewayConfig, conn: sqlite3.Connection, rows: list[DeadLetterRow],
            timeout: float = 10.0) -> int:
-    """Publish the rows to the site broker at QoS 1; mark them replayed; returns the count."""
+    """Publish the rows to the site broker at QoS 1; mark them replayed; returns the count.
+    Rows that cannot be replayed (``not_replayable``) are not sent."""
+    rows = [row for row in rows if not_replayable(row) is None]
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                          client_id=f"fieldgate-{cfg.gateway_id}-replay", protocol=paho.MQTTv5)
     if cfg.site.username is not None:

@@ -221,7 +221,7 @@ def gw_log_path(gw: Any) -> Path:
 
 
 def test_wrong_password_then_fixed_nothing_lost(tmp_path, site, make_gateway):
-    server = InfluxD(tmp_path, auth=True).start()
+    server = InfluxD(tmp_path, auth=True, admin=("admin", "admin-pw")).start()
     try:
         server.create_database(DB)
         pw = tmp_path / "influx.pw"

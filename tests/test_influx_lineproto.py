@@ -93,3 +93,75 @@ def test_event_becomes_an_annotation_point():
     assert line == ('events,device=gh-1,gateway=gw,rule=TooHot,severity=warning,site=north,'
                     'type=io.fieldgate.alert.fired id="gw-000000000042",'
                     'summary="gh-1 is hot: 31.5 °C",value=31.5 1732600000123')
+
+
+# Readings as a batch holds them: a few devices, a few sets of metric names, values that
+# take every path of the column encoder (floats of any size, exact and huge integers,
+# bools, null), as JSON read back from the log.
+batch_values = st.one_of(finite, st.integers(-(2**53) - 2, 2**53 + 2), st.booleans(),
+                         st.none(), st.integers(-(2**63), 2**63 - 1),
+                         st.sampled_from([0.0, -0.0, 1e-4, 9.99e-5, 1e-5, 1e16, 1e15, 21.0]))
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[dict[str, object]]:
+    devices = draw(st.lists(text.filter(bool), min_size=1, max_size=3))
+    shapes = draw(st.lists(st.lists(metric_names.filter(
+        lambda n: n not in {"seq", "ts", "device"}), min_size=0, max_size=4, unique=True),
+        min_size=1, max_size=3))
+    size = draw(st.integers(1, 40))
+    readings = []
+    for i in range(size):
+        names = draw(st.sampled_from(shapes))
+        metrics = {name: draw(batch_values) for name in names}
+        if draw(st.booleans()):  # the same keys in another order
+            metrics = dict(reversed(metrics.items()))
+        readings.append({"seq": i, "device": draw(st.sampled_from(devices)),
+                         "ts": draw(st.floats(0, 4e9)), **metrics})
+    return list(orjson.loads(orjson.dumps(readings)))
+
+
+@given(readings=batches(), precision=st.sampled_from(list(Precision)))
+@example(readings=[{"seq": 1, "device": "d", "ts": 1.5, "a": 1e-5, "b": 21.0},
+                   {"seq": 2, "device": "d", "ts": 2.5, "a": 0.1, "b": 1e16}],
+         precision=Precision.MS)
+@example(readings=[{"seq": 1, "device": "d", "ts": 1.5, "a": 1.0},
+                   {"seq": 2, "device": "d", "ts": 2.5, "b": 2.0}], precision=Precision.MS)
+@example(readings=[{"seq": 1, "device": "d", "ts": 1.5, "{x}": 1.0, "a b=": 2},
+                   {"seq": 2, "device": "d", "ts": 2.5, "a b=": 3, "{x}": 4.5}],
+         precision=Precision.NS)
+@example(readings=[{"seq": 1, "device": "d", "ts": 2e10 + 0.0005, "a": 1.0},
+                   {"seq": 2, "device": "d", "ts": 1.0000005, "a": 2.0}],
+         precision=Precision.NS)  # past numpy's range of timestamps: exact integers
+@example(readings=[{"seq": 1, "device": "d", "ts": 0.0005, "a": 1.0},
+                   {"seq": 2, "device": "d", "ts": 0.0015, "a": 2.0}],
+         precision=Precision.MS)  # halves round to even
+def test_batch_encoders_are_encode_of_each(readings, precision):
+    encoder = ReadingEncoder(measurement_name="tele{m}", gateway="gw", site="s",
+                             device_labels={"*": {"zone": "a b"}}, precision=precision)
+    lines = [encoder.encode(r) for r in readings]
+    assert encoder.encode_many(readings) == lines
+    # The sink's path: one text, and the readings that made a line (for dead letters).
+    text, kept = encoder.encode_text(readings)
+    assert text == "".join(line + "\n" for line in lines if line)
+    assert list(kept) == [r for r, line in zip(readings, lines, strict=True) if line]
+
+
+# Where orjson's notation differs from repr's: below 1e-4 and in exponents.
+_NOTATION = st.sampled_from([1e-4, -1e-4, 9.99e-5, 1e-5, -2e-5, 9.344143052314458e-06,
+                             -3e-7, 5e-324, 1e15, 1e16, -1e22, 1.5e300, 0.0, -0.0])
+
+
+@given(values=st.lists(st.one_of(finite, _NOTATION, st.integers(-(2**53) + 1, 2**53 - 1)),
+                       min_size=1, max_size=20))
+@example(values=[0.5, -0.00002])
+@example(values=[0.5, 9.344143052314458e-06])
+@example(values=[2e-05, 1])
+@example(values=[0.5, 0.00002])
+def test_column_numbers_are_repr(values):
+    # The column path writes numbers with orjson; the per-reading path with repr.
+    encoder = ReadingEncoder(measurement_name="t", gateway="g", site="s", device_labels={},
+                             precision=Precision.S)
+    readings = [{"seq": i, "device": "d", "ts": 1.0, "v": v} for i, v in enumerate(values)]
+    expected = "".join(encoder.encode(r) + "\n" for r in readings)
+    assert encoder.encode_text(readings)[0] == expected

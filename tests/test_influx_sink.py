@@ -160,3 +160,5 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
                         "influx": {"username": "u", "password_file": str(tmp_path / "nope")}})
     problems = check_config(cfg)
     assert len(problems) == 1 and problems[0].startswith("influx.password: cannot read")
+
+

@@ -1,5 +1,5 @@
 """`gateway query` against a real InfluxDB 1.x (influxd on a free port) holding what a
-gateway's influx sink writes (tests/influxd_fixture.py fills it)."""
+gateway's influx sink writes (tests/tsdb.py's fill_fieldgate fills it)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from gateway.mosquitto import free_port
 from gateway.query import InfluxQLClient, connection_from
 from gateway.query.canned import _measurements_named, last, quote_literal, step_for
 from gateway.query.render import format_time
-from tests.influxd_fixture import (  # noqa: F401 (pytest fixtures)
+from tests.tsdb import (  # noqa: F401 (pytest fixtures)
     Filled,
     InfluxD,
     fieldgate_db,

@@ -27,6 +27,15 @@ class Row:
     kind: int = 0  # 0 telemetry, 1 event
 
 
+@dataclass(frozen=True, slots=True)
+class Run:
+    """What ``read_run`` read: the bodies of a run of telemetry rows or of one event."""
+
+    kind: int
+    bodies: list[bytes]
+    end: int  # the seq after the last reading read
+
+
 def plain_body(body: bytes, codec: int) -> bytes:
     return zlib.decompress(body) if codec == CODEC_ZLIB else bytes(body)
 
@@ -124,6 +133,13 @@ class LogReader:
                     out.append(row)
                 seq = row.seq + keep
         return out
+
+    def read_run(self, from_seq: int, *, max_readings: int, max_bytes: int) -> Run | None:
+        """What ``read`` returns, as one ``Run`` of bodies (the influx sink's path)."""
+        rows = self.read(from_seq, max_readings=max_readings, max_bytes=max_bytes)
+        if not rows:
+            return None
+        return Run(rows[0].kind, [row.body for row in rows], rows[-1].seq + rows[-1].n)
 
     def close(self) -> None:
         self._conn.close()

@@ -65,6 +65,12 @@ _TAIL_KEYS = 131_072
 # A drop episode (logged once at its start and once at its end) ends after this long without
 # a drop; shorter logs more lines during a long outage, longer reports the end later.
 _DROP_EPISODE_QUIET = 60.0
+# Longest topic kept with a dead letter, in UTF-8 bytes. MQTT allows 64 KiB; the topic is
+# the operator's clue to where a message came from, and 1 KiB of it is plenty, where 64 KiB
+# a row would let a misbehaving publisher fill the dead-letter table 64 times faster.
+DLQ_TOPIC_MAX = 1024
+# Said in the detail of a dead letter whose topic was cut (`gateway log replay` skips it).
+DLQ_TOPIC_CUT = "topic truncated to 1 KiB"
 
 
 @dataclass(slots=True)
@@ -340,9 +346,9 @@ class LogStore:
             for msg in messages:
                 outcome = msg.outcome
                 if isinstance(outcome, DeadLetter):
-                    dead.append((msg.received, msg.topic, outcome.reason.value,
-                                 outcome.detail, len(msg.payload), msg.payload[:dlq_cap],
-                                 msg.key))
+                    topic, detail = _dlq_topic(msg.topic, outcome.detail)
+                    dead.append((msg.received, topic, outcome.reason.value, detail,
+                                 len(msg.payload), msg.payload[:dlq_cap], msg.key))
                     accepted += 1
                     continue
                 body = b",".join(
@@ -429,8 +435,10 @@ class LogStore:
             return True
         now = time.time() if now is None else now
         cap = self._cfg.dlq_max_payload
-        rows = [(now, topic, reason, detail, len(payload), payload[:cap])
-                for topic, reason, detail, payload in entries]
+        rows = []
+        for topic, reason, detail, payload in entries:
+            kept_topic, kept_detail = _dlq_topic(topic, detail)
+            rows.append((now, kept_topic, reason, kept_detail, len(payload), payload[:cap]))
         counted: Counter[str] = Counter(f"dead_letters.{row[2]}" for row in rows)
         try:
             self._conn.execute("BEGIN")
@@ -747,6 +755,18 @@ class LogStore:
             self.housekeeping(force=True)
         finally:
             self._conn.close()
+
+
+def _dlq_topic(topic: str, detail: str) -> tuple[str, str]:
+    """A dead letter's topic as stored, cut to ``DLQ_TOPIC_MAX`` bytes, and its detail, which
+    then says so."""
+    if len(topic) * 4 <= DLQ_TOPIC_MAX:  # at most 4 bytes a character: short enough
+        return topic, detail
+    raw = topic.encode()
+    if len(raw) <= DLQ_TOPIC_MAX:
+        return topic, detail
+    return (raw[:DLQ_TOPIC_MAX].decode("utf-8", "ignore"),
+            f"{detail}; {DLQ_TOPIC_CUT} (of {len(raw)} bytes)")
 
 
 def _is_disk_full(err: sqlite3.Error) -> bool:

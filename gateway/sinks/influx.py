@@ -100,17 +100,23 @@ def classify(status: int) -> Outcome:
 
 @dataclass(slots=True)
 class _Chunk:
-    """Points written in one request; ``sources`` are their log records, for dead letters."""
+    """Points written in one request: ``text``, one line each, each ended by a newline;
+    ``sources`` are their log records (a reading, or an event's body), for dead letters."""
 
-    lines: list[str]
+    text: str
     sources: list[Any]
     kinds: tuple[int, int]  # readings, events among the lines
 
+    def lines(self) -> list[str]:
+        return self.text.split("\n")[:-1]
+
     def halves(self) -> tuple[_Chunk, _Chunk]:
-        mid = len(self.lines) // 2
+        lines = self.lines()
+        mid = len(lines) // 2
         first, second = self.sources[:mid], self.sources[mid:]
-        return (_Chunk(self.lines[:mid], first, _kinds(first)),
-                _Chunk(self.lines[mid:], second, _kinds(second)))
+        return (_Chunk("".join([line + "\n" for line in lines[:mid]]), first, _kinds(first)),
+                _Chunk("".join([line + "\n" for line in lines[mid:]]), second,
+                       _kinds(second)))
 
 
 def _kinds(sources: list[Any]) -> tuple[int, int]:
@@ -248,39 +254,39 @@ class InfluxSink:
         if (not drain and available < cfg.batch_max_points
                 and now - self._waiting_since < cfg.batch_max_delay):
             return None
-        lines: list[str] = []
+        texts: list[str] = []
         sources: list[Any] = []
         events = 0
         seq = self._next
         size = 0
-        while len(lines) < cfg.batch_max_points and size < self._max_bytes:
-            rows = self._reader.read(seq, max_readings=cfg.batch_max_points - len(lines),
-                                     max_bytes=self._max_bytes - size)
-            if not rows:
+        while len(sources) < cfg.batch_max_points and size < self._max_bytes:
+            run = self._reader.read_run(seq, max_readings=cfg.batch_max_points - len(sources),
+                                        max_bytes=self._max_bytes - size)
+            if run is None:
                 break
-            if rows[0].kind == KIND_EVENT:
-                line = event_line(orjson.loads(rows[0].body), gateway=self._gateway,
+            if run.kind == KIND_EVENT:
+                body = run.bodies[0]
+                line = event_line(orjson.loads(body), gateway=self._gateway,
                                   site=self._site, precision=self._precision)
                 if line:
-                    lines.append(line)
-                    sources.append(rows[0].body)
+                    texts.append(line + "\n")
+                    sources.append(body)
                     events += 1
             else:
-                encode = self._encoder.encode
-                for reading in orjson.loads(b"[" + b",".join([r.body for r in rows]) + b"]"):
-                    line = encode(reading)
-                    if line:
-                        lines.append(line)
-                        sources.append(reading)
-            size += sum(len(r.body) + 1 for r in rows)
-            seq = rows[-1].seq + rows[-1].n
+                body = b",".join(run.bodies)
+                text, readings = self._encoder.encode_text(orjson.loads(b"[" + body + b"]"))
+                texts.append(text)
+                sources += readings
+            size += len(body) + 1
+            seq = run.end
         # Nothing read at all: what lay ahead was removed (cap or age) before it was sent.
         end = max(seq, store.next_seq) if seq == self._next else seq
         self._next = end
         self._waiting_since = now if store.next_seq > end else None
         batch = _Batch(end)
-        if lines:
-            batch.chunks.append(_Chunk(lines, sources, (len(lines) - events, events)))
+        if sources:
+            batch.chunks.append(_Chunk("".join(texts), sources,
+                                       (len(sources) - events, events)))
         return batch
 
     # -- requests -------------------------------------------------------------------------
@@ -297,7 +303,7 @@ class InfluxSink:
                 return
             self._settle()
         chunk = self._sent = self._batch.chunks[0]
-        self._worker.submit("\n".join(chunk.lines).encode())
+        self._worker.submit(chunk.text.encode())
 
     def _settle(self) -> None:
         """Once every point of the batch is written or dead-lettered, move the cursor."""
@@ -375,7 +381,7 @@ class InfluxSink:
             self._up.set(1)
             if outcome is Outcome.TOO_LARGE:
                 self._max_bytes = max(_MIN_BATCH_BYTES, self._max_bytes // 2)
-            if len(chunk.lines) > 1:
+            if len(chunk.sources) > 1:
                 self._batch.chunks[0:1] = chunk.halves()
             elif self._dead_letter(chunk, result):
                 self._batch.chunks.pop(0)
@@ -402,7 +408,7 @@ class InfluxSink:
             return False
         self._metrics.influx_rejected.inc()
         log.warning("InfluxDB refused a point, dead-lettered (%s): %s", result.message,
-                    chunk.lines[0][:200])
+                    chunk.text[:200].rstrip("\n"))
         return True
 
     def _episode(self, outcome: Outcome, result: WriteResult) -> None:
