@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import orjson
@@ -38,7 +39,8 @@ def test_booleans_are_one_and_zero_from_decode_on(decoder):
     assert orjson.dumps(out[0][2]) == b'{"door":1}'
     bare = decoder.decode("sensors/d/relay", b"true", NOW)
     assert not isinstance(bare, DeadLetter)
-    assert bare == [("d", NOW, {"relay": 1})] and type(bare[0][2]["relay"]) is int
+    assert [(d, m) for d, _, m in bare] == [("d", {"relay": 1})]
+    assert type(bare[0][2]["relay"]) is int
     bare = decoder.decode("sensors/d/relay", b" false", NOW)
     assert not isinstance(bare, DeadLetter) and type(bare[0][2]["relay"]) is int
 
@@ -46,7 +48,7 @@ def test_booleans_are_one_and_zero_from_decode_on(decoder):
 def test_utf8_bom_before_valid_json_is_accepted(decoder):
     out = decoder.decode("sensors/d/telemetry", b'\xef\xbb\xbf{"t": 1.5}', NOW)
     assert out == [("d", NOW, {"t": 1.5})]
-    assert decoder.decode("sensors/d/t", b"\xef\xbb\xbf2", NOW) == [("d", NOW, {"t": 2})]
+    assert decoder.decode("sensors/e/t", b"\xef\xbb\xbf2", NOW) == [("e", NOW, {"t": 2})]
     out = decoder.decode("sensors/d/telemetry", b'\xef\xbb\xbf{"t": NaN}', NOW)
     assert isinstance(out, DeadLetter) and out.reason is Reason.NON_FINITE
 
@@ -239,3 +241,22 @@ def test_duplicate_keys_are_found_however_the_json_is_spaced(pairs, before, afte
     assert isinstance(out, DeadLetter) == has_duplicate, out
     if has_duplicate:
         assert isinstance(out, DeadLetter) and out.reason is Reason.DUPLICATE_KEY
+
+
+def test_readings_without_ts_that_arrive_together_get_distinct_times_in_order():
+    """The clock is read once per wake-up and a backlog arrives in one: each reading without
+    ts still gets its own receive time (1 ms after the device's previous one), in order,
+    so InfluxDB keeps every point and the rules count none as a duplicate."""
+    templates = TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON),
+                                Subscription(topic="s/{device}/n/{metric}",
+                                             format=PayloadFormat.NUMBER)])
+    decoder = Decoder(Ingest(clock_check="off"), templates)
+    times = [decoder.decode("s/a/j", orjson.dumps({"v": i}), NOW)[0][1] for i in range(50)]
+    times += [decoder.decode("s/a/n/v", b"1", NOW)[0][1] for _ in range(50)]
+    assert times == sorted(times) and len(set(times)) == 100
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.00099
+    assert decoder.decode("s/b/j", b'{"v": 1}', NOW)[0][1] == NOW   # per device
+    later = NOW + 10
+    assert decoder.decode("s/a/j", b'{"v": 1}', later)[0][1] == later  # back to the clock
+    own = decoder.decode("s/a/j", orjson.dumps({"ts": later - 5, "v": 1}), later)
+    assert not isinstance(own, DeadLetter) and own[0][1] == later - 5  # own ts untouched

@@ -78,6 +78,13 @@ class DeadLetter:
     detail: str
 
 
+# Readings without ts that arrive together get receive times this far apart: 1 ms, the
+# InfluxDB sink's default precision (a coarser influx.precision can still merge them).
+_RX_STEP = 0.001
+# Devices whose last receive time is remembered; past this the memory starts again.
+_RX_DEVICES = 100_000
+
+
 class _Reject(Exception):  # noqa: N818 - internal control flow, never escapes this module
     def __init__(self, reason: Reason, detail: str) -> None:
         self.reason = reason
@@ -97,6 +104,11 @@ class Decoder:
         self._devices: set[str] = set()
         self._unsynced = False
         self._clock_from = float("-inf")
+        # The receive time last given to each device's readings without ts: the clock is
+        # read once per wake-up, and a backlog arrives in one, so each such reading gets at
+        # least _RX_STEP after the device's previous one (in order, none overwriting
+        # another in InfluxDB or counted as a duplicate by the rules).
+        self._rx_last: dict[str, float] = {}
 
     def decode(self, topic: str, payload: bytes, now: float) -> list[Reading] | DeadLetter:
         match = self._topics.match(topic)
@@ -144,7 +156,7 @@ class Decoder:
             _check_value(match.metric, value)
             if type(value) is bool:
                 value = int(value)
-            return [(match.device, now, {match.metric: value})]
+            return [(match.device, self._received(match.device, now), {match.metric: value})]
         if isinstance(value, dict):
             keys = len(value)
             out = [self._reading(match.device, value, now, -1)]
@@ -171,6 +183,16 @@ class Decoder:
             return out
         raise _Reject(Reason.BAD_SHAPE, f"payload is {_kind(value)}, not an object or array")
 
+    def _received(self, device: str, now: float) -> float:
+        """The receive time for a reading without ts: ``now``, or just after the device's
+        previous one when that is not earlier."""
+        last = self._rx_last.get(device)
+        ts = now if last is None or now > last else last + _RX_STEP
+        if len(self._rx_last) >= _RX_DEVICES and last is None:
+            self._rx_last.clear()
+        self._rx_last[device] = ts
+        return ts
+
     def _reading(self, device: str, obj: dict[str, Any], now: float, index: int) -> Reading:
         """One reading object; ``index`` is its place in an array (-1: a lone object).
 
@@ -179,7 +201,7 @@ class Decoder:
         """
         ts_raw = obj.pop("ts", None)
         if ts_raw is None:
-            ts = now
+            ts = self._received(device, now)
         elif type(ts_raw) is float or type(ts_raw) is int:
             ts = float(ts_raw)
             if not (now - self._cfg.max_past <= ts <= now + self._cfg.max_future):
