@@ -410,3 +410,27 @@ CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, ts REAL NOT NULL, topic TEXT 
     reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL,
     replayed REAL);
 """
+
+
+def test_an_identical_message_a_whole_packet_id_cycle_later_is_not_a_redelivery(tmp_path):
+    """A door sensor that always sends "0": after 65,535 messages the broker reuses packet
+    ids for the same bytes. A DUP of an unlogged message must not match the id's use a
+    whole cycle back; a DUP of one logged in the last commits still matches, across a
+    restart too."""
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+
+    def door(mid: int) -> Message:
+        return Message("sensors/door/open", b"0", message_key("sensors/door/open", b"0", mid),
+                       [("door", 1000.0 + mid, {"open": 0})], 0.0)
+
+    total = 70_000
+    for start in range(0, total, 5000):
+        store.append([door(i % 65535 + 1) for i in range(start, start + 5000)], now=NOW)
+    unlogged = door(total % 65535 + 1)      # the next one; its id was last used 65,535 ago
+    recent = door((total - 3) % 65535 + 1)  # logged three messages ago
+    assert not store.is_redelivery(unlogged.key)
+    assert store.is_redelivery(recent.key)
+    store.close()
+    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    assert not store.is_redelivery(unlogged.key)
+    assert store.is_redelivery(recent.key)

@@ -62,6 +62,11 @@ _DISK_FULL_RETRY = 10.0
 # Site messages whose keys are read back at start-up to recognise redeliveries: every packet
 # id (1..65535) that can be in flight, with room for the ones reused since.
 _TAIL_KEYS = 131_072
+# A redelivery was logged at most this many site messages before the crash: what was
+# committed but whose PUBACK did not reach the broker (the last commits' worth; bounded by
+# the site session's in-flight messages, at most 65,535). Half the packet-id space: an
+# id's previous use under Mosquitto's turn-by-turn ids is a whole cycle (65,535) back.
+_REDELIVERY_WINDOW = 32_768
 # A drop episode (logged once at its start and once at its end) ends after this long without
 # a drop; shorter logs more lines during a long outage, longer reports the end later.
 _DROP_EPISODE_QUIET = 60.0
@@ -181,7 +186,9 @@ class LogStore:
         self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
         # For each packet id, the checksum of the last site message logged under it (records
         # and dead letters alike); seeded from the file so a restart recognises redeliveries.
-        self._last_by_mid: dict[int, int] = self._read_packet_ids()
+        # Each with its place in logging order (self._logged counts site messages logged).
+        self._logged = 0
+        self._last_by_mid: dict[int, tuple[int, int]] = self._read_packet_ids()
         self._last_housekeeping = -_HOUSEKEEPING_EVERY
         self._dlq_count: int = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
         self.bytes = self._used_bytes()
@@ -268,8 +275,9 @@ class LogStore:
 
     # -- redeliveries -------------------------------------------------------------------------
 
-    def _read_packet_ids(self) -> dict[int, int]:
-        """Packet id -> checksum of the last site message logged under it, from the file."""
+    def _read_packet_ids(self) -> dict[int, tuple[int, int]]:
+        """Packet id -> (checksum, logging order) of the last site message logged under it,
+        from the file."""
         # Two uses of one packet id are a commit apart (the broker reuses an id only after
         # our PUBACK, sent after the commit), so ordering by time finds the last one.
         found: list[tuple[float, int, int, int]] = []   # (time, row order, index, key)
@@ -291,7 +299,9 @@ class LogStore:
             "SELECT ts, id, msg_key FROM dead_letters WHERE msg_key != 0 "
             "ORDER BY id DESC LIMIT ?", (_TAIL_KEYS,)))
         found.sort()
-        return {key >> 32: key & 0xFFFFFFFF for *_, key in found}
+        self._logged = len(found)
+        return {key >> 32: (key & 0xFFFFFFFF, order)
+                for order, (*_, key) in enumerate(found)}
 
     def is_redelivery(self, key: int) -> bool:
         """True when a DUP message is one already logged.
@@ -301,8 +311,16 @@ class LogStore:
         acknowledge, or of one we never logged. It was logged exactly when the last message
         logged under that id has the same topic and payload. This holds whatever the broker's
         in-flight window (Mosquitto's max_inflight_messages 0 included).
+
+        One case it cannot tell: a message lost before its commit whose packet id last
+        carried byte-identical content (a door sensor sending "0"). Mosquitto hands out ids
+        in turn, so that previous use is ~65,535 messages old, while a true redelivery was
+        logged among the last few commits: a match older than _REDELIVERY_WINDOW messages
+        is taken for a new message.
         """
-        return self._last_by_mid.get(key >> 32) == key & 0xFFFFFFFF
+        entry = self._last_by_mid.get(key >> 32)
+        return (entry is not None and entry[0] == key & 0xFFFFFFFF
+                and entry[1] >= self._logged - _REDELIVERY_WINDOW)
 
     # -- appending ----------------------------------------------------------------------------
 
@@ -401,9 +419,12 @@ class LogStore:
         self._counted(counted)
         self.next_seq = seq
         last = self._last_by_mid
+        order = self._logged
         for msg in messages[:accepted]:
             if msg.key >> 32:
-                last[msg.key >> 32] = msg.key & 0xFFFFFFFF
+                last[msg.key >> 32] = (msg.key & 0xFFFFFFFF, order)
+                order += 1
+        self._logged = order
         self.bytes = self._used_bytes()
         if not refused:
             self._leave_full()
