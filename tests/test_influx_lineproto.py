@@ -11,7 +11,7 @@ from influxdb_client import Point, WritePrecision
 
 from gateway.influx import lineproto
 from gateway.influx.lineproto import Precision
-from gateway.influx.points import ReadingEncoder, event_line
+from gateway.influx.points import ReadingEncoder, event_line, field_name
 
 # Text that stresses escaping: the line protocol's separators, quotes, backslashes, control
 # characters and non-ASCII letters, mixed with ordinary ones.
@@ -60,10 +60,19 @@ def test_reading_encoder_matches_point(device, labels, metrics, ts, precision):
     reading = orjson.loads(orjson.dumps({"seq": 7, "device": device, "ts": ts, **metrics}))
     time = lineproto.timestamp(ts, precision)
     tags = {**labels, "gateway": "gw 1", "site": "north,2", "device": device}
-    fields = {k: float(v) for k, v in reading.items()
+    fields = {field_name(k): float(v) for k, v in reading.items()
               if k in metrics and v is not None and math.isfinite(float(v))}
     expected = _oracle("telemetry", tags, dict(fields), time) if fields else ""
     assert encoder.encode(reading) == expected
+
+
+def test_metric_names_influxdb_reserves_are_written_under_other_names():
+    """InfluxDB 1.x drops a field named `time` silently; 2.x reserves names with `_`."""
+    encoder = ReadingEncoder(measurement_name="telemetry", gateway="g", site="s",
+                             device_labels={}, precision=Precision.S)
+    line = encoder.encode({"seq": 1, "device": "d", "ts": 5.0, "time": 5, "_field": 1,
+                           "x": 1})
+    assert line == "telemetry,device=d,gateway=g,site=s m_field=1,time_=5,x=1 5"
 
 
 def test_every_metric_is_a_float_field():

@@ -34,6 +34,17 @@ EVENTS = "events"
 HEALTH = "fieldgate"
 # Keys of a logged reading that are not metrics.
 _NOT_METRICS = frozenset(("seq", "device", "ts"))
+
+
+def field_name(metric: str) -> str:
+    """The field a metric is written as. InfluxDB 1.x drops a field named ``time`` without
+    a word, and 2.x/3.x reserve names that start with ``_`` (``_field``, ``_measurement``,
+    ``_time``, ``_value``…): those get ``time_`` and an ``m`` in front (``m_field``)."""
+    if metric == "time":
+        return "time_"
+    if metric.startswith("_"):
+        return "m" + metric
+    return metric
 # Devices whose tag set is cached; past this the cache starts over (a bound on memory
 # for a site whose device ids churn, at the cost of recomputing label globs).
 _DEVICES_CACHED = 100_000
@@ -94,8 +105,9 @@ class ReadingEncoder:
         """For a reading's keys: its metric names, sorted, each with ``<escaped key>=``."""
         if len(self._plans) >= _DEVICES_CACHED:
             self._plans.clear()
-        plan = self._plans[names] = tuple((name, key(name) + "=") for name in sorted(names)
-                                          if name not in _NOT_METRICS)
+        plan = self._plans[names] = tuple(
+            (name, key(field_name(name)) + "=")
+            for name in sorted(names, key=field_name) if name not in _NOT_METRICS)
         return plan
 
     def encode(self, reading: Mapping[str, Any]) -> str:
