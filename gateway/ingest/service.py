@@ -182,7 +182,6 @@ class IngestService:
         self.link.flush()
         metrics = self._metrics
         metrics.site_messages.inc(done)
-        metrics.readings.inc(result.readings)
         metrics.commits.inc()
         if duplicates:
             metrics.redeliveries.inc(duplicates)
