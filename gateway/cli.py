@@ -112,7 +112,7 @@ def check(config_path: Path) -> None:
         from gateway.rule_service import load_groups
 
         try:
-            load_groups(cfg.rules)
+            load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
         except ConfigError as err:
             problems.extend(err.problems)
     for line in problems:
@@ -312,13 +312,14 @@ def rules_check(files: tuple[Path, ...]) -> None:
       gateway rules check rules/*.yaml
     """
     from gateway.engine import load_rule_files
+    from gateway.rule_service import device_check
 
     files = tuple(f for f in files if not f.name.endswith(".test.yaml"))
     if not files:
         _fail(ConfigError(["no rule files given (test files are run by `gateway rules test`)"]),
               2)
     try:
-        groups = load_rule_files(list(files))
+        groups = load_rule_files(list(files), device_check=device_check())
     except ConfigError as err:
         for line in err.problems:
             click.echo(line, err=True)
@@ -393,7 +394,7 @@ def rules_reload(config_path: Path) -> None:
 
     cfg = _load(config_path)
     try:
-        load_groups(cfg.rules)
+        load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
     except ConfigError as err:
         for line in err.problems:
             click.echo(line, err=True)
@@ -481,11 +482,14 @@ def rules_replay(rule_files: tuple[Path, ...], config_path: Path | None,
     cfg = _load(config_path) if config_path is not None else None
     try:
         if rule_files:
-            groups = load_rule_files(list(rule_files))
+            from gateway.rule_service import device_check
+
+            check = device_check() if cfg is None else device_check(cfg.ingest.max_device_id)
+            groups = load_rule_files(list(rule_files), device_check=check)
         elif cfg is not None and cfg.rules:
             from gateway.rule_service import load_groups
 
-            groups = load_groups(cfg.rules)
+            groups = load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
         else:
             _fail(ConfigError(["no rules: give --rules FILE, or --config naming rule files"]),
                   2)
