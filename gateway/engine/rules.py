@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import string
 from collections.abc import Callable
 from enum import StrEnum
@@ -325,7 +327,12 @@ def read_rule_text(path: str | Path) -> str:
     """A rule file's text; ConfigError (one line, with the line number) when it is not
     readable, too large or not UTF-8."""
     try:
-        with Path(path).open("rb") as fh:
+        # Opened without blocking and checked on the open file: a FIFO would block the open
+        # or the read forever, a device never end; a symlink to a regular file is fine.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError([f"{path}: not a regular file"])
             raw = fh.read(MAX_RULE_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read rule file ({exc.strerror})"]) from None
