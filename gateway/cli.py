@@ -307,6 +307,9 @@ def rules_group() -> None:
 def rules_check(files: tuple[Path, ...]) -> None:
     """Validate rule files: "ok" or one line per problem (file, line, rule, what).
 
+    A command's device must render to a device id (letters, digits and _ . - : @ ~, at
+    most 128 characters): it becomes a topic level.
+
     \b
     Example:
       gateway rules check rules/*.yaml
@@ -451,7 +454,8 @@ def _parse_labels(specs: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
 @click.option("--input", "input_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Recorded readings: JSONL ({device, ts, metrics...}, as `devices simulate "
-              "--record` writes) or CSV (device,ts,metric columns...).")
+              "--record` writes) or CSV (device,ts,metric columns...); ts in epoch "
+              "seconds or RFC 3339.")
 @click.option("--interval", default=None,
               help="Evaluation interval  [default: the config's engine.tick, else 1s]")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table",
