@@ -112,7 +112,7 @@ def check(config_path: Path) -> None:
         from gateway.rule_service import load_groups
 
         try:
-            load_groups(cfg.rules)
+            load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
         except ConfigError as err:
             problems.extend(err.problems)
     for line in problems:
@@ -307,18 +307,22 @@ def rules_group() -> None:
 def rules_check(files: tuple[Path, ...]) -> None:
     """Validate rule files: "ok" or one line per problem (file, line, rule, what).
 
+    A command's device must render to a device id (letters, digits and _ . - : @ ~, at
+    most 128 characters): it becomes a topic level.
+
     \b
     Example:
       gateway rules check rules/*.yaml
     """
     from gateway.engine import load_rule_files
+    from gateway.rule_service import device_check
 
     files = tuple(f for f in files if not f.name.endswith(".test.yaml"))
     if not files:
         _fail(ConfigError(["no rule files given (test files are run by `gateway rules test`)"]),
               2)
     try:
-        groups = load_rule_files(list(files))
+        groups = load_rule_files(list(files), device_check=device_check())
     except ConfigError as err:
         for line in err.problems:
             click.echo(line, err=True)
@@ -393,7 +397,7 @@ def rules_reload(config_path: Path) -> None:
 
     cfg = _load(config_path)
     try:
-        load_groups(cfg.rules)
+        load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
     except ConfigError as err:
         for line in err.problems:
             click.echo(line, err=True)
@@ -450,7 +454,8 @@ def _parse_labels(specs: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
 @click.option("--input", "input_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Recorded readings: JSONL ({device, ts, metrics...}, as `devices simulate "
-              "--record` writes) or CSV (device,ts,metric columns...).")
+              "--record` writes) or CSV (device,ts,metric columns...); ts in epoch "
+              "seconds or RFC 3339.")
 @click.option("--interval", default=None,
               help="Evaluation interval  [default: the config's engine.tick, else 1s]")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table",
@@ -481,11 +486,14 @@ def rules_replay(rule_files: tuple[Path, ...], config_path: Path | None,
     cfg = _load(config_path) if config_path is not None else None
     try:
         if rule_files:
-            groups = load_rule_files(list(rule_files))
+            from gateway.rule_service import device_check
+
+            check = device_check() if cfg is None else device_check(cfg.ingest.max_device_id)
+            groups = load_rule_files(list(rule_files), device_check=check)
         elif cfg is not None and cfg.rules:
             from gateway.rule_service import load_groups
 
-            groups = load_groups(cfg.rules)
+            groups = load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
         else:
             _fail(ConfigError(["no rules: give --rules FILE, or --config naming rule files"]),
                   2)

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
+from gateway.config import Ingest
 from gateway.events import Event
+from gateway.ingest.decode import device_id_problem
 
 if TYPE_CHECKING:
     from gateway.log.store import LogStore
@@ -95,6 +97,15 @@ def is_ack_topic(topic: str) -> bool:
 _ANSWERS_KEPT = 1000
 
 
+class CommandDeviceError(ValueError):
+    """A command that cannot be sent: its device is no device id (``reason`` says why)."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"command to {device[:80]!r} refused: {reason}")
+        self.device = device
+        self.reason = reason
+
+
 class Pending(NamedTuple):
     """A command issued and not answered yet."""
 
@@ -125,7 +136,8 @@ class CommandSender:
 
     def __init__(self, gateway_id: str, master_key: bytes | None, link: MqttLink,
                  store: LogStore, *, ack_timeout: float = 60.0,
-                 max_pending: int = 10_000) -> None:
+                 max_pending: int = 10_000,
+                 max_device_id: int = Ingest.model_fields["max_device_id"].default) -> None:
         self._gateway_id = gateway_id
         self._master = master_key
         self._keys: dict[str, bytes] = {}
@@ -133,6 +145,7 @@ class CommandSender:
         self._store = store
         self._timeout = ack_timeout
         self._max = max_pending
+        self._max_device_id = max_device_id
         self._counter = itertools.count(1)
         self._pending: OrderedDict[str, Pending] = OrderedDict()
         # Answers taken, by (device, command id) -> digest of the payload: the site broker
@@ -187,7 +200,8 @@ class CommandSender:
 
     def send(self, device: str, action: str, params: dict[str, Any], *,
              cause: dict[str, Any] | None = None, now: float | None = None) -> str:
-        """Log a command as an event, remember it as waiting (one commit), publish it."""
+        """Log a command as an event, remember it as waiting (one commit), publish it.
+        Raises CommandDeviceError when ``device`` is no device id."""
         command = self.prepare(device, action, params, cause=cause, now=now)
         # Logged and remembered before it is published: an answer after a crash finds it.
         self._store.append_events_with_state(command.events, [self.state()], now)
@@ -197,7 +211,13 @@ class CommandSender:
     def prepare(self, device: str, action: str, params: dict[str, Any], *,
                 cause: dict[str, Any] | None = None, now: float | None = None) -> Prepared:
         """A command made and remembered as waiting, not yet logged nor published: the
-        caller logs ``events`` with ``state()`` in its own commit, then calls ``publish``."""
+        caller logs ``events`` with ``state()`` in its own commit, then calls ``publish``.
+
+        Raises CommandDeviceError, before anything is remembered, when ``device`` is not a
+        device id by ingest's rule (a ``+``, ``#`` or ``/`` would change the topic)."""
+        problem = device_id_problem(device, self._max_device_id)
+        if problem:
+            raise CommandDeviceError(device, problem)
         now = time.time() if now is None else now
         cid = f"{self._gateway_id}-{int(now * 1000)}-{next(self._counter)}"
         topic = f"devices/{device}/cmd"

@@ -119,7 +119,8 @@ class Gateway:
         # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
                                       self.store, ack_timeout=cfg.commands.ack_timeout,
-                                      max_pending=cfg.commands.max_pending)
+                                      max_pending=cfg.commands.max_pending,
+                                      max_device_id=cfg.ingest.max_device_id)
         if cfg.rules:
             # Imported only when rules are configured: numpy costs ~15 MB of RSS.
             from gateway.rule_service import RuleService  # noqa: PLC0415

@@ -25,6 +25,7 @@ import csv
 import math
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def _bulk(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
             devices.setdefault(name, len(devices))
         device[idx] = np.fromiter(map(devices.__getitem__, names), dtype=np.int64,
                                   count=idx.size)
+        if bool in set(map(type, map(itemgetter("ts"), group))):
+            return None  # ts true/false: the plain decoder refuses it
         wanted = [key for key in keys if key not in _NOT_METRICS]
         try:
             table = np.array(list(map(itemgetter("ts", *wanted), group)), dtype=np.float64)
@@ -175,8 +178,10 @@ def _metrics(row: dict[str, Any], where: str) -> dict[str, float]:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: {name} = {value!r} is not a number") from None
-        if math.isfinite(number):
-            out[name] = number
+        if not math.isfinite(number):
+            # As ingest, which dead-letters it (non_finite): no reading has such a value.
+            raise ValueError(f"{where}: {name} = {value!r} is not a finite number")
+        out[name] = number
     return out
 
 
@@ -184,13 +189,26 @@ def _head(row: dict[str, Any], where: str) -> tuple[str, float]:
     device, ts = row.get("device"), row.get("ts")
     if not isinstance(device, str) or not device:
         raise ValueError(f"{where}: needs a device")
+    if isinstance(ts, bool):  # float(True) is 1.0; ingest dead-letters it (bad_timestamp)
+        raise ValueError(f"{where}: ts {str(ts).lower()} is a bool, not epoch seconds")
     try:
         seconds = float(ts)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: ts {ts!r} is not epoch seconds") from None
+        seconds = _rfc3339(ts, where)
     if not 0 <= seconds < _LATEST_TS:
         raise ValueError(f"{where}: ts {ts!r} is not epoch seconds (milliseconds?)")
     return device, seconds
+
+
+def _rfc3339(ts: object, where: str) -> float:
+    """Epoch seconds of an RFC 3339 ``ts`` with a time zone, as ingest reads it."""
+    try:
+        parsed = datetime.fromisoformat(ts)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: ts {ts!r} is not epoch seconds nor RFC 3339") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"{where}: ts {ts!r} has no time zone (add Z or +hh:mm)")
+    return parsed.timestamp()
 
 
 def _jsonl_rows(data: bytes, path: Path | str, first_line: int) -> Iterator[_Row]:
@@ -210,8 +228,15 @@ def _jsonl_rows(data: bytes, path: Path | str, first_line: int) -> Iterator[_Row
 
 def _csv(path: Path) -> Iterator[_Row]:
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-        for number, row in enumerate(csv.DictReader(fh), 2):
-            where = f"{path}:{number}"
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise ValueError(f"{path}:1: column {twice[0]!r} appears twice in the header")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # DictReader's key for the cells past the header's
+                raise ValueError(f"{where}: more columns than the header")
             device, ts = _head(row, where)
             yield device, ts, _metrics(row, where)
 
@@ -233,6 +258,7 @@ _EXACT_DIGITS = 15
 _POW10F = 10.0 ** np.arange(23)  # exact doubles
 _JSON_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LITERALS = {b"true": 1.0, b"false": 0.0, b"null": math.nan}
+_BOOL_STARTS = np.array([ord("t"), ord("f")], dtype=np.uint8)
 
 
 def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not for me"
@@ -300,8 +326,9 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
             if (buf[stop] != _COMMA).any():
                 return None
         parsed = _numbers(data, buf, first, stop - first)
-        if parsed is None or (key == "ts" and np.isnan(parsed).any()):
-            return None
+        if parsed is None or (key == "ts" and (np.isnan(parsed).any() or np.isin(
+                buf[first], _BOOL_STARTS).any())):
+            return None  # ts null, true or false: the plain decoder words it
         numbers[key] = parsed
         pair += 1
     assert names is not None

@@ -11,30 +11,39 @@ a file with a mistake leaves the running rules in place.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import logging
 import time
 
 import orjson
 
-from gateway.commands import CommandSender, Prepared
-from gateway.config import GatewayConfig
+from gateway.commands import REJECTED, CommandDeviceError, CommandSender, Prepared
+from gateway.config import GatewayConfig, Ingest
 from gateway.engine import CommandEvent, Engine, EngineConfig, load_rule_files
-from gateway.engine.rules import Group
+from gateway.engine.rules import DeviceCheck, Group
 from gateway.errors import ConfigError
 from gateway.events import Event
-from gateway.ingest.decode import Reading
+from gateway.ingest.decode import Reading, device_id_problem
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "engine"
+DEFAULT_MAX_DEVICE_ID: int = Ingest.model_fields["max_device_id"].default
 
 
-def load_groups(patterns: list[str]) -> list[Group]:
+def device_check(max_device_id: int = DEFAULT_MAX_DEVICE_ID) -> DeviceCheck:
+    """Ingest's device id rule, for the devices rule commands are sent to."""
+    return functools.partial(device_id_problem, limit=max_device_id)
+
+
+def load_groups(patterns: list[str], *,
+                max_device_id: int = DEFAULT_MAX_DEVICE_ID) -> list[Group]:
     """Rule groups from the files the config's globs name (sorted); a glob matching nothing
-    is a problem too. Raises ConfigError with every problem found."""
+    is a problem too, and so is a command device that does not render to a device id of at
+    most ``max_device_id`` characters. Raises ConfigError with every problem found."""
     paths: list[str] = []
     problems = []
     for pattern in patterns:
@@ -43,7 +52,8 @@ def load_groups(patterns: list[str]) -> list[Group]:
             problems.append(f"rules: {pattern!r} matches no file")
         paths.extend(p for p in found if not p.endswith(".test.yaml"))
     try:
-        groups = load_rule_files(list(dict.fromkeys(paths)))
+        groups = load_rule_files(list(dict.fromkeys(paths)),
+                                 device_check=device_check(max_device_id))
     except ConfigError as err:
         problems.extend(err.problems)
         groups = []
@@ -59,7 +69,8 @@ class RuleService:
         self._store = store
         self._commands = commands
         self._metrics = metrics
-        self.engine = Engine(load_groups(cfg.rules), config=EngineConfig(
+        groups = load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
+        self.engine = Engine(groups, config=EngineConfig(
             late_tolerance=cfg.engine.late_tolerance, offline_after=cfg.engine.offline_after,
             max_devices=cfg.engine.max_devices))
         saved = store.load_state(STATE_NAME)
@@ -124,10 +135,18 @@ class RuleService:
         for event in events:
             if isinstance(event, CommandEvent):
                 # The engine's order in the log: the alert, then the command it caused.
-                command = self._commands.prepare(
-                    event.device, event.action, dict(event.params), cause={
-                        "group": event.group, "rule": event.rule, "trigger": str(event.trigger),
-                        "device": event.source_device})
+                cause = {"group": event.group, "rule": event.rule,
+                         "trigger": str(event.trigger), "device": event.source_device}
+                try:
+                    command = self._commands.prepare(event.device, event.action,
+                                                     dict(event.params), cause=cause)
+                except CommandDeviceError as err:
+                    # A template that rendered to no device id (e.g. from a label): logged
+                    # as refused; the daemon goes on.
+                    logged.append(Event(REJECTED, event.source_device, event.time, {
+                        "device": event.device, "action": event.action,
+                        "reason": err.reason, "cause": cause}))
+                    continue
                 logged.extend(command.events)
                 commands.append(command)
             else:
@@ -150,7 +169,8 @@ class RuleService:
 
     def reload(self) -> None:
         try:
-            groups = load_groups(self._cfg.rules)
+            groups = load_groups(self._cfg.rules,
+                                 max_device_id=self._cfg.ingest.max_device_id)
         except ConfigError as err:
             log.error("Rule reload failed, keeping the running rules: %s", err)  # noqa: TRY400
             return

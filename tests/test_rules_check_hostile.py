@@ -7,6 +7,7 @@ and expression text and asserts the same contract for whatever it finds.
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -125,6 +126,22 @@ def test_deeply_nested_yaml_is_one_line(tmp_path):
     path = tmp_path / "nest.yaml"
     path.write_text("groups: " + "[" * 5000 + "]" * 5000 + "\n")
     assert "nested too deeply" in one_problem(path)
+
+
+def test_a_fifo_or_a_link_to_one_is_refused_not_waited_on(tmp_path):
+    """Reading a FIFO blocks until a writer comes; `rules check` hung forever on one."""
+    fifo = tmp_path / "f.yaml"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(fifo)
+    for path in (fifo, link):
+        out = gateway("rules", "check", str(path))  # its timeout catches a hang
+        assert (out.returncode, out.stderr.strip()) == (2, f"{path}: not a regular file")
+    good = tmp_path / "good.yaml"
+    good.write_text(rule_text())
+    link.unlink()
+    link.symlink_to(good)
+    assert gateway("rules", "check", str(link)).returncode == 0
 
 
 def test_hostile_file_through_the_real_command(tmp_path):

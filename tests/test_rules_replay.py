@@ -206,7 +206,7 @@ def test_bulk_decoder_takes_emulator_records_and_refuses_what_it_cannot_vouch_fo
         assert _bulk(odd) is None, odd
     rec = tmp_path / "r.jsonl"
     rec.write_bytes(line + b'{"device": "gh-2", "ts": "soon"}\n')
-    with pytest.raises(ValueError, match=r":2: ts 'soon' is not epoch seconds$"):
+    with pytest.raises(ValueError, match=r":2: ts 'soon' is not epoch seconds nor RFC 3339$"):
         list(read_columns(rec))
 
 
@@ -362,3 +362,47 @@ def test_errors_name_the_line_after_scanned_chunks(tmp_path):
         fh.write(b'{"device":"gh-0","ts":"soon"}\n')
     with pytest.raises(ValueError, match=r"gh\.jsonl:37: ts 'soon' is not epoch seconds"):
         list(read_columns(rec, chunk_bytes=300))
+
+
+@pytest.mark.parametrize("lines", [
+    [b'{"device":"a","ts":true,"temp":31}'],                          # the scan's case
+    [b'{"device":"a","ts":1800000000,"temp":31}', b'{"device":"a","ts":false,"temp":31}'],
+    [b'{"device": "a", "ts": true, "temp": 31}'],                     # the bulk decoder's
+])
+def test_a_bool_ts_is_a_bad_line_as_in_ingest(tmp_path, lines):
+    """`ts: true` was read as 1 s after the epoch; ingest dead-letters it (bad_timestamp)."""
+    rec = tmp_path / "r.jsonl"
+    rec.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=rf"r\.jsonl:{len(lines)}: ts (true|false) is a bool"):
+        list(read_columns(rec))
+
+
+def test_an_rfc3339_ts_is_read_as_ingest_reads_it(tmp_path):
+    rec = tmp_path / "r.jsonl"
+    rec.write_text('{"device":"a","ts":"2027-01-15T08:00:00Z","temp":31}\n'
+                   '{"device":"a","ts":"2027-01-15T09:00:05+01:00","temp":32}\n')
+    assert [(d, ts) for d, ts, _ in as_readings(next(read_columns(rec)))] == [
+        ("a", 1_800_000_000.0), ("a", 1_800_000_005.0)]
+    csv_rec = tmp_path / "r.csv"
+    csv_rec.write_text("device,ts,temp\na,2027-01-15T08:00:00Z,31\n")
+    assert as_readings(next(read_columns(csv_rec))) == [("a", 1_800_000_000.0, {"temp": 31.0})]
+    rec.write_text('{"device":"a","ts":"2027-01-15T08:00:00","temp":31}\n')
+    with pytest.raises(ValueError, match=r":1: ts '2027-01-15T08:00:00' has no time zone"):
+        list(read_columns(rec))
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("device,ts,temp\na,1800000000,21\na,1800000001,inf\n",
+     ":3: temp = 'inf' is not a finite number"),
+    ("device,ts,temp\na,1800000000,nan\n", ":2: temp = 'nan' is not a finite number"),
+    ("device,ts,temp\na,1800000000,21,extra\n", ":2: more columns than the header"),
+    ("device,ts,device\na,1800000000,b\n", ":1: column 'device' appears twice in the header"),
+    ("device,ts,temp,temp\na,1800000000,1,2\n",
+     ":1: column 'temp' appears twice in the header"),
+])
+def test_bad_csv_is_one_line_naming_the_line(tmp_path, text, problem):
+    rec = tmp_path / "r.csv"
+    rec.write_text(text)
+    out = gateway("rules", "replay", "--rules", str(GREENHOUSE), "--input", str(rec))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {rec}{problem}"

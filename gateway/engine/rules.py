@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import string
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +41,11 @@ MAX_FORMAT_WIDTH = 100
 # Largest rule file read: a rule file is a few kilobytes; this bounds parsing memory.
 MAX_RULE_FILE_BYTES = 1024 * 1024
 _SPEC_NUMBER_RE = re.compile(r"\d+")
+# Says what is wrong with a device id ("" when it is usable). The engine does no I/O and
+# knows no ingest rules: the gateway passes ingest's own check (gateway.ingest.decode).
+DeviceCheck = Callable[[str], str]
+# The device a command's device template is rendered with to check it: any valid id.
+_SAMPLE_DEVICE = "d"
 
 
 class Severity(StrEnum):
@@ -253,12 +261,39 @@ def locate(data: Any, loc: tuple[int | str, ...]) -> tuple[int, str | None]:
     return line, rule
 
 
-def parse_rule_file(text: str, source: str) -> RuleFile:
-    """Validate one rule file; every problem is one line naming file, line and rule."""
-    return _parse(text, source)[0]
+def parse_rule_file(text: str, source: str, *,
+                    device_check: DeviceCheck | None = None) -> RuleFile:
+    """Validate one rule file; every problem is one line naming file, line and rule.
+    ``device_check``: when given, every command's device template, rendered, must pass it."""
+    return _parse(text, source, device_check)[0]
 
 
-def _parse(text: str, source: str) -> tuple[RuleFile, list[int]]:
+def _command_devices(data: Any, parsed: RuleFile, source: str,
+                     device_check: DeviceCheck) -> list[str]:
+    """A problem for each command whose device template does not render to a device id
+    (``+``, ``#`` or ``/`` would make the command topic a wildcard or another topic)."""
+    problems = []
+    for gi, group in enumerate(parsed.groups):
+        for ri, rule in enumerate(group.rules):
+            sample: dict[str, object] = {
+                **rule.labels, "device": _SAMPLE_DEVICE, "alert": rule.alert,
+                "group": group.name, "severity": str(rule.severity), "threshold": "x",
+                "value": 1.0}
+            for ai, action in enumerate(rule.actions):
+                template = action.command.device
+                problem = device_check(template.format_map(sample))
+                if problem:
+                    loc = ("groups", gi, "rules", ri, "actions", ai, "command", "device")
+                    line, _ = locate(data, loc)
+                    problems.append(_one_line(
+                        f"{source}:{line}: rule {rule.alert}: {'.'.join(map(str, loc))}: "
+                        f"{template!r} does not make a device id: {problem}; write "
+                        "{device}, or a template such as fan-{device}"))
+    return problems
+
+
+def _parse(text: str, source: str,
+           device_check: DeviceCheck | None = None) -> tuple[RuleFile, list[int]]:
     """The file and the line of each group's name (for duplicate reports)."""
     data = load_yaml(text, source)
     try:
@@ -273,6 +308,10 @@ def _parse(text: str, source: str) -> tuple[RuleFile, list[int]]:
             msg = str(err["msg"]).removeprefix("Value error, ")
             problems.append(_one_line(f"{source}:{line}: {what}{where}: {msg}"))
         raise ConfigError(problems) from None
+    if device_check is not None:
+        problems = _command_devices(data, parsed, source, device_check)
+        if problems:
+            raise ConfigError(problems)
     return parsed, [locate(data, ("groups", i, "name"))[0] for i in range(len(parsed.groups))]
 
 
@@ -288,7 +327,12 @@ def read_rule_text(path: str | Path) -> str:
     """A rule file's text; ConfigError (one line, with the line number) when it is not
     readable, too large or not UTF-8."""
     try:
-        with Path(path).open("rb") as fh:
+        # Opened without blocking and checked on the open file: a FIFO would block the open
+        # or the read forever, a device never end; a symlink to a regular file is fine.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError([f"{path}: not a regular file"])
             raw = fh.read(MAX_RULE_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read rule file ({exc.strerror})"]) from None
@@ -303,15 +347,16 @@ def read_rule_text(path: str | Path) -> str:
                            "save the file as UTF-8"]) from None
 
 
-def load_rule_files(paths: list[str | Path]) -> list[Group]:
+def load_rule_files(paths: list[str | Path], *,
+                    device_check: DeviceCheck | None = None) -> list[Group]:
     """Load and check files; group names must be unique across all of them, and every
-    repeat is reported at its own line."""
+    repeat is reported at its own line. ``device_check``: as for parse_rule_file."""
     groups: list[Group] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
     for path in paths:
         try:
-            parsed, lines = _parse(read_rule_text(path), str(path))
+            parsed, lines = _parse(read_rule_text(path), str(path), device_check)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue

@@ -91,6 +91,18 @@ class _Reject(Exception):  # noqa: N818 - internal control flow, never escapes t
         self.detail = detail
 
 
+def device_id_problem(device: str, limit: int) -> str:
+    """Empty when ``device`` is a usable device id at most ``limit`` characters long, else
+    what is wrong: ids become topic levels of commands and InfluxDB tags."""
+    if len(device) > limit:
+        return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
+                f"ingest.max_device_id {limit}")
+    if not _DEVICE_RE.match(device):
+        return (f"device id {device!r} has characters other than letters, digits and "
+                "_ . - : @ ~")
+    return ""
+
+
 class Decoder:
     """Turns (topic, payload) into readings, or a DeadLetter saying why not."""
 
@@ -136,13 +148,9 @@ class Decoder:
 
     def _check_device(self, device: str) -> str:
         """Empty when ``device`` is a usable id (and remembered), else what is wrong."""
-        limit = self._cfg.max_device_id
-        if len(device) > limit:
-            return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
-                    f"ingest.max_device_id {limit}")
-        if not _DEVICE_RE.match(device):
-            return (f"device id {device!r} has characters other than letters, digits and "
-                    "_ . - : @ ~")
+        problem = device_id_problem(device, self._cfg.max_device_id)
+        if problem:
+            return problem
         if len(self._devices) >= _NAMES_MAX:
             self._devices.clear()
         self._devices.add(device)
