@@ -686,6 +686,9 @@ def check_config(cfg: GatewayConfig) -> list[str]:
     for name, link in links:
         secrets += [(f"{name}.password_file", link.password_file),
                     (f"{name}.key_file", link.key_file)]
+    if cfg.influx is not None:
+        secrets += [("influx.password_file", cfg.influx.password_file),
+                    ("influx.token_file", cfg.influx.token_file)]
     for field, secret in secrets:
         problem = _exposed(secret)
         if problem:

@@ -196,19 +196,23 @@ def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
     assert cfg.cloud is not None and cfg.cloud.port == 8883
 
 
-@pytest.mark.parametrize("field", ["commands.key_file", "cloud.password_file",
-                                   "cloud.key_file", "site.password_file"])
-def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field):
+@pytest.mark.parametrize(("field", "mode"), [
+    ("commands.key_file", 0o644), ("cloud.password_file", 0o644), ("cloud.key_file", 0o644),
+    ("site.password_file", 0o644), ("influx.password_file", 0o644),
+    ("influx.token_file", 0o666)])
+def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field, mode):
     from click.testing import CliRunner
 
     from gateway.cli import main
 
     secret = tmp_path / "secret"
     secret.write_text("k3y-material\n")
-    secret.chmod(0o644)
+    secret.chmod(mode)
     section, name = field.split(".")
     data: dict = {"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
                   section: {name: str(secret)}}
+    if name == "token_file":
+        data["influx"].update(api="v2", org="o")
     if section == "cloud":
         data["cloud"]["url"] = "mqtt://127.0.0.1:1884"
         if name == "key_file":
@@ -216,7 +220,7 @@ def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field):
             cert.write_text("x")
             data["cloud"]["cert_file"] = str(cert)
     problems = check_config(parse_config(data))
-    assert f"{field}: {str(secret)!r} can be read or written by every user (mode 0644); " \
+    assert f"{field}: {str(secret)!r} can be read or written by every user (mode {mode:04o}); " \
         f"run: chmod 600 {secret} (or 640 with the gateway's group)" in problems
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
