@@ -639,6 +639,31 @@ def parse_config(data: object) -> GatewayConfig:
         raise ConfigError(_problems(err)) from None
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key twice in one YAML mapping: which value was meant cannot be known."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key twice in one mapping (PyYAML keeps the last one
+    silently). Keys brought in by a merge (``<<: *anchor``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(
+                        None, None, f"{key!r} appears twice in one mapping (which one was "
+                        "meant is unknown); keep one", key_node.start_mark)
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: SafeLoader refuses it itself
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Path) -> GatewayConfig:
     """Load and validate a YAML config file; raises ConfigError with one line per problem."""
     try:
@@ -646,7 +671,10 @@ def load_config(path: Path) -> GatewayConfig:
     except OSError as err:
         raise ConfigError([f"cannot read the file ({err.strerror})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark is not None else 0
+        raise ConfigError([f"line {line}: {err.problem}"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

@@ -111,6 +111,37 @@ def test_load_config_bad_yaml(tmp_path):
     assert info.value.problems[0].startswith("line ")
 
 
+@pytest.mark.parametrize(("text", "line", "key"), [
+    ("gateway_id: a\nlog: {path: /tmp/x.db}\ngateway_id: b\n", 3, "gateway_id"),
+    ("gateway_id: a\nsite:\n  url: mqtt://h:1\n  keepalive: 5s\n  url: mqtt://e:2\n", 5, "url"),
+    ("gateway_id: a\ncloud: {url: 'mqtts://h', url: 'mqtts://e'}\n", 2, "url"),
+])
+def test_a_key_twice_in_the_config_is_refused_naming_key_and_line(tmp_path, text, line, key):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"line {line}: {key!r} appears twice in one mapping (which one was meant is "
+        f"unknown); keep one"]
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [f"{path}: {info.value.problems[0]}"]
+
+
+def test_yaml_merge_keys_still_override_without_counting_as_duplicates(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gateway_id: g\ndevice_labels:\n  'gh-*': &n {zone: north, row: '1'}\n"
+                    "  'gh-1*': {<<: *n, zone: south}\n")
+    cfg = load_config(path)
+    assert cfg.device_labels["gh-1*"] == {"zone": "south", "row": "1"}
+
+
 @pytest.mark.parametrize(("text", "value"), [("256KiB", 262144), ("1GiB", 1024**3), ("10MB", 10**7),
                                              (512, 512), ("512B", 512)])
 def test_sizes(text, value):
