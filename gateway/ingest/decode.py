@@ -291,6 +291,17 @@ def _check_unique_keys(payload: bytes, keys: int) -> None:
         return  # compact text: each key ends in `":`, and no string holds one (not accepted)
     if len(_KEY_END.findall(payload)) <= keys:
         return
+    duplicate = duplicate_key(payload)
+    if duplicate is not None:
+        raise _Reject(Reason.DUPLICATE_KEY,
+                      f"key {duplicate[:80]!r} appears twice in one object")
+
+
+def duplicate_key(payload: bytes) -> str | None:
+    """The first key that appears twice in one object of the JSON text ``payload``, or
+    None (also when it is not JSON). Parsers disagree on which value wins, so a payload
+    with one is refused wherever one is read: readings here, command answers in
+    gateway.commands."""
     duplicates: list[str] = []
 
     def pairs(items: list[tuple[str, Any]]) -> None:
@@ -303,10 +314,8 @@ def _check_unique_keys(payload: bytes, keys: int) -> None:
     try:
         json.loads(payload.removeprefix(_BOM).decode("utf-8"), object_pairs_hook=pairs)
     except (ValueError, RecursionError):
-        return  # orjson read it; nothing more to learn here
-    if duplicates:
-        raise _Reject(Reason.DUPLICATE_KEY,
-                      f"key {duplicates[0][:80]!r} appears twice in one object")
+        return None
+    return duplicates[0] if duplicates else None
 
 
 def _check_value(name: str, value: object, where: str = "") -> None:
