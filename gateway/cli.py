@@ -92,6 +92,10 @@ def run(config_path: Path, log_level: str) -> None:
         if early_reload:
             gw.request_reload()
         code = gw.run()
+    except ConfigError as err:  # e.g. rules: what `check` reports, alike (line and code)
+        for line in err.problems:
+            click.echo(f"{config_path}: {line}", err=True)
+        raise SystemExit(2) from None
     except FieldgateError as err:
         _fail(err)
     raise SystemExit(code)

@@ -220,6 +220,22 @@ def test_check_and_run_refuse_what_run_would_trip_over(tmp_path, section, field,
         assert hint in lines[0]
 
 
+def test_check_and_run_report_a_rules_glob_matching_nothing_alike(tmp_path):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    pattern = str(tmp_path / "rules" / "*.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                                    "metrics": {"listen": None}, "rules": [pattern]}))
+    seen = []
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        seen.append((result.exit_code, result.stderr.strip().splitlines()))
+    assert seen[0] == seen[1] == (2, [f"{path}: rules: {pattern!r} matches no file"])
+
+
 def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
     cfg = parse_config({"gateway_id": "g", "site": {"url": "mqtt://[::1]"},
                         "cloud": {"url": "mqtts://h"}, "metrics": {"listen": "[::1]:9108"}})
