@@ -14,7 +14,7 @@ import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +37,13 @@ def _check_host(host: str) -> bool:
     except ValueError:
         return bool(_HOSTNAME.match(host))
     return True
+
+
+def public_url(url: str) -> str:
+    """``url`` without what may hold a secret (user:password, query string, fragment), for
+    error lines and logs."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -101,9 +108,12 @@ class Link(_Section):
             raise ValueError(
                 "credentials in the URL are not accepted; use username and password_file"
             )
+        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
+        if parts.query or parts.fragment:
+            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
+                             f"MQTT has no use for; use username and password_file; {example}")
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
-        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
         if not parts.hostname:
             raise ValueError(f"{value!r} has no host; {example}")
         if not _check_host(parts.hostname):
@@ -116,9 +126,8 @@ class Link(_Section):
         if port is not None and not 1 <= port <= 65535:
             raise ValueError(f"{value!r} has a port outside 1-65535 (leave it out for the "
                              f"default 1883/8883); {example}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{value!r} has a path or query, which MQTT has no use for; "
-                             f"{example}")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"{value!r} has a path, which MQTT has no use for; {example}")
         return value
 
     @property
@@ -449,6 +458,10 @@ class Influx(_Section):
         if "@" in parts.netloc:
             raise ValueError("credentials in the URL are not accepted; use username and "
                              "password_file (v1) or token_file (v2)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
+                             "has no place in the base URL (a secret there would show in "
+                             "logs); use username and password_file (v1) or token_file (v2)")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} must be http://host:port or https://host:port")
         try:

@@ -236,6 +236,23 @@ def test_check_and_run_report_a_rules_glob_matching_nothing_alike(tmp_path):
     assert seen[0] == seen[1] == (2, [f"{path}: rules: {pattern!r} matches no file"])
 
 
+@pytest.mark.parametrize(("section", "url"), [
+    ("influx", "http://127.0.0.1:1/pre?u=admin&p=SECRETPW4#frag"),
+    ("influx", "http://127.0.0.1:1#SECRETPW4"),
+    ("influx", "ftp://127.0.0.1:1/?p=SECRETPW4"),
+    ("site", "mqtt://127.0.0.1:1883/?p=SECRETPW4"),
+    ("site", "tcp://127.0.0.1:1883/?p=SECRETPW4"),
+    ("cloud", "mqtts://h:8883#SECRETPW4"),
+])
+def test_a_url_with_a_query_or_fragment_is_refused_without_echoing_it(section, url):
+    problems = _problems({"gateway_id": "g", section: {"url": url}})
+    assert len(problems) == 1 and problems[0].startswith(f"{section}.url: "), problems
+    assert "SECRETPW4" not in problems[0] and "admin" not in problems[0]
+    if section == "influx":
+        assert "query string or fragment" in problems[0]
+        assert "use username and password_file" in problems[0]
+
+
 def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
     cfg = parse_config({"gateway_id": "g", "site": {"url": "mqtt://[::1]"},
                         "cloud": {"url": "mqtts://h"}, "metrics": {"listen": "[::1]:9108"}})
