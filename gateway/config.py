@@ -254,9 +254,10 @@ class Ingest(_Section):
     max_readings: int = Field(1000, ge=1, description="Most readings in one JSON array")
     max_device_id: int = Field(
         128, ge=1, le=1024,
-        description="Longest device id (characters) taken from a topic; longer ones and ids "
-        "with characters other than letters, digits and _ . - : @ ~ are dead-lettered "
-        "(bad_device)",
+        description="Longest device id (characters) taken from a topic; longer ones, ids "
+        "with characters other than ASCII letters, digits and _ . - : @ ~, and . or .. "
+        "alone are dead-lettered (bad_device); `gateway site add-device` applies the same "
+        "rule",
     )
     max_past: Duration = Field(
         30 * 86400.0, gt=0, description="Readings timestamped further in the past are rejected"

@@ -11,9 +11,10 @@ Decisions (README.md, "What goes in and out"):
 - A UTF-8 byte order mark before valid JSON is dropped; the payload is accepted.
 - A key twice in one object is a ``duplicate_key`` dead letter: which value the device
   meant cannot be known, and JSON parsers disagree on which one wins.
-- Device ids (from the topic) are at most ``ingest.max_device_id`` characters of letters,
-  digits and ``_ . - : @ ~`` (``bad_device`` otherwise): they become topic levels of
-  commands and InfluxDB tags.
+- Device ids (from the topic) are at most ``ingest.max_device_id`` characters of ASCII
+  letters, digits and ``_ . - : @ ~``, and not ``.`` or ``..`` alone (``bad_device``
+  otherwise): they become topic levels of commands, InfluxDB tags and broker user names.
+  ``valid_device_id`` is the one rule; ``gateway site add-device`` applies it too.
 - While the system clock is not synchronised (``gateway.clock``), device timestamps are
   kept as sent and every reading is marked ``clock_unsynced: 1``.
 """
@@ -40,7 +41,8 @@ Reading = tuple[str, float, dict[str, Any]]
 # Added to every reading decoded while the system clock was not synchronised.
 CLOCK_FLAG = "clock_unsynced"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
-_DEVICE_RE = re.compile(r"^[\w.:@~-]+$")
+# ASCII only: Unicode letters and digits would let a fullwidth "d1" pass for "d1".
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.:@~-]+")
 _RESERVED = frozenset({"seq", "device", "ts", "gateway", CLOCK_FLAG})
 # Metric names and device ids seen and found valid; bounded like the topic cache.
 _NAMES_MAX = 16_384
@@ -124,13 +126,9 @@ class Decoder:
 
     def _check_device(self, device: str) -> str:
         """Empty when ``device`` is a usable id (and remembered), else what is wrong."""
-        limit = self._cfg.max_device_id
-        if len(device) > limit:
-            return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
-                    f"ingest.max_device_id {limit}")
-        if not _DEVICE_RE.match(device):
-            return (f"device id {device!r} has characters other than letters, digits and "
-                    "_ . - : @ ~")
+        problem = valid_device_id(device, self._cfg.max_device_id)
+        if problem is not None:
+            return problem
         if len(self._devices) >= _NAMES_MAX:
             self._devices.clear()
         self._devices.add(device)
@@ -243,6 +241,26 @@ class Decoder:
             Reason.TS_OUT_OF_RANGE,
             f"{where}ts {ts!r} is more than max_past before or max_future after now",
         )
+
+
+def valid_device_id(device: str, max_len: int) -> str | None:
+    """What is wrong with ``device`` as a device id (one line), or None when it is usable.
+
+    The one rule for device ids, in ingest, `gateway site add-device`, rules and
+    commands: 1 to ``max_len`` (``ingest.max_device_id``) characters of ASCII letters,
+    digits and ``_ . - : @ ~``, and not ``.`` or ``..`` alone.
+    """
+    if len(device) > max_len:
+        return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
+                f"ingest.max_device_id {max_len}")
+    if not device:
+        return "device id is empty"
+    if not _DEVICE_RE.fullmatch(device):
+        return (f"device id {device!r} has characters other than ASCII letters, digits and "
+                "_ . - : @ ~")
+    if device in (".", ".."):
+        return f"device id {device!r} is a path name; use letters or digits too"
+    return None
 
 
 def _loads(payload: bytes) -> Any:
