@@ -92,6 +92,10 @@ def run(config_path: Path, log_level: str) -> None:
         if early_reload:
             gw.request_reload()
         code = gw.run()
+    except ConfigError as err:  # e.g. rules: what `check` reports, alike (line and code)
+        for line in err.problems:
+            click.echo(f"{config_path}: {line}", err=True)
+        raise SystemExit(2) from None
     except FieldgateError as err:
         _fail(err)
     raise SystemExit(code)
@@ -237,6 +241,10 @@ def site_add_device(device: str, config_path: Path, password_file: Path,
     commands and signs its answers with the command key printed (derived from the
     gateway's commands.key_file). Both are shown once: put them on the device.
 
+    DEVICE is an id ingest accepts: up to ingest.max_device_id ASCII letters, digits and
+    _ . - @ ~ (not "." or ".." alone); ':', which ingest accepts, cannot be in a Mosquitto
+    user name.
+
     \b
     Example:
       sudo gateway site add-device gh-7 -c /etc/fieldgate/gateway.yaml
@@ -245,7 +253,8 @@ def site_add_device(device: str, config_path: Path, password_file: Path,
 
     cfg = _load(config_path)
     try:
-        done = add_device(password_file, device, cfg.commands.key(), replace=replace)
+        done = add_device(password_file, device, cfg.commands.key(),
+                          max_device_id=cfg.ingest.max_device_id, replace=replace)
     except (FieldgateError, OSError) as err:
         _fail(err, 2)
     click.echo(f"{device!r} added to {str(password_file)!r}; {_RELOAD}", err=True)

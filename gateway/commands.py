@@ -36,7 +36,7 @@ import orjson
 
 from gateway.config import Ingest
 from gateway.events import Event
-from gateway.ingest.decode import device_id_problem
+from gateway.ingest.decode import duplicate_key, valid_device_id
 
 if TYPE_CHECKING:
     from gateway.log.store import LogStore
@@ -215,8 +215,8 @@ class CommandSender:
 
         Raises CommandDeviceError, before anything is remembered, when ``device`` is not a
         device id by ingest's rule (a ``+``, ``#`` or ``/`` would change the topic)."""
-        problem = device_id_problem(device, self._max_device_id)
-        if problem:
+        problem = valid_device_id(device, self._max_device_id)
+        if problem is not None:
             raise CommandDeviceError(device, problem)
         now = time.time() if now is None else now
         cid = f"{self._gateway_id}-{int(now * 1000)}-{next(self._counter)}"
@@ -263,20 +263,23 @@ class CommandSender:
 
     # -- answers in ----------------------------------------------------------------------
 
-    def acknowledgement(self, topic: str, payload: bytes, now: float) -> None:
+    def acknowledgement(self, topic: str, payload: bytes, now: float, *, dup: bool) -> None:
         """Judge a device's answer on devices/<id>/cmd/ack and log what it means.
 
-        The event is logged, and the command no longer waits, before this returns, so the
-        caller acknowledges the MQTT message only after both are durable.
+        ``dup``: the MQTT DUP flag. Only the broker's redelivery (DUP set) of an answer
+        already taken is skipped; the same bytes published again as a new message are a
+        replay, rejected as ``duplicate``. The event is logged, and the command no longer
+        waits, before this returns, so the caller acknowledges the MQTT message only after
+        both are durable.
         """
         device = topic.split("/")[1]
-        event, taken = self._judge(device, topic, payload, now)
+        event, taken = self._judge(device, topic, payload, now, dup)
         if event is None:
             return
         self._store.append_events_with_state([event], [self.state()] if taken else [], now)
 
     def _judge(self, device: str, topic: str, payload: bytes,  # noqa: PLR0911 - one per reason
-               now: float) -> tuple[Event | None, bool]:
+               now: float, dup: bool) -> tuple[Event | None, bool]:
         def rejected(reason: str, cid: object = None) -> tuple[Event, bool]:
             data: dict[str, Any] = {"reason": reason}
             if isinstance(cid, str):
@@ -292,6 +295,10 @@ class CommandSender:
         if not isinstance(ack, dict) or not isinstance(ack.get("id"), str) \
                 or ack.get("status") not in ("ok", "rejected"):
             return rejected("malformed: expected {\"id\", \"status\": \"ok\" | \"rejected\"}")
+        twice = duplicate_key(body)
+        if twice is not None:
+            # Parsers disagree on which value wins: the device's meaning is unknown.
+            return rejected(f"malformed: key {twice[:80]!r} appears twice")
         cid: str = ack["id"]
         if self._master is not None:
             if sealed is None:
@@ -301,8 +308,8 @@ class CommandSender:
         digest = hashlib.sha256(payload).hexdigest()[:32]
         seen = self._answered.get((device, cid))
         if seen is not None:
-            if seen == digest:
-                return None, False  # the same answer redelivered: logged already
+            if seen == digest and dup:
+                return None, False  # the broker's redelivery of an answer logged already
             return rejected("duplicate: this command was answered already", cid)
         waiting = self._pending.get(cid)
         if waiting is None or waiting.device != device:

@@ -14,7 +14,7 @@ import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +37,13 @@ def _check_host(host: str) -> bool:
     except ValueError:
         return bool(_HOSTNAME.match(host))
     return True
+
+
+def public_url(url: str) -> str:
+    """``url`` without what may hold a secret (user:password, query string, fragment), for
+    error lines and logs."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -101,9 +108,12 @@ class Link(_Section):
             raise ValueError(
                 "credentials in the URL are not accepted; use username and password_file"
             )
+        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
+        if parts.query or parts.fragment:
+            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
+                             f"MQTT has no use for; use username and password_file; {example}")
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
-        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
         if not parts.hostname:
             raise ValueError(f"{value!r} has no host; {example}")
         if not _check_host(parts.hostname):
@@ -116,9 +126,8 @@ class Link(_Section):
         if port is not None and not 1 <= port <= 65535:
             raise ValueError(f"{value!r} has a port outside 1-65535 (leave it out for the "
                              f"default 1883/8883); {example}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{value!r} has a path or query, which MQTT has no use for; "
-                             f"{example}")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"{value!r} has a path, which MQTT has no use for; {example}")
         return value
 
     @property
@@ -245,9 +254,10 @@ class Ingest(_Section):
     max_readings: int = Field(1000, ge=1, description="Most readings in one JSON array")
     max_device_id: int = Field(
         128, ge=1, le=1024,
-        description="Longest device id (characters) taken from a topic; longer ones and ids "
-        "with characters other than letters, digits and _ . - : @ ~ are dead-lettered "
-        "(bad_device)",
+        description="Longest device id (characters) taken from a topic; longer ones, ids "
+        "with characters other than ASCII letters, digits and _ . - : @ ~, and . or .. "
+        "alone are dead-lettered (bad_device); `gateway site add-device` applies the same "
+        "rule",
     )
     max_past: Duration = Field(
         30 * 86400.0, gt=0, description="Readings timestamped further in the past are rejected"
@@ -449,6 +459,10 @@ class Influx(_Section):
         if "@" in parts.netloc:
             raise ValueError("credentials in the URL are not accepted; use username and "
                              "password_file (v1) or token_file (v2)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
+                             "has no place in the base URL (a secret there would show in "
+                             "logs); use username and password_file (v1) or token_file (v2)")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} must be http://host:port or https://host:port")
         try:
@@ -639,6 +653,31 @@ def parse_config(data: object) -> GatewayConfig:
         raise ConfigError(_problems(err)) from None
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key twice in one YAML mapping: which value was meant cannot be known."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key twice in one mapping (PyYAML keeps the last one
+    silently). Keys brought in by a merge (``<<: *anchor``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(
+                        None, None, f"{key!r} appears twice in one mapping (which one was "
+                        "meant is unknown); keep one", key_node.start_mark)
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: SafeLoader refuses it itself
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Path) -> GatewayConfig:
     """Load and validate a YAML config file; raises ConfigError with one line per problem."""
     try:
@@ -646,7 +685,10 @@ def load_config(path: Path) -> GatewayConfig:
     except OSError as err:
         raise ConfigError([f"cannot read the file ({err.strerror})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark is not None else 0
+        raise ConfigError([f"line {line}: {err.problem}"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -686,6 +728,9 @@ def check_config(cfg: GatewayConfig) -> list[str]:
     for name, link in links:
         secrets += [(f"{name}.password_file", link.password_file),
                     (f"{name}.key_file", link.key_file)]
+    if cfg.influx is not None:
+        secrets += [("influx.password_file", cfg.influx.password_file),
+                    ("influx.token_file", cfg.influx.token_file)]
     for field, secret in secrets:
         problem = _exposed(secret)
         if problem:

@@ -137,9 +137,10 @@ class Gateway:
     def request_reload(self, _signum: int | None = None, _frame: FrameType | None = None) -> None:
         self._reload = True
 
-    def _command_answer(self, topic: str, payload: bytes, now: float) -> Event | None:
+    def _command_answer(self, topic: str, payload: bytes, now: float,
+                        dup: bool) -> Event | None:
         assert self.commands is not None
-        self.commands.acknowledgement(topic, payload, now)  # logs its own event
+        self.commands.acknowledgement(topic, payload, now, dup=dup)  # logs its own event
         return None
 
     def _watch_gauges(self) -> None:

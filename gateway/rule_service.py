@@ -24,7 +24,7 @@ from gateway.engine import CommandEvent, Engine, EngineConfig, load_rule_files
 from gateway.engine.rules import DeviceCheck, Group
 from gateway.errors import ConfigError
 from gateway.events import Event
-from gateway.ingest.decode import Reading, device_id_problem
+from gateway.ingest.decode import Reading, valid_device_id
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 
@@ -36,7 +36,7 @@ DEFAULT_MAX_DEVICE_ID: int = Ingest.model_fields["max_device_id"].default
 
 def device_check(max_device_id: int = DEFAULT_MAX_DEVICE_ID) -> DeviceCheck:
     """Ingest's device id rule, for the devices rule commands are sent to."""
-    return functools.partial(device_id_problem, limit=max_device_id)
+    return functools.partial(valid_device_id, max_len=max_device_id)
 
 
 def load_groups(patterns: list[str], *,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gateway.commands import device_key
 from gateway.errors import FieldgateError
+from gateway.ingest.decode import valid_device_id
 
 # The gateway's user: deploy/mosquitto-site.acl gives this name the gateway's rights.
 GATEWAY_USER = "fieldgate"
@@ -29,9 +30,9 @@ DEFAULT_PASSWORD_FILE = Path("/etc/mosquitto/fieldgate.passwd")
 # CONNECT on a Raspberry Pi.
 _ITERATIONS = 101
 _SALT_BYTES = 12
-# A user name is a device id in topics: no MQTT wildcard or level separator (Mosquitto
-# refuses %u substitution for + and #), no ':' (the password file's separator).
-_FORBIDDEN = set("/+#:")
+# Mosquitto's password file separates user and hash with ':' and drops an entry whose
+# name holds one (2.0.11: "Invalid password hash type"), so such a device could never log in.
+_BROKER_FORBIDDEN = ":"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +53,16 @@ def hash_password(password: str, *, salt: bytes | None = None,
             f"{base64.b64encode(digest).decode()}")
 
 
-def check_user_name(name: str) -> None:
-    if not name or not name.isprintable() or any(c.isspace() or c in _FORBIDDEN
-                                                 for c in name):
-        raise FieldgateError(f"{name!r} cannot be a device id on the site broker: use "
-                             "letters, digits, '-', '_' or '.' (no spaces, '/', '+', '#', ':')")
+def check_device_id(device: str, max_len: int) -> None:
+    """FieldgateError (one line) unless ``device`` is a device id that ingest accepts
+    (gateway.ingest.decode.valid_device_id) and that can be a Mosquitto user name."""
+    problem = valid_device_id(device, max_len)
+    if problem is not None:
+        raise FieldgateError(f"{problem}: ingest would dead-letter its readings "
+                             "(bad_device); see README, \"What goes in and out\"")
+    if _BROKER_FORBIDDEN in device:
+        raise FieldgateError(f"device id {device!r} has ':', which Mosquitto's password file "
+                             "cannot hold in a user name; choose an id without it")
 
 
 def _users(path: Path) -> list[str]:
@@ -110,9 +116,10 @@ def add_user(path: Path, user: str, *, replace: bool = False) -> str:
 
 
 def add_device(path: Path, device: str, master_key: bytes | None, *,
-               replace: bool = False) -> Provisioned:
-    """Provision a device: its broker user (named by its id) and its command key."""
-    check_user_name(device)
+               max_device_id: int, replace: bool = False) -> Provisioned:
+    """Provision a device: its broker user (named by its id) and its command key.
+    ``max_device_id``: the config's ingest.max_device_id, the longest id ingest takes."""
+    check_device_id(device, max_device_id)
     if device == GATEWAY_USER:
         raise FieldgateError(f"{device!r} is the gateway's user on the site broker; "
                              "choose another device id")

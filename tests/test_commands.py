@@ -234,7 +234,7 @@ def test_waiting_commands_survive_a_restart_and_then_time_out(tmp_path):
     gw = _restarted(gw)
     assert gw.commands is not None
     assert set(gw.commands.pending) == {first, second}
-    gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", first), t0 + 1)
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", first), t0 + 1, dup=False)
     # Timeouts run on time.monotonic(), so that a clock step does not fire them; after a
     # restart the time left is what the wall clock says (here: nearly all of the 30 s).
     gw.commands.expire(time.monotonic() + 20)
@@ -242,7 +242,7 @@ def test_waiting_commands_survive_a_restart_and_then_time_out(tmp_path):
     gw.commands.expire(time.monotonic() + 30)
     assert gw.commands.pending == {}
     # Too late: the answer to a command that timed out is not believed either.
-    gw.commands.acknowledgement("devices/gh-2/cmd/ack", _ack("gh-2", second), t0 + 32)
+    gw.commands.acknowledgement("devices/gh-2/cmd/ack", _ack("gh-2", second), t0 + 32, dup=False)
     answers = _answers(gw)
     gw.store.close()
     assert [(kind, data["id"]) for kind, data in answers] == [
@@ -267,15 +267,86 @@ def test_a_redelivered_answer_is_logged_once_and_a_second_answer_is_rejected(tmp
     assert gw.commands is not None
     cid = gw.commands.send("gh-1", "fan", {"state": "on"})
     ok = _ack("gh-1", cid)
-    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 1.0)
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 1.0, dup=False)
     gw = _restarted(gw)  # even after a restart
     assert gw.commands is not None
-    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 2.0)  # the broker's redelivery
-    gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", cid, "rejected"), 3.0)
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 2.0, dup=True)  # redelivery
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", cid, "rejected"), 3.0,
+                                dup=False)
     answers = _answers(gw)
     gw.store.close()
     assert [kind for kind, _ in answers] == ["acknowledged", "ack_rejected"]
     assert answers[1][1]["reason"].startswith("duplicate")
+
+
+def _wait_for_answers(gw: Gateway, count: int) -> list[tuple[str, dict[str, Any]]]:
+    links = [gw.ingest.link]
+    deadline = time.monotonic() + 60
+    while len(_answers(gw)) < count and time.monotonic() < deadline:
+        poll_links(links, 0.05)
+        gw.ingest.step(time.monotonic())
+    return _answers(gw)
+
+
+def test_a_replayed_answer_over_mqtt_is_rejected_as_duplicate(site, tmp_path):
+    """A valid answer captured and published again as a new message (no DUP flag: not the
+    broker's redelivery) is an ack_rejected event, not silence."""
+    gw = Gateway(_config(tmp_path, site.url))
+    assert gw.commands is not None
+    cid = gw.commands.send("gh-1", "fan", {"state": "on"})
+    ok = _ack("gh-1", cid)
+    pub = Publisher(site.port)
+    deadline = time.monotonic() + 60
+    while not gw.ingest.link.connected and time.monotonic() < deadline:
+        poll_links([gw.ingest.link], 0.05)
+        gw.ingest.step(time.monotonic())
+    pub.publish("devices/gh-1/cmd/ack", ok)
+    pub.wait()
+    assert [kind for kind, _ in _wait_for_answers(gw, 1)] == ["acknowledged"]
+    pub.publish("devices/gh-1/cmd/ack", ok)  # the replay
+    pub.wait()
+    answers = _wait_for_answers(gw, 2)
+    gw.ingest.finish()
+    gw.store.close()
+    pub.close()
+    assert [kind for kind, _ in answers] == ["acknowledged", "ack_rejected"]
+    assert answers[1][1]["id"] == cid
+    assert answers[1][1]["reason"].startswith("duplicate: ")
+
+
+def test_only_a_redelivered_copy_of_a_taken_answer_is_skipped(tmp_path):
+    gw = Gateway(_config(tmp_path))
+    assert gw.commands is not None
+    cid = gw.commands.send("gh-1", "fan", {"state": "on"})
+    ok = _ack("gh-1", cid)
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 1.0, dup=False)
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 2.0, dup=True)  # skipped
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", ok, 3.0, dup=False)  # a replay
+    answers = _answers(gw)
+    gw.store.close()
+    assert [kind for kind, _ in answers] == ["acknowledged", "ack_rejected"]
+    assert answers[1][1]["reason"].startswith("duplicate: ")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"id":"x","status":"ok","id":"CID"}',        # the last id would acknowledge
+    b'{"id":"CID","status":"ok","id":"x"}',
+    b'{"id":"CID","status":"rejected","status":"ok"}',
+])
+def test_an_answer_with_a_key_twice_is_malformed(tmp_path, body):
+    gw = Gateway(_config(tmp_path))
+    assert gw.commands is not None
+    cid = gw.commands.send("gh-1", "fan", {"state": "on"})
+    body = body.replace(b"CID", cid.encode())
+    topic = "devices/gh-1/cmd/ack"
+    gw.commands.acknowledgement(topic, seal(device_key(MASTER.encode(), "gh-1"), topic, body),
+                                1.0, dup=False)
+    answers = _answers(gw)
+    gw.store.close()
+    assert cid in gw.commands.pending  # nothing was believed
+    assert [kind for kind, _ in answers] == ["ack_rejected"]
+    assert answers[0][1]["reason"].startswith("malformed: ")
+    assert "appears twice" in answers[0][1]["reason"]
 
 
 def test_without_a_key_only_answers_to_waiting_commands_count(tmp_path):
@@ -283,9 +354,9 @@ def test_without_a_key_only_answers_to_waiting_commands_count(tmp_path):
     assert gw.commands is not None
     cid = gw.commands.send("gh-1", "fan", {"state": "on"})
     plain = orjson.dumps({"id": cid, "status": "rejected", "reason": "busy"})
-    gw.commands.acknowledgement("devices/gh-1/cmd/ack", plain, 1.0)
+    gw.commands.acknowledgement("devices/gh-1/cmd/ack", plain, 1.0, dup=False)
     gw.commands.acknowledgement("devices/gh-1/cmd/ack",
-                                orjson.dumps({"id": "x", "status": "ok"}), 1.0)
+                                orjson.dumps({"id": "x", "status": "ok"}), 1.0, dup=False)
     answers = _answers(gw)
     gw.store.close()
     assert answers == [

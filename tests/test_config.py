@@ -111,6 +111,37 @@ def test_load_config_bad_yaml(tmp_path):
     assert info.value.problems[0].startswith("line ")
 
 
+@pytest.mark.parametrize(("text", "line", "key"), [
+    ("gateway_id: a\nlog: {path: /tmp/x.db}\ngateway_id: b\n", 3, "gateway_id"),
+    ("gateway_id: a\nsite:\n  url: mqtt://h:1\n  keepalive: 5s\n  url: mqtt://e:2\n", 5, "url"),
+    ("gateway_id: a\ncloud: {url: 'mqtts://h', url: 'mqtts://e'}\n", 2, "url"),
+])
+def test_a_key_twice_in_the_config_is_refused_naming_key_and_line(tmp_path, text, line, key):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"line {line}: {key!r} appears twice in one mapping (which one was meant is "
+        f"unknown); keep one"]
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [f"{path}: {info.value.problems[0]}"]
+
+
+def test_yaml_merge_keys_still_override_without_counting_as_duplicates(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gateway_id: g\ndevice_labels:\n  'gh-*': &n {zone: north, row: '1'}\n"
+                    "  'gh-1*': {<<: *n, zone: south}\n")
+    cfg = load_config(path)
+    assert cfg.device_labels["gh-1*"] == {"zone": "south", "row": "1"}
+
+
 @pytest.mark.parametrize(("text", "value"), [("256KiB", 262144), ("1GiB", 1024**3), ("10MB", 10**7),
                                              (512, 512), ("512B", 512)])
 def test_sizes(text, value):
@@ -189,6 +220,39 @@ def test_check_and_run_refuse_what_run_would_trip_over(tmp_path, section, field,
         assert hint in lines[0]
 
 
+def test_check_and_run_report_a_rules_glob_matching_nothing_alike(tmp_path):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    pattern = str(tmp_path / "rules" / "*.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                                    "metrics": {"listen": None}, "rules": [pattern]}))
+    seen = []
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        seen.append((result.exit_code, result.stderr.strip().splitlines()))
+    assert seen[0] == seen[1] == (2, [f"{path}: rules: {pattern!r} matches no file"])
+
+
+@pytest.mark.parametrize(("section", "url"), [
+    ("influx", "http://127.0.0.1:1/pre?u=admin&p=SECRETPW4#frag"),
+    ("influx", "http://127.0.0.1:1#SECRETPW4"),
+    ("influx", "ftp://127.0.0.1:1/?p=SECRETPW4"),
+    ("site", "mqtt://127.0.0.1:1883/?p=SECRETPW4"),
+    ("site", "tcp://127.0.0.1:1883/?p=SECRETPW4"),
+    ("cloud", "mqtts://h:8883#SECRETPW4"),
+])
+def test_a_url_with_a_query_or_fragment_is_refused_without_echoing_it(section, url):
+    problems = _problems({"gateway_id": "g", section: {"url": url}})
+    assert len(problems) == 1 and problems[0].startswith(f"{section}.url: "), problems
+    assert "SECRETPW4" not in problems[0] and "admin" not in problems[0]
+    if section == "influx":
+        assert "query string or fragment" in problems[0]
+        assert "use username and password_file" in problems[0]
+
+
 def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
     cfg = parse_config({"gateway_id": "g", "site": {"url": "mqtt://[::1]"},
                         "cloud": {"url": "mqtts://h"}, "metrics": {"listen": "[::1]:9108"}})
@@ -196,19 +260,23 @@ def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
     assert cfg.cloud is not None and cfg.cloud.port == 8883
 
 
-@pytest.mark.parametrize("field", ["commands.key_file", "cloud.password_file",
-                                   "cloud.key_file", "site.password_file"])
-def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field):
+@pytest.mark.parametrize(("field", "mode"), [
+    ("commands.key_file", 0o644), ("cloud.password_file", 0o644), ("cloud.key_file", 0o644),
+    ("site.password_file", 0o644), ("influx.password_file", 0o644),
+    ("influx.token_file", 0o666)])
+def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field, mode):
     from click.testing import CliRunner
 
     from gateway.cli import main
 
     secret = tmp_path / "secret"
     secret.write_text("k3y-material\n")
-    secret.chmod(0o644)
+    secret.chmod(mode)
     section, name = field.split(".")
     data: dict = {"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
                   section: {name: str(secret)}}
+    if name == "token_file":
+        data["influx"].update(api="v2", org="o")
     if section == "cloud":
         data["cloud"]["url"] = "mqtt://127.0.0.1:1884"
         if name == "key_file":
@@ -216,7 +284,7 @@ def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field):
             cert.write_text("x")
             data["cloud"]["cert_file"] = str(cert)
     problems = check_config(parse_config(data))
-    assert f"{field}: {str(secret)!r} can be read or written by every user (mode 0644); " \
+    assert f"{field}: {str(secret)!r} can be read or written by every user (mode {mode:04o}); " \
         f"run: chmod 600 {secret} (or 640 with the gateway's group)" in problems
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import GatewayConfig, Ingest, PayloadFormat, Subscription
-from gateway.ingest.decode import DeadLetter, Decoder, Reason
+from gateway.ingest.decode import DeadLetter, Decoder, Reason, valid_device_id
 from gateway.ingest.topics import TopicTemplates
 
 NOW = 1_800_000_000.0
@@ -76,12 +76,22 @@ def test_device_ids_are_capped_and_checked(decoder):
     assert isinstance(out, DeadLetter) and out.reason is Reason.BAD_DEVICE
     assert "ingest.max_device_id 128" in out.detail and len(out.detail) < 300
     assert not isinstance(decoder.decode(f"sensors/{'d' * 128}/t", b"1", NOW), DeadLetter)
-    for bad in ("a b", "a,b", "a=b", 'a"b', "a\\b", "a\x00b", "a\tb", "$x", "a*b"):
+    for bad in ("a b", "a,b", "a=b", 'a"b', "a\\b", "a\x00b", "a\tb", "$x", "a*b", "a$b",
+                "a%b", "d" * 300, "a\n"):
         out = decoder.decode(f"sensors/{bad}/telemetry", b'{"t": 1}', NOW)
         assert isinstance(out, DeadLetter) and out.reason is Reason.BAD_DEVICE, bad
-    for good in ("gh-1", "aa:bb:cc:dd:ee:ff", "esp32_01.north", "küche-2", "dev@site~3"):
+    for good in ("gh-1", "aa:bb:cc:dd:ee:ff", "esp32_01.north", "dev@site~3", "a..b", ".x"):
         out = decoder.decode(f"sensors/{good}/telemetry", b'{"t": 1}', NOW)
         assert out == [(good, NOW, {"t": 1})]
+
+
+@pytest.mark.parametrize("device", ["dév", "küche-2", "d\uff11", "\u0661", "ǅ", ".", ".."])
+def test_device_ids_are_ascii_and_never_a_dot_path(decoder, device):
+    """Unicode letters and digits (a fullwidth d１ looks like d1) and the path names . and ..
+    are bad_device, by the rule add-device applies too (decode.valid_device_id)."""
+    out = decoder.decode(f"sensors/{device}/telemetry", b'{"t": 1}', NOW)
+    assert isinstance(out, DeadLetter) and out.reason is Reason.BAD_DEVICE, out
+    assert out.detail == valid_device_id(device, 128)
 
 
 def test_rfc3339_ts_and_missing_ts(decoder):

@@ -226,6 +226,7 @@ def test_wrong_password_then_fixed_nothing_lost(tmp_path, site, make_gateway):
         server.create_database(DB)
         pw = tmp_path / "influx.pw"
         pw.write_text("not-the-password\n")
+        pw.chmod(0o600)  # a secret every user can read is refused
         gw = expect_error(make_gateway(site, None, influx=v1(
             server, username="admin", password_file=str(pw))), "refused our credentials")
         gw.start()
@@ -272,6 +273,7 @@ def test_v2_missing_bucket_names_it_keeps_data_and_the_token(tmp_path, site, mak
     try:
         token = tmp_path / "token"
         token.write_text("s3cret-token\n")
+        token.chmod(0o600)
         gw = make_gateway(site, None, influx={
             "url": server.url, "api": "v2", "org": "o", "bucket": "plant",
             "token_file": str(token), "backoff_min": "100ms", "backoff_max": "300ms"})

@@ -25,7 +25,7 @@ from gateway.cli import main
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, SecretError
 from gateway.mosquitto import free_port
-from gateway.query import InfluxQLClient, connection_from
+from gateway.query import InfluxQLClient, QueryError, connection_from
 from gateway.query.canned import _measurements_named, last, quote_literal, step_for
 from gateway.query.render import format_time
 from tests.tsdb import (  # noqa: F401 (pytest fixtures)
@@ -220,6 +220,39 @@ def test_server_down_is_one_line() -> None:
     line = fails("last", "--url", f"http://127.0.0.1:{port}")
     assert line == (f"error: cannot reach InfluxDB at http://127.0.0.1:{port} (Connection "
                     f"refused); is influxd running? check influx.url or --url")
+
+
+SECRET_URLS = ["http://127.0.0.1:1/pre?u=admin&p=SECRETPW4#frag",
+               "http://127.0.0.1:1/?token=SECRETPW4", "http://127.0.0.1:1#SECRETPW4",
+               "http://admin:SECRETPW4@127.0.0.1:1/pre", "ftp://127.0.0.1:1/?p=SECRETPW4"]
+
+
+@pytest.mark.parametrize("secret_url", SECRET_URLS)
+def test_a_secret_in_the_url_is_refused_and_never_printed(tmp_path: Path,
+                                                          secret_url: str) -> None:
+    line = fails("last", "--url", secret_url, code=2)
+    assert line.startswith("error: influx.url: ")
+    assert "SECRETPW4" not in line and "admin" not in line
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({"gateway_id": "gw-1", "influx": {"url": secret_url}}))
+    line = fails("last", "-c", str(cfg), code=2)
+    assert line.startswith(f"{cfg}: influx.url: ")
+    assert "SECRETPW4" not in line and "admin" not in line
+
+
+def test_error_lines_name_the_server_without_userinfo_or_query() -> None:
+    from gateway.query.client import InfluxConnection
+
+    # A connection made in code, past the checks that refuse such URLs.
+    conn = InfluxConnection(url="http://127.0.0.1:1")
+    object.__setattr__(conn, "url", f"http://admin:SECRETPW4@127.0.0.1:{free_port()}/pre"
+                                    "?p=SECRETPW4#frag")
+    assert "SECRETPW4" not in repr(conn)
+    with pytest.raises(QueryError) as info:
+        InfluxQLClient(conn).query("SHOW DATABASES")
+    assert "cannot reach InfluxDB at http://127.0.0.1:" in str(info.value)
+    assert "/pre (" in str(info.value)
+    assert "SECRETPW4" not in str(info.value) and "admin" not in str(info.value)
 
 
 def test_bad_influxql_is_the_servers_reason(url: list[str]) -> None:

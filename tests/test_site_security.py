@@ -214,8 +214,9 @@ def test_add_device_refuses_bad_ids_and_duplicates_in_one_line(tmp_path):
     cfg = str(tmp_path / "g.yaml")
     assert _cli("add-device", "gh-1", "-c", cfg, "--password-file", str(passwords)) \
         .returncode == 0
-    for device, words in (("gh-1", "already"), ("a/b", "cannot be a device id"),
-                          ("gh+", "cannot be a device id"), ("fieldgate", "gateway's user")):
+    for device, words in (("gh-1", "already"), ("a/b", "characters other than ASCII"),
+                          ("gh+", "characters other than ASCII"),
+                          ("fieldgate", "gateway's user")):
         out = _cli("add-device", device, "-c", cfg, "--password-file", str(passwords))
         assert out.returncode == 2
         assert words in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
@@ -225,6 +226,61 @@ def test_add_device_refuses_bad_ids_and_duplicates_in_one_line(tmp_path):
     assert "none (commands.key_file is not set" in again.stdout
     assert [line.split(":")[0] for line in passwords.read_text().splitlines()] == ["gh-1"]
     assert passwords.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize(("device", "words"), [
+    ('a"b', "characters other than ASCII"), ("a,b", "characters other than ASCII"),
+    ("a$b", "characters other than ASCII"), ("a%b", "characters other than ASCII"),
+    ("dév", "characters other than ASCII"), ("d\uff11", "characters other than ASCII"),
+    ("..", "is a path name"), (".", "is a path name"),
+    ("d" * 300, "more than ingest.max_device_id 128"),
+    ("d" * 17, "more than ingest.max_device_id 16"),
+    ("aa:bb", "Mosquitto's password file"),
+])
+def test_add_device_provisions_only_ids_ingest_accepts(tmp_path, device, words):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    passwords = tmp_path / "p"
+    config: dict[str, Any] = {"gateway_id": "g"}
+    if "16" in words:
+        config["ingest"] = {"max_device_id": 16}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["site", "add-device", device, "-c",
+                                       str(tmp_path / "g.yaml"), "--password-file",
+                                       str(passwords)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+    assert not passwords.exists()
+
+
+def test_add_device_and_ingest_agree_on_device_ids(tmp_path):
+    """Every id add-device provisions, ingest takes; every id it refuses but ':' (which
+    Mosquitto's password file cannot hold), ingest dead-letters as bad_device."""
+    from gateway.config import Ingest, Subscription
+    from gateway.errors import FieldgateError
+    from gateway.ingest.decode import DeadLetter, Decoder, Reason
+    from gateway.ingest.topics import TopicTemplates
+    from gateway.site import add_device
+
+    cfg = Ingest(max_device_id=32)
+    decoder = Decoder(cfg, TopicTemplates([Subscription(topic="s/{device}/t")]))
+    now = time.time()
+    candidates = ["gh-1", "esp32_01.north", "dev@site~3", "a..b", ".x", "A" * 32, "A" * 33,
+                  'a"b', "a,b", "a$b", "a%b", "a b", "dév", "d\uff11", ".", "..", "a*b",
+                  "aa:bb:cc"]
+    for device in candidates:
+        try:
+            add_device(tmp_path / "p", device, None, max_device_id=cfg.max_device_id)
+            provisioned = True
+        except FieldgateError:
+            provisioned = False
+        out = decoder.decode(f"s/{device}/t", b'{"v": 1}', now)
+        taken = not isinstance(out, DeadLetter)
+        assert taken or out.reason is Reason.BAD_DEVICE
+        assert provisioned == (taken and ":" not in device), device
 
 
 def test_password_hash_is_the_one_mosquitto_passwd_writes(tmp_path):

@@ -43,7 +43,7 @@ MAX_RULE_FILE_BYTES = 1024 * 1024
 _SPEC_NUMBER_RE = re.compile(r"\d+")
 # Says what is wrong with a device id ("" when it is usable). The engine does no I/O and
 # knows no ingest rules: the gateway passes ingest's own check (gateway.ingest.decode).
-DeviceCheck = Callable[[str], str]
+DeviceCheck = Callable[[str], str | None]  # what is wrong with a device id, or None
 # The device a command's device template is rendered with to check it: any valid id.
 _SAMPLE_DEVICE = "d"
 

@@ -11,9 +11,10 @@ Decisions (README.md, "What goes in and out"):
 - A UTF-8 byte order mark before valid JSON is dropped; the payload is accepted.
 - A key twice in one object is a ``duplicate_key`` dead letter: which value the device
   meant cannot be known, and JSON parsers disagree on which one wins.
-- Device ids (from the topic) are at most ``ingest.max_device_id`` characters of letters,
-  digits and ``_ . - : @ ~`` (``bad_device`` otherwise): they become topic levels of
-  commands and InfluxDB tags.
+- Device ids (from the topic) are at most ``ingest.max_device_id`` characters of ASCII
+  letters, digits and ``_ . - : @ ~``, and not ``.`` or ``..`` alone (``bad_device``
+  otherwise): they become topic levels of commands, InfluxDB tags and broker user names.
+  ``valid_device_id`` is the one rule; ``gateway site add-device`` applies it too.
 - While the system clock is not synchronised (``gateway.clock``), device timestamps are
   kept as sent and every reading is marked ``clock_unsynced: 1``.
 """
@@ -40,7 +41,8 @@ Reading = tuple[str, float, dict[str, Any]]
 # Added to every reading decoded while the system clock was not synchronised.
 CLOCK_FLAG = "clock_unsynced"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
-_DEVICE_RE = re.compile(r"^[\w.:@~-]+$")
+# ASCII only: Unicode letters and digits would let a fullwidth "d1" pass for "d1".
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.:@~-]+")
 _RESERVED = frozenset({"seq", "device", "ts", "gateway", CLOCK_FLAG})
 # Metric names and device ids seen and found valid; bounded like the topic cache.
 _NAMES_MAX = 16_384
@@ -91,18 +93,6 @@ class _Reject(Exception):  # noqa: N818 - internal control flow, never escapes t
         self.detail = detail
 
 
-def device_id_problem(device: str, limit: int) -> str:
-    """Empty when ``device`` is a usable device id at most ``limit`` characters long, else
-    what is wrong: ids become topic levels of commands and InfluxDB tags."""
-    if len(device) > limit:
-        return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
-                f"ingest.max_device_id {limit}")
-    if not _DEVICE_RE.match(device):
-        return (f"device id {device!r} has characters other than letters, digits and "
-                "_ . - : @ ~")
-    return ""
-
-
 class Decoder:
     """Turns (topic, payload) into readings, or a DeadLetter saying why not."""
 
@@ -148,8 +138,8 @@ class Decoder:
 
     def _check_device(self, device: str) -> str:
         """Empty when ``device`` is a usable id (and remembered), else what is wrong."""
-        problem = device_id_problem(device, self._cfg.max_device_id)
-        if problem:
+        problem = valid_device_id(device, self._cfg.max_device_id)
+        if problem is not None:
             return problem
         if len(self._devices) >= _NAMES_MAX:
             self._devices.clear()
@@ -275,6 +265,26 @@ class Decoder:
         )
 
 
+def valid_device_id(device: str, max_len: int) -> str | None:
+    """What is wrong with ``device`` as a device id (one line), or None when it is usable.
+
+    The one rule for device ids, in ingest, `gateway site add-device`, rules and
+    commands: 1 to ``max_len`` (``ingest.max_device_id``) characters of ASCII letters,
+    digits and ``_ . - : @ ~``, and not ``.`` or ``..`` alone.
+    """
+    if len(device) > max_len:
+        return (f"device id {device[:40]!r}... has {len(device)} characters, more than "
+                f"ingest.max_device_id {max_len}")
+    if not device:
+        return "device id is empty"
+    if not _DEVICE_RE.fullmatch(device):
+        return (f"device id {device!r} has characters other than ASCII letters, digits and "
+                "_ . - : @ ~")
+    if device in (".", ".."):
+        return f"device id {device!r} is a path name; use letters or digits too"
+    return None
+
+
 def _loads(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
@@ -321,6 +331,17 @@ def _check_unique_keys(payload: bytes, keys: int) -> None:
         return  # compact text: each key ends in `":`, and no string holds one (not accepted)
     if len(_KEY_END.findall(payload)) <= keys:
         return
+    duplicate = duplicate_key(payload)
+    if duplicate is not None:
+        raise _Reject(Reason.DUPLICATE_KEY,
+                      f"key {duplicate[:80]!r} appears twice in one object")
+
+
+def duplicate_key(payload: bytes) -> str | None:
+    """The first key that appears twice in one object of the JSON text ``payload``, or
+    None (also when it is not JSON). Parsers disagree on which value wins, so a payload
+    with one is refused wherever one is read: readings here, command answers in
+    gateway.commands."""
     duplicates: list[str] = []
 
     def pairs(items: list[tuple[str, Any]]) -> None:
@@ -333,10 +354,8 @@ def _check_unique_keys(payload: bytes, keys: int) -> None:
     try:
         json.loads(payload.removeprefix(_BOM).decode("utf-8"), object_pairs_hook=pairs)
     except (ValueError, RecursionError):
-        return  # orjson read it; nothing more to learn here
-    if duplicates:
-        raise _Reject(Reason.DUPLICATE_KEY,
-                      f"key {duplicates[0][:80]!r} appears twice in one object")
+        return None
+    return duplicates[0] if duplicates else None
 
 
 def _check_value(name: str, value: object, where: str = "") -> None:

@@ -38,9 +38,10 @@ _IDLE_WAKE = 0.25
 
 class IngestService:
     def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics,
-                 on_ack: Callable[[str, bytes, float], Event | None] | None = None,
+                 on_ack: Callable[[str, bytes, float, bool], Event | None] | None = None,
                  on_readings: Callable[[list[Reading]], None] | None = None) -> None:
-        """``on_ack`` turns a device's answer on devices/<id>/cmd/ack into an event; with it,
+        """``on_ack(topic, payload, now, dup)`` turns a device's answer on
+        devices/<id>/cmd/ack into an event (``dup``: the MQTT DUP flag); with it,
         the site session also subscribes to those answers. ``on_readings`` gets every batch
         of readings once it is durable (the rule engine's input)."""
         self._on_ack = on_ack
@@ -140,7 +141,7 @@ class IngestService:
         answers: list[Event] = []
         for msg in pending:
             if self._on_ack is not None and is_ack_topic(msg.topic):
-                answer = self._on_ack(msg.topic, msg.payload, now)
+                answer = self._on_ack(msg.topic, msg.payload, now, msg.dup)
                 if answer is not None:
                     answers.append(answer)
                 order.append(-1)

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from gateway.config import read_secret
+from gateway.config import public_url, read_secret
 from gateway.errors import ConfigError, FieldgateError
 
 
@@ -52,12 +52,16 @@ class InfluxConnection:
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError([f"influx.url: {self.url!r} must be http://host:port or "
-                               f"https://host:port, e.g. http://127.0.0.1:8086"])
         if "@" in parts.netloc:
             raise ConfigError(["influx.url: credentials in the URL are not accepted; use "
                                "username and password_file, or token_file"])
+        if parts.query or parts.fragment:
+            raise ConfigError([f"influx.url: {public_url(self.url)!r} has a query string or "
+                               "fragment, which has no place in the base URL; use username "
+                               "and password_file, or token_file"])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError([f"influx.url: {self.url!r} must be http://host:port or "
+                               f"https://host:port, e.g. http://127.0.0.1:8086"])
         if self.api not in ("v1", "v2"):
             raise ConfigError([f"influx.api: {self.api!r} must be v1 (InfluxDB 1.x) or v2 "
                                f"(InfluxDB 2.x/3.x)"])
@@ -68,7 +72,7 @@ class InfluxConnection:
             raise ConfigError([f"influx.timeout: {self.timeout} must be positive"])
 
     def __repr__(self) -> str:  # secrets never reach a log or a traceback
-        return (f"InfluxConnection(url={self.url!r}, api={self.api!r}, "
+        return (f"InfluxConnection(url={public_url(self.url)!r}, api={self.api!r}, "
                 f"database={self.database!r})")
 
 
@@ -127,6 +131,7 @@ class InfluxQLClient:
 
     def __init__(self, conn: InfluxConnection) -> None:
         self.conn = conn
+        self._where = public_url(conn.url)  # what error lines show: no userinfo, no query
         self._context: ssl.SSLContext | None = None
         if conn.url.startswith("https://"):
             try:
@@ -187,12 +192,12 @@ class InfluxQLClient:
             return  # a user without the right to list databases: say nothing more
         names = {str(row[0]) for s in listed for row in s.values}
         if names and self.conn.database not in names:
-            raise QueryError(f"InfluxDB at {self.conn.url}: database not found: "
+            raise QueryError(f"InfluxDB at {self._where}: database not found: "
                              f"{self.conn.database}; check influx.database / --db "
                              f"(databases: {', '.join(sorted(names))})")
 
     def _unreachable(self, reason: object) -> QueryError:
-        where = f"InfluxDB at {self.conn.url}"
+        where = f"InfluxDB at {self._where}"
         if isinstance(reason, ssl.SSLError | ssl.CertificateError):
             return QueryError(f"TLS to {where} failed ({reason}); check influx.ca_file or "
                               f"influx.verify")
@@ -205,7 +210,7 @@ class InfluxQLClient:
 
     def _http_error(self, code: int, body: bytes) -> QueryError:
         detail = _error_text(body)
-        where = f"InfluxDB at {self.conn.url}"
+        where = f"InfluxDB at {self._where}"
         if code in (401, 403):
             how = "token_file/token_env" if self.conn.api == "v2" or self.conn.token \
                 else "username and password_file"
@@ -223,19 +228,19 @@ class InfluxQLClient:
             doc = orjson.loads(body)
             results = doc.get("results")
         except (orjson.JSONDecodeError, AttributeError):
-            raise QueryError(f"the server at {self.conn.url} did not answer like InfluxDB "
+            raise QueryError(f"the server at {self._where} did not answer like InfluxDB "
                              f"(not JSON: {body[:80]!r}); check influx.url") from None
         if doc.get("error"):
             raise QueryError(f"InfluxDB rejected the query: {doc['error']}")
         if not isinstance(results, list):
-            raise QueryError(f"the server at {self.conn.url} did not answer like InfluxDB "
+            raise QueryError(f"the server at {self._where} did not answer like InfluxDB "
                              f"(no results); check influx.url")
         out: list[list[Series]] = []
         for result in results:
             error = result.get("error")
             if error:
                 if str(error).startswith("database not found"):
-                    raise QueryError(f"InfluxDB at {self.conn.url}: {error}; check "
+                    raise QueryError(f"InfluxDB at {self._where}: {error}; check "
                                      f"influx.database / --db")
                 raise QueryError(f"InfluxDB rejected the query: {error}")
             out.append([
