@@ -202,7 +202,7 @@ def test_forged_acknowledgements_over_mqtt_are_rejected_with_a_reason(site, tmp_
     pub = Publisher(site.port)
     links = [gw.ingest.link]
     deadline = time.monotonic() + 60
-    while not gw.ingest.link.connected and time.monotonic() < deadline:
+    while not gw.ingest.ready and time.monotonic() < deadline:  # SUBACK, not just CONNACK
         poll_links(links, 0.05)
         gw.ingest.step(time.monotonic())
     for name, payload in forged.items():
@@ -297,7 +297,7 @@ def test_a_replayed_answer_over_mqtt_is_rejected_as_duplicate(site, tmp_path):
     ok = _ack("gh-1", cid)
     pub = Publisher(site.port)
     deadline = time.monotonic() + 60
-    while not gw.ingest.link.connected and time.monotonic() < deadline:
+    while not gw.ingest.ready and time.monotonic() < deadline:  # SUBACK, not just CONNACK
         poll_links([gw.ingest.link], 0.05)
         gw.ingest.step(time.monotonic())
     pub.publish("devices/gh-1/cmd/ack", ok)

@@ -73,6 +73,11 @@ class IngestService:
         )
 
     @property
+    def ready(self) -> bool:
+        """True once the site broker acknowledged every subscription (the first time)."""
+        return self._ready
+
+    @property
     def pending(self) -> int:
         """Messages received and not yet durable (unacknowledged)."""
         return len(self._pending)
