@@ -325,7 +325,7 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
             stop = q[:, 2 * pair + 2] - 1
             if (buf[stop] != _COMMA).any():
                 return None
-        parsed = _numbers(data, buf, first, stop - first)
+        parsed = _numbers(data, buf, words, first, stop - first)
         if parsed is None or (key == "ts" and (np.isnan(parsed).any() or np.isin(
                 buf[first], _BOOL_STARTS).any())):
             return None  # ts null, true or false: the plain decoder words it
@@ -409,45 +409,58 @@ def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[n
     return out
 
 
-def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64,
-             length: I64) -> F64 | None:
+def _numbers(data: bytes, buf: npt.NDArray[np.uint8], words: npt.NDArray[np.uint64],
+             start: I64, length: I64) -> F64 | None:
     """JSON numbers (true/false 1/0, null NaN) at ``start``/``length``; None when one is
-    not a JSON number or literal."""
+    not a JSON number or literal. ``words``: ``buf``'s 8-byte words (see ``_scan``)."""
     n = start.size
     if n == 0:
         return np.zeros(0)
     if length.min() < 1 or length.max() > _MAX_NUMBER:
         return None
     width = int(length.max())
+    # A number's first three bytes, from one 8-byte word: sign, lead digit, second digit
+    # (bytes past the buffer are zero in ``words``: not digits).
+    head = words[start]
+    neg = (head & np.uint64(0xFF)) == _MINUS
+    skip = neg.astype(np.uint64) * np.uint64(8)
+    lead = ((head >> skip) & np.uint64(0xFF)).astype(np.uint8) - np.uint8(_ZERO)
+    second = ((head >> (skip + np.uint64(8))) & np.uint64(0xFF)).astype(np.uint8) - \
+        np.uint8(_ZERO)
     # Rows of a sliding view (no index matrix), from before the buffer's start if need be;
     # right-aligned: the last digit is in the last column.
     left = start + length - width
     at = start  # in ``data``
     if left.min() < 0:
-        buf, start, left = np.r_[np.zeros(width, np.uint8), buf], start + width, left + width
+        buf, left = np.r_[np.zeros(width, np.uint8), buf], left + width
     # Column-major (width x numbers), so every step is a vector operation across numbers;
     # padded with '0' on the left.
     chars = np.ascontiguousarray(sliding_window_view(buf, width)[left].T)
-    chars[np.arange(width)[:, None] < width - length] = _ZERO
+    np.copyto(chars, np.uint8(_ZERO), where=np.arange(width)[:, None] < width - length)
     value = chars - np.uint8(_ZERO)  # 0..9 for digits (unsigned: others wrap past 9)
     digit = value < 10
     dot = chars == _DOT
-    neg = buf[start] == _MINUS
-    lead = buf[start + neg] - np.uint8(_ZERO)
-    second = buf[np.minimum(start + neg + 1, buf.size - 1)] - np.uint8(_ZERO)
-    dots = dot.sum(axis=0)
-    plain = (width - (digit | dot).sum(axis=0) == neg) & (dots <= 1) & digit[-1] & (lead < 10)
+    dots = np.add.reduce(dot, axis=0, dtype=np.uint8)
+    others = width - np.add.reduce(digit, axis=0, dtype=np.uint8) - dots  # neither
+    plain = (others == neg) & (dots <= 1) & digit[-1] & (lead < 10)
     plain &= ~((lead == 0) & (length > neg + 1) & (second < 10))  # no leading zeros
     plain &= length - neg - dots <= _EXACT_DIGITS
     # The mantissa: digits in order, skipping the dot (x10 and add at a digit, x1 and add 0
-    # elsewhere); fraction digits: digits right of the dot.
+    # elsewhere), a group of up to 4 columns at a time in 16 bits (at most 9999 and 10**4),
+    # then the groups in 64 bits; fraction digits: digits right of the dot.
     k = min(width, _EXACT_DIGITS + 2)  # a plain number's columns: digits, dot, sign
-    times = np.where(digit[-k:], np.uint8(10), np.uint8(1))
-    add = np.where(digit[-k:], value[-k:], np.uint8(0))
+    add = value[-k:] * digit[-k:]
+    times = digit[-k:].astype(np.uint16) * np.uint16(9) + np.uint16(1)
     x = np.zeros(n, dtype=np.int64)
-    for t, d in zip(times, add, strict=True):
-        np.multiply(x, t, out=x)
-        np.add(x, d, out=x)
+    for g in range(0, k, 4):
+        g_val = add[g].astype(np.uint16)
+        g_times = times[g].copy()
+        for c in range(g + 1, min(g + 4, k)):
+            np.multiply(g_val, times[c], out=g_val)
+            np.add(g_val, add[c], out=g_val)
+            np.multiply(g_times, times[c], out=g_times)
+        np.multiply(x, g_times, out=x)
+        np.add(x, g_val, out=x)
     place = (dot.view(np.uint8) * np.arange(1, width + 1, dtype=np.uint8)[:, None]).max(axis=0)
     frac = np.where(place > 0, width - place.astype(np.int64), 0)
     out = x.astype(np.float64) / _POW10F[np.minimum(frac, _POW10F.size - 1)]

@@ -61,9 +61,11 @@ class AlertTable:
         """Advance every device by one tick; ``cond`` is already masked to matching devices."""
         n = cond.size
         state, since = self.state[:n], self.since[:n]
+        # count_nonzero: what ``any()`` says, without the reduction's set-up per call.
         if now < self.warm_until or not (
-                cond.any() or state.any() or self.emitted[:n].any() or
-                (self.flap_k > 0 and self.flapping[:n].any())):
+                np.count_nonzero(cond) or np.count_nonzero(state) or
+                np.count_nonzero(self.emitted[:n]) or
+                (self.flap_k > 0 and np.count_nonzero(self.flapping[:n]))):
             # Windows are refilling after a restart: hold every state as it was. Or all
             # inactive, told so, not flapping and no condition true: nothing can change
             # (no transition, so the flapping window only empties further).

@@ -68,6 +68,13 @@ class TickValues:
                 out = parts[0].max(axis=1, initial=-np.inf)
                 for p in parts[1:]:
                     out = np.maximum(out, p.max(axis=1, initial=-np.inf))
+            elif plane == "cnt":
+                # Counts are small integers, whose sums are exact in any order: a
+                # matrix-vector product (BLAS, strided rows) is several times faster
+                # than ``sum(axis=1)`` and gives the same numbers.
+                out = parts[0] @ np.ones(parts[0].shape[1])
+                for p in parts[1:]:
+                    out = out + p @ np.ones(p.shape[1])
             else:
                 out = parts[0].sum(axis=1)
                 for p in parts[1:]:
