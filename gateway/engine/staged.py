@@ -30,6 +30,7 @@ from gateway.engine.store import (
     Resolution,
     SeriesStore,
     bucket_of,
+    run_aggregates,
     run_ends,
     run_starts,
 )
@@ -164,22 +165,7 @@ def _share(res: Resolution, ring: MetricRing, dev: I64, ts: F64, val: F64, tick:
     starts = run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]) |
                         (tick[1:] != tick[:-1]))
     ends = run_ends(starts, dev.size)
-    planes = ring.planes
-    agg: dict[str, F64] = {}
-    if "cnt" in planes:
-        agg["cnt"] = (ends - starts + 1).astype(np.float64)
-    if "sum" in planes:
-        agg["sum"] = np.add.reduceat(val, starts)
-    if "sumsq" in planes:
-        agg["sumsq"] = np.add.reduceat(val * val, starts)
-    if "min" in planes:
-        agg["min"] = np.minimum.reduceat(val, starts)
-    if "max" in planes:
-        agg["max"] = np.maximum.reduceat(val, starts)
-    if "last" in planes:
-        agg["last"], agg["last_ts"] = val[ends], ts[ends]
-    if "first" in planes:
-        agg["first"], agg["first_ts"] = val[starts], ts[starts]
+    agg = run_aggregates(ring.planes, ts, val, starts, ends)
     bounds = np.searchsorted(tick[starts], np.arange(n_ticks + 1))
     buckets = bucket[starts]
     return _RingShare(res, ring, bounds, dev[starts] * ring.slots + buckets % ring.slots,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,27 @@ def run_starts(changed: B) -> I64:
     flags[0] = True
     flags[1:] = changed
     return np.flatnonzero(flags)
+
+
+def run_aggregates(planes: Container[str], ts: F64, val: F64,
+                   starts: I64, ends: I64) -> dict[str, F64]:
+    """Each run's aggregates (runs ``starts[i] .. ends[i]``), for the planes a ring keeps."""
+    agg: dict[str, F64] = {}
+    if "cnt" in planes:
+        agg["cnt"] = (ends - starts + 1).astype(np.float64)
+    if "sum" in planes:
+        agg["sum"] = np.add.reduceat(val, starts)
+    if "sumsq" in planes:
+        agg["sumsq"] = np.add.reduceat(val * val, starts)
+    if "min" in planes:
+        agg["min"] = np.minimum.reduceat(val, starts)
+    if "max" in planes:
+        agg["max"] = np.maximum.reduceat(val, starts)
+    if "last" in planes:
+        agg["last"], agg["last_ts"] = val[ends], ts[ends]
+    if "first" in planes:
+        agg["first"], agg["first_ts"] = val[starts], ts[starts]
+    return agg
 
 
 def run_ends(starts: I64, size: int) -> I64:
@@ -329,22 +351,7 @@ class SeriesStore:
         bucket = bucket_of(ts, res.width)
         starts = run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]))
         ends = run_ends(starts, dev.size)
-        planes = ring.planes
-        agg: dict[str, F64] = {}
-        if "cnt" in planes:
-            agg["cnt"] = (ends - starts + 1).astype(np.float64)
-        if "sum" in planes:
-            agg["sum"] = np.add.reduceat(val, starts)
-        if "sumsq" in planes:
-            agg["sumsq"] = np.add.reduceat(val * val, starts)
-        if "min" in planes:
-            agg["min"] = np.minimum.reduceat(val, starts)
-        if "max" in planes:
-            agg["max"] = np.maximum.reduceat(val, starts)
-        if "last" in planes:
-            agg["last"], agg["last_ts"] = val[ends], ts[ends]
-        if "first" in planes:
-            agg["first"], agg["first_ts"] = val[starts], ts[starts]
+        agg = run_aggregates(ring.planes, ts, val, starts, ends)
         buckets = bucket[starts]
         # A bucket older than the ring is older than every window that reads this ring.
         fits = buckets > res.head - ring.slots
