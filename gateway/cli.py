@@ -184,14 +184,7 @@ def status(config_path: Path, once: bool, interval: str) -> None:
     from rich.console import Console
 
     from gateway.status import StatusError, print_once, run_live, watcher_for
-    from gateway.units import parse_duration
-
-    try:
-        every = parse_duration(interval)
-    except ValueError as err:
-        _fail(ValueError(f"--interval: {err}"), 2)
-    if every <= 0:
-        _fail(ValueError(f"--interval: {interval!r} must be longer than 0s"), 2)
+    every = _since_seconds(interval, "--interval")
     cfg = _load(config_path)
     try:
         watcher = watcher_for(cfg, str(config_path))
@@ -766,6 +759,7 @@ def _query_client(config_path: Path, url: str | None, db: str | None, username: 
 
 
 def _since_seconds(value: str, name: str = "--since") -> float:
+    """A positive duration from an option, or one clear line and exit 2."""
     from gateway.units import parse_duration
 
     try:
