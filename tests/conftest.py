@@ -141,6 +141,25 @@ class GatewayProcess:
         self.proc.wait()
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+             "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))
+    return d / "ca.pem", d / "server.pem", d / "server.key"
+
+
 @pytest.fixture
 def make_gateway(tmp_path: Path) -> Iterator[Any]:
     made: list[GatewayProcess] = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import uuid
@@ -358,24 +357,6 @@ def test_a_session_taken_over_ends_with_connection_lost_and_can_connect_again(si
 
 
 # -- TLS with a private CA ----------------------------------------------------------------------
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-             "/CN=test-ca", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-             "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))
-    return d / "ca.pem", d / "server.pem", d / "server.key"
-
 
 def test_tls_with_a_private_ca_and_password(tmp_path, pki, topic):
     broker = Mosquitto(tmp_path, "tls", tls=pki, users={"gw": "pw"}).start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,25 +15,6 @@ from gateway.mosquitto import Mosquitto
 from tests.mqtt_helpers import CloudCollector, Publisher, subscribe_and_wait
 
 PASSWORD = "correct-horse-battery-staple"
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate for 127.0.0.1."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-             "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))
-    return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
 @pytest.fixture
