@@ -16,13 +16,9 @@ import yaml
 from click.testing import CliRunner
 
 from tests.mqtt_helpers import CloudCollector, Publisher
+from tests.tools import gateway
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60, env=env)
 
 
 def _leaf_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
+
+from tests.tools import gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = """\
@@ -18,11 +18,6 @@ groups:
         severity: warning
         message: "{device} mean {value:.1f}"
 """
-
-
-def gateway(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60)
 
 
 def test_check_names_file_line_and_rule(tmp_path):

@@ -16,7 +16,7 @@ import yaml
 from gateway.mosquitto import free_port
 from gateway.status.view import SPARKS, sparkline
 from tests.mqtt_helpers import CloudCollector, Publisher
-from tests.tools import need
+from tests.tools import gateway, need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +32,6 @@ groups:
           - on: fire
             command: {device: "{device}", action: fan, params: {state: "on"}}
 """
-
-
-def gateway(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60)
 
 
 def _depth(text: str, sink: str) -> int:

@@ -1,9 +1,12 @@
-"""Debian tools the tests need, found or reported."""
+"""Debian tools the tests need, found or reported; the gateway CLI as a user runs it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +22,13 @@ def need(tool: str, package: str) -> str:
             pytest.fail(why)
         pytest.skip(why)
     return found
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gateway(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`gateway ARGS` as a separate process, its output captured."""
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env=env)
