@@ -47,9 +47,9 @@ import mqtt5  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from fieldmqtt.session import Message, MqttSession, SessionConfig  # noqa: E402
 from gateway.mosquitto import Mosquitto  # noqa: E402
 from gateway.mqtt.inbound import parse_publish  # noqa: E402
-from gateway.mqtt.session import Message, MqttSession, SessionConfig  # noqa: E402
 
 TOPIC = "sensors/gh-17/telemetry"
 SMALL = b'{"ts": 1732600000.123, "temp": 21.4, "hum": 40.2, "pt": 1732600000.125}'

@@ -75,3 +75,9 @@ def test_paho_stays_behind_the_mqtt_package():
             continue
         if any(m.startswith("paho") for m in _imports(path)):
             assert rel in allowed, f"{rel} imports paho directly"
+
+
+def test_mqtt_layer_imports_neither_gateway_nor_devices():
+    for path in _modules("fieldmqtt"):
+        bad = {m for m in _imports(path) if m.split(".")[0] in {"gateway", "devices"}}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

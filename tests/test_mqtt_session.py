@@ -29,8 +29,7 @@ from mqtt5 import (
     read,
 )
 
-from gateway.mosquitto import Mosquitto
-from gateway.mqtt.session import (
+from fieldmqtt.session import (
     Connected,
     ConnectionLostError,
     ConnectRefusedError,
@@ -43,6 +42,7 @@ from gateway.mqtt.session import (
     Subscribed,
     WindowFullError,
 )
+from gateway.mosquitto import Mosquitto
 from tests.mqtt_helpers import SLACK
 
 Q1 = QoS.AT_LEAST_ONCE

@@ -13,14 +13,13 @@ Only public APIs of ``mqtt5``, ``socket`` and ``ssl`` are used.
 
 Errors::
 
-    FieldgateError
-    └── MqttError                  base of this module's errors
-        ├── ConnectionLostError         the connection ended (``reason_code`` when the server said)
-        │   ├── ConnectRefusedError     CONNACK with a failure reason code
-        │   └── ProtocolViolationError  the server sent something malformed or not allowed
-        ├── NotConnectedError           a QoS 0 publish or an ack without a connection
-        ├── WindowFullError             the QoS 1 in-flight window is full (see ``can_publish``)
-        └── PacketTooLargeError         over the server's Maximum Packet Size; nothing was sent
+    MqttError                      base of this module's errors
+    ├── ConnectionLostError         the connection ended (``reason_code`` when the server said)
+    │   ├── ConnectRefusedError     CONNACK with a failure reason code
+    │   └── ProtocolViolationError  the server sent something malformed or not allowed
+    ├── NotConnectedError           a QoS 0 publish or an ack without a connection
+    ├── WindowFullError             the QoS 1 in-flight window is full (see ``can_publish``)
+    └── PacketTooLargeError         over the server's Maximum Packet Size; nothing was sent
 """
 
 from __future__ import annotations
@@ -47,8 +46,6 @@ from mqtt5 import (
     Will,
 )
 
-from gateway.errors import FieldgateError
-
 # One step reads at most this much: bounds the work (and the events returned) per wake-up so
 # one busy socket cannot starve the rest of the caller's loop.
 READ_MAX = 1024 * 1024
@@ -60,7 +57,7 @@ SEND_CHUNK = 256 * 1024
 PING_GRACE = 0.5
 
 
-class MqttError(FieldgateError):
+class MqttError(Exception):
     """Base of the errors of an MQTT session."""
 
 
