@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import os
 import select
 import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import mqtt5
 from mqtt5 import (
@@ -62,9 +63,16 @@ class MqttError(Exception):
 
 
 class ConnectionLostError(MqttError):
-    def __init__(self, message: str, reason_code: int | None = None) -> None:
+    """``why`` says what happened without naming the server ("the connection broke:
+    Connection reset by peer"); str() is "host:port: why". ``events`` are what the same
+    step() saw before the end (a CONNACK, messages, PUBACKs): the caller must handle them."""
+
+    def __init__(self, where: str, why: str, reason_code: int | None = None) -> None:
+        self.where = where
+        self.why = why
         self.reason_code = reason_code
-        super().__init__(message)
+        self.events: list[Event] = []
+        super().__init__(f"{where}: {why}")
 
 
 class ConnectRefusedError(ConnectionLostError):
@@ -73,6 +81,16 @@ class ConnectRefusedError(ConnectionLostError):
 
 class ProtocolViolationError(ConnectionLostError):
     """The server broke the protocol; we sent DISCONNECT with ``reason_code``."""
+
+
+class ServerDisconnectError(ConnectionLostError):
+    """The server sent DISCONNECT with ``reason_code`` (and maybe ``reason_string``)."""
+
+    def __init__(self, where: str, reason_code: int, reason_string: str | None) -> None:
+        self.reason_string = reason_string
+        why = f"the server sent DISCONNECT: {reason_name(reason_code)} (0x{reason_code:02x})"
+        super().__init__(where, why + (f", {reason_string!r}" if reason_string else ""),
+                         reason_code)
 
 
 class NotConnectedError(MqttError):
@@ -89,6 +107,10 @@ class PacketTooLargeError(MqttError):
         self.limit = limit
         super().__init__(f"Packet of {size} bytes is over the server's Maximum Packet Size "
                          f"of {limit}; send less per message")
+
+
+# One entry of socket.getaddrinfo(): (family, type, proto, canonname, sockaddr).
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 
 class State(enum.Enum):
@@ -118,6 +140,10 @@ class SessionConfig:
     # Our own bound on unacknowledged QoS 1 publishes; the server's Receive Maximum may
     # lower it. Larger keeps a long link busy, smaller bounds what is resent after a drop.
     max_inflight: int = 1000
+    # QoS 1 publishes the session holds at once, sent and waiting for the window together;
+    # None: the window (publish() raises WindowFullError when it is full). A larger queue
+    # lets the caller hand over work while disconnected or while the window is full.
+    max_queued: int | None = None
     connect_timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -127,6 +153,8 @@ class SessionConfig:
             raise ValueError(f"receive_maximum must be 1..65535, got {self.receive_maximum}")
         if not 1 <= self.max_inflight <= 65535:
             raise ValueError(f"max_inflight must be 1..65535, got {self.max_inflight}")
+        if self.max_queued is not None and not 1 <= self.max_queued <= 65000:
+            raise ValueError(f"max_queued must be 1..65000, got {self.max_queued}")
 
 
 class Message(NamedTuple):
@@ -144,6 +172,7 @@ class Message(NamedTuple):
     response_topic: str | None
     correlation_data: bytes | None
     connection: int     # which connection it came on; an ack on a later one is not sent
+    received: float     # time.time() when it was read (one clock read per step)
 
 
 class Connected(NamedTuple):
@@ -189,6 +218,17 @@ def _with_dup(p: mqtt5.PublishPacket) -> mqtt5.PublishPacket:
         user_properties=p.user_properties)
 
 
+def reason_name(code: int) -> str:
+    """The name of an MQTT v5 reason code, e.g. 0x87 -> "Not authorized"."""
+    for kind in (PubAckReasonCode, DisconnectReasonCode, ConnAckReasonCode, SubAckReasonCode):
+        try:
+            return str(kind(code).name).replace("_", " ").capitalize()
+        except ValueError:
+            continue
+    return "Unknown reason"
+
+
+
 def _is_codec_panic(err: BaseException) -> bool:
     # mqtt5 0.8 raises pyo3's PanicException, a BaseException outside the Exception tree,
     # for a PUBLISH whose topic is not UTF-8. Nothing else in the codec is allowed through.
@@ -206,20 +246,27 @@ class MqttSession:
         self.pings_sent = 0
         self.pongs = 0
         self.pending_subscriptions: set[int] = set()
+        self.saturated = False              # the last step read its limit: more may wait
         self._sock: socket.socket | None = None
         self._rbuf = b""
         self._wbuf = bytearray()
         self._deadline = 0.0                # connect/CONNACK timeout
         self._last_sent = 0.0
         self._ping_due: float | None = None  # a PINGRESP is owed by then
+        self._owed = 0                       # PINGRESPs owed on this connection
         self._outbox: dict[int, _Outgoing] = {}
         self._sent = 0                       # how many in _outbox went out on this connection
         self._next_id = 0
         self._unacked_in = 0                 # inbound QoS 1 the caller has not acked yet
         self._events: list[Event] = []
         self._handshake_wants_write = False
+        self._received = 0.0
 
     # -- the caller's loop -------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
 
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1
@@ -248,31 +295,38 @@ class MqttSession:
             self._last_sent + self.keepalive if self.keepalive else now + 3600.0)
         return max(0.0, due - now)
 
-    def connect(self) -> None:
-        """Start connecting (non-blocking); CONNACK comes as a ``Connected`` event."""
+    def connect(self, address: AddressInfo | None = None) -> None:
+        """Start connecting (non-blocking); CONNACK comes as a ``Connected`` event.
+
+        ``address`` is one entry of ``socket.getaddrinfo`` for the host; without it the
+        name is resolved here, which blocks while DNS answers (an IP address does not)."""
         self._close()
         cfg = self.config
-        infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, addr = infos[0]
+        if address is None:
+            address = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, addr = address
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             sock.close()
-            raise ConnectionLostError(f"Cannot connect to {cfg.host}:{cfg.port}: "
-                                      f"{errno.errorcode.get(err, err)}")
+            raise ConnectionLostError(f"{cfg.host}:{cfg.port}",
+                                      f"cannot connect: {os.strerror(err)}")
         self._sock = sock
         self.connection += 1
         self.state = State.CONNECTING
         self._deadline = time.monotonic() + cfg.connect_timeout
         self._handshake_wants_write = False
 
-    def step(self, now: float | None = None) -> list[Event]:
+    def step(self, now: float | None = None, *, read: bool = True) -> list[Event]:
         """Do what the socket allows without blocking; return what happened.
 
-        Raises ConnectionLostError (or a subclass) when the connection ended; what is in flight
-        stays and goes again after the next connect().
+        ``read=False`` leaves inbound data in the kernel (the caller's queue is full; TCP
+        flow control then holds the server back) and does the rest: connect, keepalive,
+        writes. Raises ConnectionLostError (or a subclass) when the connection ended,
+        carrying in ``events`` what happened before (handle them); what is in flight stays
+        and goes again after the next connect().
         """
         now = time.monotonic() if now is None else now
         self._events = []
@@ -283,7 +337,7 @@ class MqttSession:
                 self._finish_tcp(now)
             if self.state is State.HANDSHAKE:
                 self._handshake()
-            if self.state in (State.AWAIT_CONNACK, State.CONNECTED):
+            if self.state is State.AWAIT_CONNACK or (read and self.state is State.CONNECTED):
                 self._read(now)
             if self.state is not State.CONNECTED and self._sock is not None \
                     and now >= self._deadline:
@@ -292,7 +346,8 @@ class MqttSession:
                 self._keepalive(now)
                 self._pump()
             self._flush(now)
-        except ConnectionLostError:
+        except ConnectionLostError as err:
+            err.events = self._events
             self._close()
             raise
         return self._events
@@ -342,8 +397,27 @@ class MqttSession:
     def in_flight(self) -> int:
         return len(self._outbox)
 
+    @property
+    def capacity(self) -> int:
+        """QoS 1 publishes the session takes before publish() raises WindowFullError."""
+        queued = self.config.max_queued
+        return self.window if queued is None else max(queued, self.window)
+
     def can_publish(self) -> bool:
-        return len(self._outbox) < self.window
+        return len(self._outbox) < self.capacity
+
+    def ping(self) -> int:
+        """Send a PINGREQ now; returns the ``pongs`` count its PINGRESP will make. The
+        server answers in order, so the PINGRESP also says it has processed everything sent
+        before (a barrier, e.g. before a deliberate DISCONNECT)."""
+        if not self.connected:
+            raise NotConnectedError("Ping needs a connection")
+        self._send(mqtt5.PingReqPacket().write())
+        self.pings_sent += 1
+        self._owed += 1
+        if self._ping_due is None:
+            self._ping_due = time.monotonic() + max(1.0, self.keepalive * PING_GRACE)
+        return self.pongs + self._owed
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False,
                 content_type: str | None = None,
@@ -355,9 +429,9 @@ class MqttSession:
         out after the next CONNACK, never before."""
         if qos not in (0, 1):
             raise ValueError(f"qos must be 0 or 1, got {qos}")
-        if qos == 1 and len(self._outbox) >= self.window:
-            raise WindowFullError(f"{len(self._outbox)} QoS 1 publishes in flight (window "
-                             f"{self.window}); wait for Published events")
+        if qos == 1 and len(self._outbox) >= self.capacity:
+            raise WindowFullError(f"{len(self._outbox)} QoS 1 publishes held (room for "
+                                  f"{self.capacity}); wait for Published events")
         if qos == 0 and not self.connected:
             raise NotConnectedError("QoS 0 publish without a connection would be lost")
         pid = self._packet_id() if qos else None
@@ -411,8 +485,7 @@ class MqttSession:
         sock = self._require_sock()
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise ConnectionLostError(f"Cannot connect to {self.config.host}:{self.config.port}: "
-                                 f"{errno.errorcode.get(err, err)}")
+            raise ConnectionLostError(self._where, f"cannot connect: {os.strerror(err)}")
         try:
             sock.getpeername()
         except OSError:
@@ -437,8 +510,7 @@ class MqttSession:
             self._handshake_wants_write = True
             return
         except (ssl.SSLError, OSError) as err:
-            raise ConnectionLostError(f"TLS handshake with {self.config.host}:{self.config.port} "
-                                 f"failed: {err}") from err
+            raise ConnectionLostError(self._where, f"TLS handshake failed: {err}") from err
         self._send_connect(time.monotonic())
 
     def _send_connect(self, now: float) -> None:
@@ -455,10 +527,10 @@ class MqttSession:
 
     def _on_connack(self, p: mqtt5.ConnAckPacket, now: float) -> None:
         if p.reason_code != ConnAckReasonCode.SUCCESS:
+            code = int(p.reason_code)
             raise ConnectRefusedError(
-                f"{self.config.host}:{self.config.port} refused the connection: "
-                f"{p.reason_code.name} (0x{int(p.reason_code):02x})"
-                + (f", {p.reason_str!r}" if p.reason_str else ""), int(p.reason_code))
+                self._where, f"refused the connection: {reason_name(code)} (0x{code:02x})"
+                + (f", {p.reason_str!r}" if p.reason_str else ""), code)
         self.state = State.CONNECTED
         self.server_receive_max = p.receive_max
         self.server_max_packet = p.max_packet_size
@@ -486,20 +558,24 @@ class MqttSession:
         chunks = [self._rbuf] if self._rbuf else []
         total = 0
         eof = False
+        self.saturated = False
         while total < READ_MAX:
             try:
                 data = sock.recv(SEND_CHUNK)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
             except OSError as err:
-                raise ConnectionLostError(f"Connection to {self.config.host}:{self.config.port} "
-                                     f"broke: {err.strerror or err}") from err
+                raise ConnectionLostError(self._where, f"the connection broke: "
+                                               f"{err.strerror or err}") from err
             if not data:
                 eof = True
                 break
             chunks.append(data)
             total += len(data)
+        else:
+            self.saturated = True
         buf = b"".join(chunks)
+        self._received = time.time()
         view = memoryview(buf)
         pos = 0
         size = len(buf)
@@ -525,8 +601,7 @@ class MqttSession:
             self._violation(DisconnectReasonCode.PACKET_TOO_LARGE,
                             f"a packet over {limit} bytes")
         if eof:
-            raise ConnectionLostError(
-                f"{self.config.host}:{self.config.port} closed the connection")
+            raise ConnectionLostError(self._where, "the server closed the connection")
 
     def _handle(self, p: mqtt5.Packet, now: float) -> None:
         if isinstance(p, mqtt5.PublishPacket):
@@ -542,7 +617,7 @@ class MqttSession:
             self._events.append(Message(
                 p.topic, p.payload, int(p.qos), p.packet_id, p.duplicate, p.retain,
                 tuple(p.subscription_ids), p.content_type, tuple(p.user_properties),
-                p.response_topic, p.correlation_data, self.connection))
+                p.response_topic, p.correlation_data, self.connection, self._received))
         elif isinstance(p, mqtt5.PubAckPacket):
             out = self._outbox.pop(p.packet_id, None)
             if out is None:
@@ -553,6 +628,7 @@ class MqttSession:
         elif isinstance(p, mqtt5.PingRespPacket):
             self._ping_due = None
             self.pongs += 1
+            self._owed = max(0, self._owed - 1)
         elif isinstance(p, mqtt5.SubAckPacket):
             self.pending_subscriptions.discard(p.packet_id)
             self._events.append(Subscribed(p.packet_id, tuple(p.reason_codes)))
@@ -561,10 +637,7 @@ class MqttSession:
                 self._violation(DisconnectReasonCode.PROTOCOL_ERROR, "a second CONNACK")
             self._on_connack(p, now)
         elif isinstance(p, mqtt5.DisconnectPacket):
-            raise ConnectionLostError(
-                f"{self.config.host}:{self.config.port} disconnected: {p.reason_code.name} "
-                f"(0x{int(p.reason_code):02x})" + (f", {p.reason_str!r}" if p.reason_str else ""),
-                int(p.reason_code))
+            raise ServerDisconnectError(self._where, int(p.reason_code), p.reason_str)
         elif isinstance(p, mqtt5.UnsubAckPacket):
             pass
         else:
@@ -572,8 +645,8 @@ class MqttSession:
                             f"unexpected {type(p).__name__}")
 
     def _connect_timed_out(self) -> NoReturn:
-        raise ConnectionLostError(f"No CONNACK from {self.config.host}:{self.config.port} "
-                                  f"within {self.config.connect_timeout:g} s")
+        raise ConnectionLostError(self._where, f"no CONNACK within "
+                                               f"{self.config.connect_timeout:g} s")
 
     def _violation(self, reason: DisconnectReasonCode, what: str) -> NoReturn:
         """Tell the server why (best effort) and end the connection."""
@@ -581,19 +654,20 @@ class MqttSession:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.send(mqtt5.DisconnectPacket(reason_code=reason).write())
-        raise ProtocolViolationError(f"{self.config.host}:{self.config.port} sent {what}; "
-                                f"disconnected with {reason.name}", int(reason))
+        raise ProtocolViolationError(self._where, f"the server sent {what}; disconnected with "
+                                     f"{reason_name(int(reason))}", int(reason))
 
     # -- writing --------------------------------------------------------------------------------
 
     def _keepalive(self, now: float) -> None:
         if self._ping_due is not None:
             if now >= self._ping_due:
-                raise ConnectionLostError(f"No PINGRESP from {self.config.host}:{self.config.port} "
-                                     f"within {self.keepalive * PING_GRACE:g} s")
+                raise ConnectionLostError(self._where, f"no PINGRESP within "
+                                          f"{self.keepalive * PING_GRACE:g} s")
         elif self.keepalive and now - self._last_sent >= self.keepalive:
             self._send(mqtt5.PingReqPacket().write())
             self.pings_sent += 1
+            self._owed += 1
             self._ping_due = now + max(1.0, self.keepalive * PING_GRACE)
 
     def _pump(self) -> None:
@@ -621,8 +695,8 @@ class MqttSession:
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError as err:
-                raise ConnectionLostError(f"Connection to {self.config.host}:{self.config.port} "
-                                     f"broke: {err.strerror or err}") from err
+                raise ConnectionLostError(self._where, f"the connection broke: "
+                                               f"{err.strerror or err}") from err
             del self._wbuf[:n]
             self._last_sent = now
 
@@ -647,6 +721,7 @@ class MqttSession:
                 self._sock.close()
         self._sock = None
         self.state = State.DISCONNECTED
+        self._owed = 0
         self._wbuf.clear()
         self._rbuf = b""
         self._ping_due = None

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
+from mqtt5 import ConnAckPacket, DisconnectPacket, DisconnectReasonCode
 
+from fieldmqtt.session import PacketTooLargeError
 from gateway.config import Link
 from gateway.mosquitto import Mosquitto
 from gateway.mqtt.link import Backoff, MqttLink, poll_links
@@ -70,16 +74,44 @@ def test_a_killed_broker_is_reported_with_what_the_socket_saw(broker, caplog):
     link.close()
 
 
-def test_a_disconnect_from_the_broker_names_its_reason_code(tmp_path, caplog):
+def test_a_disconnect_from_the_broker_names_its_reason_code(caplog):
+    # Mosquitto 2.0 closes without a DISCONNECT in the cases a test can cause, so a listener
+    # plays the broker: CONNACK, then DISCONNECT 0x95 with a reason string.
     caplog.set_level(logging.WARNING, "gateway")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        conn.recv(4096)  # CONNECT
+        conn.sendall(ConnAckPacket().write() + DisconnectPacket(
+            reason_code=DisconnectReasonCode.PACKET_TOO_LARGE, reason_str="1 MB max").write())
+        conn.recv(4096)
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    port = listener.getsockname()[1]
+    link = MqttLink(name="cloud", link=Link(url=f"mqtt://127.0.0.1:{port}"),
+                    client_id="told", clean_start=True, backoff=Backoff(5, 5))
+    _drive(link, lambda: link.connects == 1 and not link.connected)
+    link.close()
+    t.join()
+    listener.close()
+    line = _lost_line(caplog)
+    assert "broker sent DISCONNECT: Packet too large (0x95): '1 MB max'" in line, line
+
+
+def test_a_publish_over_the_brokers_maximum_packet_size_is_refused_before_sending(tmp_path):
     broker = Mosquitto(tmp_path, "small", extra="max_packet_size 1000\n").start()
     try:
         link = _connected(broker, "too-large")
-        link.publish("a/b", b"x" * 2000)  # Mosquitto answers with DISCONNECT 0x95
-        link.flush()
-        _drive(link, lambda: not link.connected)
-        line = _lost_line(caplog)
-        assert "broker sent DISCONNECT: Packet too large (0x95)" in line, line
+        assert link.server_max_packet == 1000
+        with pytest.raises(PacketTooLargeError):
+            link.publish("a/b", b"x" * 2000)
+        link.publish("a/b", b"x" * 500)  # the link is still up and usable
+        _drive(link, lambda: link.pending_publishes() == 0)
+        assert link.connected
         link.close()
     finally:
         broker.stop()

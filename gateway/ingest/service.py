@@ -146,19 +146,19 @@ class IngestService:
         answers: list[Event] = []
         for msg in pending:
             if self._on_ack is not None and is_ack_topic(msg.topic):
-                answer = self._on_ack(msg.topic, msg.payload, now, msg.dup)
+                answer = self._on_ack(msg.topic, msg.payload, now, msg.duplicate)
                 if answer is not None:
                     answers.append(answer)
                 order.append(-1)
                 continue
-            if msg.sub_ids:
+            if msg.subscription_ids:
                 found = match(msg.topic)
-                if found is not None and found.sub_id not in msg.sub_ids:
+                if found is not None and found.sub_id not in msg.subscription_ids:
                     # A copy sent for an overlapping, less specific subscription.
                     order.append(-1)
                     continue
-            key = message_key(msg.topic, msg.payload, msg.mid)
-            if msg.dup and store.is_redelivery(key):
+            key = message_key(msg.topic, msg.payload, msg.packet_id or 0)
+            if msg.duplicate and store.is_redelivery(key):
                 order.append(-1)
                 duplicates += 1
                 continue
@@ -183,7 +183,7 @@ class IngestService:
         ack = self.link.ack
         for msg in pending[:done]:
             if msg.qos:
-                ack(msg.mid, msg.qos)
+                ack(msg)
         del pending[:done]
         self.link.flush()
         metrics = self._metrics

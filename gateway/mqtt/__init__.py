@@ -1,4 +1,4 @@
-"""MQTT links driven by our own loops: paho-mqtt for the protocol, our code for the socket."""
+"""The gateway's MQTT links (site, cloud) on fieldmqtt's session, driven by the daemon's loop."""
 
 from gateway.mqtt.link import Backoff, InboundMessage, MqttLink
 

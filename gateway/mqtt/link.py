@@ -1,16 +1,20 @@
-"""MQTT connections driven by the owner's loop (no paho network thread).
+"""The gateway's MQTT links (site and cloud), driven by the daemon's one loop.
 
-The daemon runs one loop for all links: ``poll_links`` waits on every socket at once, each
-link reads everything its socket has in one system call, and writes what paho queued in
-one. paho objects do not leave this module: inbound messages become ``InboundMessage``.
+Each link is a ``fieldmqtt.session.MqttSession`` (MQTT v5 on the ``mqtt5`` codec; public
+APIs only) plus the policy a long-running gateway needs around it: when to reconnect, what
+to log, callbacks for its owner. ``poll_links`` waits on every link's socket at once; each
+session reads everything its socket has in one system call and writes in one.
 
-Connecting (TCP, TLS handshake, CONNECT) blocks, possibly for seconds against a broker that
-is far away or gone; it runs in a short-lived thread so that the loop, and the other link,
-never wait for it. Reconnects back off exponentially with jitter.
+Reconnecting: an unreachable broker is probed about once a second (with jitter, so a fleet
+does not arrive in step), and right away after a connection that was up is lost, so
+readings flow within about a second of the broker coming back. Only a broker that answers
+and refuses (bad credentials, not authorised, busy, quota) is retried with exponential
+backoff: asking again at once would not change its answer.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import select
@@ -18,47 +22,55 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from mqtt5 import (
+    QoS,
+    RetainHandling,
+    SubAckReasonCode,
+    TopicFilter,
+    Will,
+)
 
+from fieldmqtt.session import (
+    AddressInfo,
+    Connected,
+    ConnectionLostError,
+    Event,
+    ConnectRefusedError,
+    Message,
+    MqttSession,
+    Published,
+    ServerDisconnectError,
+    SessionConfig,
+    Subscribed,
+    reason_name,
+)
 from gateway.config import Link
-from gateway.mqtt.inbound import parse_publish
-from gateway.mqtt.socket import FILL_MAX, CoalescingSocket
 
 log = logging.getLogger(__name__)
 
-# A broker that accepted TCP but sends no CONNACK within this time is treated as down.
-_CONNACK_TIMEOUT = 10.0
-# paho's keepalive bookkeeping runs this often; it only sends a PINGREQ when one is due.
-_MISC_EVERY = 0.5
-# TCP connect and TLS handshake time limit for one attempt.
-_CONNECT_TIMEOUT = 10.0
+# An inbound PUBLISH as the link's owner gets it (fieldmqtt's record, with its receive time).
+InboundMessage = Message
+
+# An unreachable broker is probed this often (seconds, uniform between the two): cheap (one
+# SYN), and a returning broker is found within a second.
+_PROBE = (0.5, 1.0)
+# After a connection that was up is lost, the first attempt comes this soon.
+_FIRST_RETRY = (0.0, 0.25)
+# Reasons a broker gives that another attempt at once would not change: back off.
+# (0x8E: another client took over our client id; 0x95: we sent something too large and
+# would send it again at once.)
+_REFUSALS = frozenset({0x80, 0x83, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x8E, 0x95, 0x97,
+                       0x9C, 0x9D, 0x9F})
 # Before a deliberate DISCONNECT we wait (this long at most) for one round trip, so that the
 # broker has processed our last PUBACKs: Mosquitto 2.0 was seen to forget PUBACKs that
 # arrived just before a DISCONNECT, and redeliver those messages in the next session.
 _BARRIER_TIMEOUT = 1.0
-_BARRIER_TOPIC = "$fieldgate/barrier"
-# paho's reason code for a connection that broke without a DISCONNECT packet.
-_UNSPECIFIED = 0x80
-
-
-class InboundMessage(NamedTuple):
-    """An inbound PUBLISH. A NamedTuple, not a frozen dataclass: one is built per message
-    and a frozen dataclass costs several times as much to construct."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    dup: bool
-    received: float
-    sub_ids: tuple[int, ...] = ()  # MQTT v5 subscription identifiers the broker attached
+# QoS 1 publishes a link holds (sent or waiting for the window) before publish() refuses.
+_MAX_QUEUED = 60_000
+_TCP_TIMEOUT = 10.0
+_IDLE = 3600.0
 
 
 class Backoff:
@@ -79,18 +91,13 @@ class Backoff:
 
 
 def puback_reason(code: int) -> str:
-    """The name of a PUBACK reason code, e.g. 0x87 -> "Not authorized"."""
-    if code == 0x95:  # not a PUBACK code in MQTT 5, but brokers send it (and DISCONNECT)
-        return "Packet too large"
-    try:
-        return str(ReasonCode(PacketTypes.PUBACK, identifier=code).getName())
-    except (KeyError, ValueError):
-        return "unknown reason"
+    """The name of a PUBACK reason code (and of 0x95, which brokers send too)."""
+    return reason_name(code)
 
 
 def packet_size(topic: str, payload: bytes, properties: int) -> int:
     """Bytes of a QoS 1 PUBLISH packet with ``properties`` bytes of properties: what a
-    broker's Maximum Packet Size is compared with."""
+    broker's Maximum Packet Size is compared with (the uplink sizes batches by it)."""
     remaining = 2 + len(topic.encode()) + 2 + _varint_len(properties) + properties + len(payload)
     return 1 + _varint_len(remaining) + remaining
 
@@ -99,27 +106,43 @@ def _varint_len(value: int) -> int:
     return 1 if value < 128 else 2 if value < 16_384 else 3 if value < 2_097_152 else 4
 
 
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho: untyped
+def _numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
-class _Client(paho.Client):
-    """paho's client with our coalescing socket in place of the raw one."""
+class _Resolver:
+    """getaddrinfo in a short-lived thread: DNS may take seconds, the loop must not wait."""
 
-    last_socket: CoalescingSocket | None = None
+    def __init__(self, host: str, port: int) -> None:
+        self.result: AddressInfo | None = None
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(host, port),
+                                        name=f"resolve-{host}", daemon=True)
+        self._thread.start()
 
-    def _create_socket(self) -> Any:
-        self.last_socket = CoalescingSocket(cast(socket.socket, super()._create_socket()))
-        return self.last_socket
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.result = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except OSError as err:
+            self.error = err
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
 
 class MqttLink:
-    """A paho MQTT v5 client whose socket is driven by the owner.
+    """An MQTT v5 session whose socket is driven by the owner's loop.
 
     ``on_connected`` runs after every successful CONNACK (subscribe or publish a birth
-    message there); ``on_message`` gets each inbound PUBLISH; ``on_published`` gets (mid,
-    reason code) for each PUBACK (below 0x80 is success); ``read_paused`` stops reading
-    while it returns True.
+    message there); ``on_message`` gets each inbound PUBLISH (QoS 1 ones are acknowledged
+    by ``ack`` when ``manual_ack``, else at once); ``on_published`` gets (packet id, reason
+    code) for each PUBACK (below 0x80 is success); ``read_paused`` stops reading while it
+    returns True.
     """
 
     def __init__(
@@ -145,85 +168,180 @@ class MqttLink:
         self.name = name
         self._link = link
         self._backoff = backoff
-        self._clean_start = clean_start
+        self._manual_ack = manual_ack
         self._on_connected = on_connected
         self._on_subscribed = on_subscribed
-        self._suback_wait: dict[int, str] = {}  # SUBSCRIBE packet id -> filter
         self._on_message = on_message
         self._on_published = on_published
         self._on_state = on_state
         self._read_paused = read_paused or (lambda: False)
-        self._connected = False
-        self._next_attempt = 0.0
-        self._connecting_since: float | None = None
-        self._retry_scheduled = False  # for the current attempt (paho may report twice)
-        self._connector: threading.Thread | None = None
-        self._connect_error: BaseException | None = None
-        self._last_misc = 0.0
-        self._first_attempt = True
+        self._suback_wait: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
+        self._retry_at = 0.0
+        self._resolver: _Resolver | None = None
+        self._was_up = False         # the last attempt's connection reached CONNACK
         self._outage_logged = False
         self._closing = False
         self._paused = False
-        self._barrier_mid: int | None = None
-        # What the broker announced in CONNACK (MQTT v5); paho does not enforce these.
-        self.server_receive_maximum = 65535
-        self.server_max_packet: int | None = None
         self.connects = 0
         self.failures = 0
-
-        client = _Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
+        password = link.password()
+        self.session = MqttSession(SessionConfig(
+            host=link.host,
+            port=link.port,
             client_id=client_id,
-            protocol=paho.MQTTv5,
-            manual_ack=manual_ack,
-        )
-        client.max_inflight_messages_set(max_inflight)
-        client.connect_timeout = _CONNECT_TIMEOUT
-        if link.username is not None:
-            client.username_pw_set(link.username, link.password())
-        if link.tls:
-            client.tls_set_context(link.ssl_context(name))
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=True)
-        props = _properties(PacketTypes.CONNECT)
-        if session_expiry > 0:
-            props.SessionExpiryInterval = int(session_expiry)
-        if receive_maximum is not None:
-            props.ReceiveMaximum = receive_maximum
-        self._props = props
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_publish = self._handle_publish
-        client.on_unsubscribe = self._handle_unsubscribe
-        client.on_subscribe = self._handle_subscribe
-        self._client = client
+            keepalive=int(link.keepalive),
+            clean_start=clean_start,
+            session_expiry=int(session_expiry),
+            username=link.username,
+            password=password.encode() if password is not None else None,
+            will=(Will(will[0], payload=will[1], qos=QoS.AT_LEAST_ONCE, retain=True)
+                  if will is not None else None),
+            tls=link.ssl_context(name) if link.tls else None,
+            receive_maximum=receive_maximum or 65535,
+            max_inflight=max_inflight,
+            max_queued=_MAX_QUEUED,
+            connect_timeout=_TCP_TIMEOUT,
+        ))
+
+    # -- what the owner reads -------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self.session.connected
 
     @property
     def where(self) -> str:
         return f"{self._link.host}:{self._link.port}"
 
-    # -- paho callbacks (run inside on_readable / tick) ---------------------------------------
+    @property
+    def server_receive_maximum(self) -> int:
+        """The broker's Receive Maximum from its last CONNACK."""
+        return self.session.server_receive_max
 
-    def _handle_connect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
-        if rc.is_failure:
-            self.failures += 1
-            if not self._outage_logged:
-                log.error("%s broker %r refused the connection: %s; retrying with backoff",
-                          self.name.capitalize(), self.where, rc.getName())
-                self._outage_logged = True
-            # paho reports the disconnect that follows too; one attempt, one backoff step.
-            self._schedule_retry()
+    @property
+    def server_max_packet(self) -> int | None:
+        """The broker's Maximum Packet Size from its last CONNACK (None: no limit said)."""
+        return self.session.server_max_packet
+
+    @property
+    def reading(self) -> bool:
+        """False while the owner asked to stop reading (its queue is full)."""
+        return not self._read_paused()
+
+    @property
+    def busy(self) -> bool:
+        """More input may be waiting than one wake-up took: the owner should not sleep."""
+        return self.session.saturated and self.reading
+
+    def fileno(self) -> int:
+        return self.session.fileno()
+
+    def wants_write(self) -> bool:
+        return self.session.wants_write()
+
+    def pending_publishes(self) -> int:
+        """QoS 1 publishes the broker has not acknowledged yet."""
+        return self.session.in_flight
+
+    # -- driving --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Connection management: connect when due; step a session that has timed work."""
+        session = self.session
+        if session.fileno() < 0:
+            if self._resolver is not None:
+                if self._resolver.done:
+                    self._connect_resolved()
+                return
+            if not self._closing and not self._paused and now >= self._retry_at:
+                self._start_attempt()
             return
-        self._connected = True
-        self._connecting_since = None
+        if session.next_timeout(now) <= 0:
+            self._step(now, read=False)
+
+    def next_wake(self, now: float) -> float:
+        """Seconds until tick needs to run again."""
+        if self._resolver is not None:
+            return 0.05
+        if self.session.fileno() < 0:
+            if self._closing or self._paused:
+                return _IDLE
+            return max(0.0, self._retry_at - now)
+        return self.session.next_timeout(now)
+
+    def on_ready(self, *, read: bool) -> None:
+        """The socket is readable or writable (or timed work is due): step the session."""
+        self._step(time.monotonic(), read=read and self.reading)
+
+    def flush(self) -> None:
+        """Send what is queued (acks, publishes) as far as the socket takes it now."""
+        if self.session.wants_write():
+            self._step(time.monotonic(), read=False)
+
+    def poll(self, timeout: float) -> bool:
+        """Drive this link alone for up to ``timeout`` s; True if anything was read."""
+        return poll_links([self], timeout)
+
+    def _step(self, now: float, *, read: bool) -> None:
+        try:
+            events = self.session.step(now, read=read)
+        except ConnectionLostError as err:
+            self._handle(err.events)
+            self._lost(err)
+            return
+        self._handle(events)
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if type(event) is Message:
+                self._deliver(event)
+            elif type(event) is Published:
+                if self._on_published is not None:
+                    self._on_published(event.packet_id, int(event.reason_code))
+            elif type(event) is Connected:
+                self._connected()
+            elif type(event) is Subscribed:
+                self._subscribed(event)
+
+    def _deliver(self, msg: Message) -> None:
+        if self._on_message is not None:
+            self._on_message(msg)
+        if not self._manual_ack and msg.qos == 1:
+            self.session.ack(msg)
+
+    # -- connecting -----------------------------------------------------------------------------
+
+    def _start_attempt(self) -> None:
+        host, port = self._link.host, self._link.port
+        if _numeric(host):
+            try:
+                address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                             flags=socket.AI_NUMERICHOST)[0]
+            except OSError as err:
+                self._failed(str(err), refused=False)
+                return
+            self._connect(address)
+        else:
+            self._resolver = _Resolver(host, port)
+
+    def _connect_resolved(self) -> None:
+        resolver = self._resolver
+        assert resolver is not None
+        self._resolver = None
+        if resolver.result is None:
+            self._failed(f"cannot resolve {self._link.host!r}: {resolver.error}", refused=False)
+            return
+        self._connect(resolver.result)
+
+    def _connect(self, address: AddressInfo) -> None:
+        try:
+            self.session.connect(address)
+        except (ConnectionLostError, OSError) as err:
+            self._failed(str(err), refused=False)
+
+    def _connected(self) -> None:
+        self._was_up = True
         self._suback_wait.clear()
-        self.server_receive_maximum = getattr(_p, "ReceiveMaximum", 65535)
-        self.server_max_packet = getattr(_p, "MaximumPacketSize", None)
         self._backoff.reset()
         self.connects += 1
         if self._outage_logged or self.connects == 1:
@@ -234,259 +352,104 @@ class MqttLink:
         if self._on_connected is not None:
             self._on_connected()
 
-    def _handle_disconnect(self, _c: Any, _u: Any, flags: Any, rc: ReasonCode | None,
-                           props: Any) -> None:
-        was = self._connected
-        self._connected = False
-        if was and self._on_state is not None:
-            self._on_state(False)
-        if was and not self._closing and not self._paused:
-            log.warning("Lost %s broker %r (%s); reconnecting with backoff", self.name,
-                        self.where, self._why_lost(flags, rc, props))
-            self._outage_logged = True
-        if not self._retry_scheduled:
-            self._schedule_retry()
-
-    def _why_lost(self, flags: Any, rc: ReasonCode | None, props: Any) -> str:
-        """The real reason: the broker's DISCONNECT reason, else what the socket saw (paho
-        calls every lost connection "Unspecified error")."""
-        if getattr(flags, "is_disconnect_packet_from_server", False) and rc is not None:
-            text = getattr(props, "ReasonString", None)
-            why = f"broker sent DISCONNECT: {rc.getName()} (0x{rc.value:02x})"
-            return f"{why}: {text!r}" if text else why
-        if rc is not None and rc.value != _UNSPECIFIED:
-            return rc.getName()
-        sock = self._client.last_socket
-        if sock is not None and sock.error:
-            return sock.error
-        if sock is not None and sock.eof:
-            return "the broker closed the connection"
-        return "connection lost"
-
-    def _handle_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        if self._on_message is not None:
-            ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            try:
-                topic = msg.topic
-            except UnicodeDecodeError:  # brokers that check UTF-8 never send this
-                topic = msg._topic.decode("utf-8", "replace")  # noqa: SLF001
-            # paho hands over bytes (its decoder and ours both build bytes objects).
-            payload = cast(bytes, msg.payload)
-            self._on_message(InboundMessage(topic, payload, msg.qos, msg.mid,
-                                            bool(msg.dup), time.time(),
-                                            tuple(ids) if ids else ()))
-
-    def _handle_subscribe(self, _c: Any, _u: Any, mid: int, codes: list[ReasonCode],
-                          _p: Any) -> None:
-        topic = self._suback_wait.pop(mid, None)
-        if topic is None:
+    def _lost(self, err: ConnectionLostError) -> None:
+        was_up = self.session.connection > 0 and self._was_up
+        self._was_up = False
+        code = err.reason_code
+        if isinstance(err, ConnectRefusedError):
+            why = f"refused the connection: {reason_name(code or 0x80)}"
+            self._failed(why, refused=True)
             return
-        for rc in codes:
-            if rc.is_failure:
+        if not was_up:
+            self._failed(self._why(err), refused=False)
+            return
+        if self._on_state is not None:
+            self._on_state(False)
+        if not self._closing and not self._paused:
+            log.warning("Lost %s broker %r (%s); reconnecting", self.name, self.where,
+                        self._why(err))
+            self._outage_logged = True
+        refused = code is not None and code in _REFUSALS
+        delay = self._backoff.next_delay() if refused else random.uniform(*_FIRST_RETRY)
+        self._retry_at = time.monotonic() + delay
+
+    @staticmethod
+    def _why(err: ConnectionLostError) -> str:
+        if isinstance(err, ServerDisconnectError):
+            code = err.reason_code or 0
+            why = f"broker sent DISCONNECT: {reason_name(code)} (0x{code:02x})"
+            return f"{why}: {err.reason_string!r}" if err.reason_string else why
+        return err.why.replace("the server", "the broker")
+
+    def _failed(self, why: str, *, refused: bool) -> None:
+        """An attempt that did not get to CONNACK."""
+        self.failures += 1
+        if refused:
+            if not self._outage_logged:
+                log.error("%s broker %r %s; retrying with backoff", self.name.capitalize(),
+                          self.where, why)
+                self._outage_logged = True
+            self._retry_at = time.monotonic() + self._backoff.next_delay()
+            return
+        if not self._outage_logged:
+            log.warning("Cannot reach %s broker %r (%s); retrying every second", self.name,
+                        self.where, why)
+            self._outage_logged = True
+        self._retry_at = time.monotonic() + random.uniform(*_PROBE)
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def subscribe(self, filters: Sequence[tuple[str, int | None]], qos: int) -> None:
+        """Subscribe to (filter, subscription identifier or None) pairs. Retained messages
+        come only when the subscription is new: a resumed session must not get every
+        retained value again as if it were a fresh reading."""
+        def topic_filter(pattern: str) -> TopicFilter:
+            return TopicFilter(pattern, max_qos=QoS(qos),
+                               retain_handling=RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS)
+        plain = [topic for topic, sub_id in filters if sub_id is None]
+        groups: list[tuple[list[str], int | None]] = [(plain, None)] if plain else []
+        groups += [([topic], sub_id) for topic, sub_id in filters if sub_id is not None]
+        for topics, sub_id in groups:
+            pid = self.session.subscribe([topic_filter(t) for t in topics],
+                                         subscription_id=sub_id)
+            self._suback_wait[pid] = topics
+
+    def _subscribed(self, event: Subscribed) -> None:
+        topics = self._suback_wait.pop(event.packet_id, None)
+        if topics is None:
+            return
+        for topic, rc in zip(topics, event.reason_codes, strict=False):
+            if int(rc) >= 0x80:
                 log.error("%s broker %r refused the subscription to %r: %s; check its ACL",
-                          self.name.capitalize(), self.where, topic, rc.getName())
+                          self.name.capitalize(), self.where, topic,
+                          str(SubAckReasonCode(rc).name).replace("_", " ").capitalize())
         if not self._suback_wait and self._on_subscribed is not None:
             self._on_subscribed()
 
-    def _handle_unsubscribe(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        if mid == self._barrier_mid:
-            self._barrier_mid = None
+    # -- operations -----------------------------------------------------------------------------
 
-    def _round_trip(self) -> None:
-        """Wait until the broker has processed everything we sent so far (or a timeout)."""
-        if not self._connected:
-            return
-        _, mid = self._client.unsubscribe(_BARRIER_TOPIC)
-        self._barrier_mid = mid
-        self.flush()
-        deadline = time.monotonic() + _BARRIER_TIMEOUT
-        while self._barrier_mid is not None and self._connected and time.monotonic() < deadline:
-            poll_links([self], 0.02)
-        self._barrier_mid = None
-
-    def _handle_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
-        if self._on_published is not None:
-            self._on_published(mid, rc.value)
-
-    # -- connecting -----------------------------------------------------------------------------
-
-    def _schedule_retry(self) -> None:
-        self._connecting_since = None
-        self._retry_scheduled = True
-        self._next_attempt = time.monotonic() + self._backoff.next_delay()
-
-    def _connect_blocking(self) -> None:
-        try:
-            if self._first_attempt:
-                self._client.connect(
-                    self._link.host, self._link.port, keepalive=int(self._link.keepalive),
-                    clean_start=self._clean_start, properties=self._props,
-                )
-            else:
-                self._client.reconnect()
-        except (OSError, ValueError) as err:
-            self._connect_error = err
-
-    def _start_connect(self) -> None:
-        self._connect_error = None
-        self._retry_scheduled = False
-        self._connector = threading.Thread(target=self._connect_blocking,
-                                           name=f"connect-{self.name}", daemon=True)
-        self._connector.start()
-
-    def _finish_connect(self) -> None:
-        self._connector = None
-        err = self._connect_error
-        if err is not None:
-            self.failures += 1
-            if not self._outage_logged:
-                log.warning("Cannot reach %s broker %r (%s); retrying with backoff",
-                            self.name, self.where, err)
-                self._outage_logged = True
-            self._schedule_retry()
-            return
-        self._first_attempt = False
-        self._connecting_since = time.monotonic()
-        self.flush()
-
-    # -- driving ----------------------------------------------------------------------------
-
-    def socket(self) -> CoalescingSocket | None:
-        """The socket to wait on, or None while disconnected or connecting."""
-        if self._connector is not None:
-            return None
-        sock = self._client.socket()
-        return sock if isinstance(sock, CoalescingSocket) else None
-
-    @property
-    def backlog(self) -> bool:
-        """Bytes already read and not yet handed to paho (reading was paused)."""
-        sock = self.socket()
-        return sock is not None and sock.buffered > 0 and not self._read_paused()
-
-    @property
-    def reading(self) -> bool:
-        """False while the owner asked to stop reading (its queue is full)."""
-        return not self._read_paused()
-
-    @property
-    def busy(self) -> bool:
-        """More input is waiting than one wake-up took: the owner should not sleep."""
-        sock = self.socket()
-        return sock is not None and (sock.saturated or self.backlog)
-
-    def wants_write(self) -> bool:
-        sock = self.socket()
-        return sock is not None and (sock.wants_write or self._client.want_write())
-
-    def on_readable(self, *, fill: bool = True) -> None:
-        """Read what the kernel has and hand complete packets to paho (until paused)."""
-        sock = self.socket()
-        if sock is None:
-            return
-        if fill and sock.buffered < FILL_MAX:
-            sock.fill()
-        paused = self._read_paused
-        read = self._client.loop_read
-        in_packet = self._client._in_packet  # noqa: SLF001 - is paho inside a packet?
-        deliver = self._on_message
-        received = time.time()  # one clock read per wake-up, not per message
-        while sock.buffered and not paused():
-            if deliver is not None and in_packet["command"] == 0 and self._connected:
-                buf, pos = sock.buffer
-                publish = parse_publish(buf, pos, True)
-                if publish is not None:
-                    sock.consume(publish.end)
-                    deliver(InboundMessage(publish.topic, publish.payload, publish.qos,
-                                           publish.mid, publish.dup, received))
-                    continue
-            if read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self.socket() is not sock:
-                return
-            in_packet = self._client._in_packet  # noqa: SLF001 - paho replaces it on reconnect
-        if sock.eof and not sock.buffered and self.socket() is sock:
-            read()  # paho sees end-of-stream and reports the disconnect
-
-    def tick(self, now: float) -> None:
-        """Connection management: connect when due, CONNACK timeout, keepalive."""
-        if self._connector is not None:
-            if self._connector.is_alive():
-                return
-            self._finish_connect()
-        sock = self.socket()
-        if sock is None:
-            if not self._closing and not self._paused and now >= self._next_attempt:
-                self._start_connect()
-            return
-        if self._connecting_since is not None and now - self._connecting_since > _CONNACK_TIMEOUT:
-            log.warning("No CONNACK from %s broker %r", self.name, self.where)
-            self._client._sock_close()  # noqa: SLF001 - paho has no public "abort"
-            self._schedule_retry()
-            return
-        if now - self._last_misc >= _MISC_EVERY:
-            self._last_misc = now
-            self._client.loop_misc()
-
-    def next_wake(self, now: float) -> float:
-        """Seconds until tick needs to run again."""
-        if self._connector is not None:
-            return 0.05
-        if self.socket() is None:
-            return max(0.0, self._next_attempt - now) if not self._paused else 1.0
-        return _MISC_EVERY
-
-    def flush(self) -> None:
-        """Send everything paho has queued (acks, publishes) in as few writes as possible."""
-        sock = self.socket()
-        if sock is None:
-            return
-        if self._client.want_write():
-            self._client.loop_write()
-        try:
-            sock.flush()
-        except OSError:
-            # The connection broke; the next read sees it and paho reports the disconnect.
-            log.debug("Write to %s broker failed", self.name, exc_info=True)
-
-    def poll(self, timeout: float) -> bool:
-        """Drive this link alone for up to ``timeout`` s; True if anything was read."""
-        return poll_links([self], timeout)
-
-    # -- operations -------------------------------------------------------------------------
-
-    def subscribe(self, filters: Sequence[tuple[str, int | None]], qos: int) -> None:
-        """Subscribe to (filter, subscription identifier or None) pairs."""
-        # Retained messages only when the subscription is new: a resumed session must not
-        # get every retained value again as if it were a fresh reading.
-        options = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        for topic, sub_id in filters:
-            props = None
-            if sub_id is not None:
-                props = _properties(PacketTypes.SUBSCRIBE)
-                props.SubscriptionIdentifier = sub_id
-            _, mid = self._client.subscribe(topic, options=options, properties=props)
-            if mid is not None:
-                self._suback_wait[mid] = topic
-
-    def ack(self, mid: int, qos: int) -> None:
-        self._client.ack(mid, qos)
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a QoS 1 message (one from an earlier connection is redelivered)."""
+        self.session.ack(message)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 user_properties: list[tuple[str, str]] | None = None,
                 content_type: str | None = None) -> int:
-        """Queue a publish; returns its mid (PUBACK comes to ``on_published``)."""
-        props = None
-        if user_properties or content_type:
-            props = _properties(PacketTypes.PUBLISH)
-            if content_type:
-                props.ContentType = content_type
-            if user_properties:
-                props.UserProperty = user_properties
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        return int(info.mid)
+        """Send or queue a publish; returns its packet id (PUBACK comes to ``on_published``;
+        0 for QoS 0). QoS 1 publishes made while disconnected go out after the next CONNACK,
+        never before."""
+        pid = self.session.publish(topic, payload, qos=qos, retain=retain,
+                                   content_type=content_type, user_properties=user_properties)
+        return pid or 0
 
-    def pending_publishes(self) -> int:
-        """Publishes paho holds that the broker has not acknowledged yet."""
-        return len(self._client._out_messages)  # noqa: SLF001 - no public accessor in paho
+    def _round_trip(self) -> None:
+        """Wait until the broker has processed everything we sent so far (or a timeout)."""
+        if not self.connected:
+            return
+        target = self.session.ping()
+        deadline = time.monotonic() + _BARRIER_TIMEOUT
+        while self.connected and self.session.pongs < target and time.monotonic() < deadline:
+            poll_links([self], 0.02)
 
     def pause(self) -> None:
         """Disconnect cleanly (session kept) and stay away until ``resume``."""
@@ -494,33 +457,28 @@ class MqttLink:
             return
         self._round_trip()
         self._paused = True
-        if self.socket() is not None:
-            self._client.disconnect()
-            self.flush()
+        self._disconnect()
 
     def resume(self) -> None:
         if self._paused:
             self._paused = False
-            self._next_attempt = 0.0
+            self._retry_at = 0.0
 
     def close(self, *, wait: float = 0.0) -> None:
         """Disconnect cleanly (the will is not sent), after up to ``wait`` s for PUBACKs."""
         deadline = time.monotonic() + wait
-        while (self._connected and self.pending_publishes()
-               and time.monotonic() < deadline):
+        while self.connected and self.pending_publishes() and time.monotonic() < deadline:
             self.poll(0.05)
         self._round_trip()
         self._closing = True
-        if self._connector is not None:
-            self._connector.join(_CONNECT_TIMEOUT)
-            self._connector = None
-        if self.socket() is not None:
-            self._client.disconnect()
-            self.flush()
-            sock = self.socket()
-            if sock is not None:
-                sock.close()
-        self._connected = False
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        was = self.connected
+        self.session.disconnect()
+        self._was_up = False
+        if was and self._on_state is not None:
+            self._on_state(False)
 
 
 def poll_links(links: Sequence[MqttLink], timeout: float, wake: Sequence[int] = ()) -> bool:
@@ -532,36 +490,42 @@ def poll_links(links: Sequence[MqttLink], timeout: float, wake: Sequence[int] = 
     now = time.monotonic()
     for link in links:
         link.tick(now)
-    socks: dict[CoalescingSocket, MqttLink] = {}
-    writers = []
-    backlog = False
+    readers: dict[int, MqttLink] = {}
+    writers: dict[int, MqttLink] = {}
+    busy = False
     for link in links:
-        sock = link.socket()
-        if sock is None:
+        fd = link.fileno()
+        if fd < 0:
             continue
-        if link.reading:
-            socks[sock] = link
+        if link.reading or not link.connected:  # a CONNACK is always read
+            readers[fd] = link
+            busy = busy or link.busy
         if link.wants_write():
-            writers.append(sock)
-        backlog = backlog or link.backlog
-    if not socks and not writers and not wake:
+            writers[fd] = link
+    timeout = min(timeout, *(link.next_wake(now) for link in links)) if links else timeout
+    if not readers and not writers and not wake:
         if timeout > 0:
-            time.sleep(min(timeout, *(link.next_wake(now) for link in links)))
+            time.sleep(timeout)
         return False
-    if not socks and not writers:
-        timeout = min(timeout, *(link.next_wake(now) for link in links))
     try:
-        waits: list[Any] = [*socks, *wake]
-        readable, _, _ = select.select(waits, writers, [], 0 if backlog else timeout)
+        waits: list[Any] = [*readers, *wake]
+        readable, writable, _ = select.select(waits, list(writers), [], 0 if busy else timeout)
     except (OSError, ValueError):
         return False  # a socket closed under us; the next tick reconnects
-    got = any(sock in socks for sock in readable) or backlog
-    for sock, link in socks.items():
-        if sock in readable:
-            link.on_readable()
-        elif link.backlog:
-            link.on_readable(fill=False)
-    for link in links:
-        if link.wants_write():
-            link.flush()
+    got = False
+    done: set[int] = set()
+    for fd in readable:
+        if fd in readers:
+            got = True
+            done.add(fd)
+            readers[fd].on_ready(read=True)
+    for fd in writable:
+        if fd not in done:
+            done.add(fd)
+            writers[fd].on_ready(read=False)
+    if busy:
+        for fd, link in readers.items():
+            if fd not in done and link.busy:
+                got = True
+                link.on_ready(read=True)
     return got
