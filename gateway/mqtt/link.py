@@ -341,6 +341,8 @@ class MqttLink:
 
     def _connected(self) -> None:
         self._was_up = True
+        if not self.session.connected:
+            return  # CONNACK and the end of the connection came in one read
         self._suback_wait.clear()
         self._backoff.reset()
         self.connects += 1
