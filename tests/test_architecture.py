@@ -81,3 +81,57 @@ def test_mqtt_layer_imports_neither_gateway_nor_devices():
     for path in _modules("fieldmqtt"):
         bad = {m for m in _imports(path) if m.split(".")[0] in {"gateway", "devices"}}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def _own_private_names(roots: list[str]) -> set[str]:
+    """Every ``_name`` our own code defines: functions, classes, attributes, assignments."""
+    names: set[str] = set()
+    for root in roots:
+        for path in _modules(root):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(node.name)
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                    names.add(node.attr)
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    names.add(node.id)
+                elif isinstance(node, ast.arg):
+                    names.add(node.arg)
+                elif isinstance(node, ast.alias):
+                    names.add(node.asname or node.name.split(".")[-1])
+            # __slots__ and NamedTuple fields are strings
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and node.value.isidentifier():
+                    names.add(node.value)
+    return {n for n in names if n.startswith("_")}
+
+
+CODE = ["gateway", "devices", "fieldmqtt", "bench", "tests"]
+
+
+def test_no_private_attribute_or_module_of_a_third_party_library_is_used():
+    """Issue 10: a dependency's minor release must not break us. A ``x._name`` that our own
+    code never defines belongs to someone else; so does a module path with a ``_`` part."""
+    ours = _own_private_names(CODE)
+    first_party = {"gateway", "devices", "fieldmqtt", "bench", "tests"}
+    found = []
+    for root in CODE:
+        for path in _modules(root):
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                        and not node.attr.startswith("__") and node.attr not in ours:
+                    found.append(f"{rel}:{node.lineno} .{node.attr}")
+                modules = []
+                if isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                for module in modules:
+                    parts = module.split(".")
+                    if parts[0] not in first_party and parts[0] not in {"__future__"} \
+                            and any(p.startswith("_") and not p.startswith("__")
+                                    for p in parts[1:]):
+                        found.append(f"{rel}:{node.lineno} import {module}")
+    assert not found, "private parts of third-party libraries:\n" + "\n".join(found)
