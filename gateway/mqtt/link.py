@@ -341,11 +341,11 @@ class MqttLink:
 
     def _connected(self) -> None:
         self._was_up = True
-        if not self.session.connected:
-            return  # CONNACK and the end of the connection came in one read
         self._suback_wait.clear()
         self._backoff.reset()
         self.connects += 1
+        if not self.session.connected:
+            return  # CONNACK and the end of the connection came in one read
         if self._outage_logged or self.connects == 1:
             log.info("Connected to %s broker %r", self.name, self.where)
         self._outage_logged = False
