@@ -334,9 +334,11 @@ class Uplink(_Section):
         "costs memory (up to max_inflight x batch_max_bytes) and resends after a reconnect",
     )
     gzip: bool = Field(False, description="Compress batches (flagged in a user property)")
-    backoff_min: Duration = Field(1.0, gt=0, description="First reconnect delay")
+    backoff_min: Duration = Field(1.0, gt=0, description="First delay after the broker "
+                                  "refused us or a batch (an unreachable broker is probed "
+                                  "every second instead)")
     backoff_max: Duration = Field(60.0, gt=0,
-                                  description="Longest reconnect delay (with jitter)")
+                                  description="Longest such delay (with jitter)")
     status_interval: Duration = Field(60.0, gt=0,
                                       description="How often the status message is renewed")
 
