@@ -112,3 +112,248 @@ def test_a_publish_while_the_link_reconnects_goes_out_after_connack(tmp_path):
         watcher.disconnect()
         watcher.loop_stop()
         broker.stop()
+
+
+# -- 1. MQTT v5 properties on inbound messages ---------------------------------------------
+
+
+def test_readings_with_v5_properties_are_logged_and_forwarded(site, cloud, make_gateway,
+                                                               tmp_path):
+    gw = make_gateway(site, cloud).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = V5Publisher(site.port)
+    props = v5_properties(content_type="application/json", payload_format=1, expiry=3600,
+                          user=[("fw", "1.4.2"), ("site", "north")])
+    t0 = time.time()
+    for i in range(200):
+        # Messages with and without properties, interleaved, on both kinds of templates.
+        with_props = props if i % 2 == 0 else None
+        pub.publish_v5("sensors/v5/telemetry", orjson.dumps({"ts": t0 + i * 0.001, "i": i}),
+                       properties=with_props)
+        pub.publish_v5("sensors/v5/n", str(i), properties=with_props)
+    pub.close()
+    assert sink.wait_for(lambda: len(sink.unique()) == 400, 20), \
+        f"{len(sink.unique())} of 400 arrived; gateway log:\n{gw.log()}"
+    got = list(sink.unique().values())
+    assert sorted(r["i"] for r in got if "i" in r) == list(range(200))
+    assert sorted(r["n"] for r in got if "n" in r) == list(range(200))
+    assert all(r["device"] == "v5" for r in got)
+    assert gw.metric("fieldgate_dead_letters_total") in (None, 0.0)
+    assert gw.stop() == 0
+    logged = logged_readings(tmp_path / "log.db")
+    assert [r["i"] for r in logged if "i" in r] == list(range(200))  # in arrival order
+    assert [r["n"] for r in logged if "n" in r] == list(range(200))
+    assert dead_letters(gw.config) == []
+    sink.close()
+
+
+def test_a_malformed_payload_with_v5_properties_is_dead_lettered(site, cloud, make_gateway):
+    gw = make_gateway(site, cloud).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = V5Publisher(site.port)
+    props = v5_properties(content_type="application/json", payload_format=1,
+                          user=[("fw", "1.4.2")])
+    pub.publish_v5("sensors/bad/telemetry", b"{not json", properties=props)
+    pub.publish_v5("sensors/bad/temp", b"warm", properties=props)
+    pub.publish_v5("sensors/good/telemetry", b'{"t": 1}', properties=props)
+    pub.close()
+    assert sink.wait_for(lambda: len(sink.unique()) == 1, 10), gw.log()
+    assert CloudCollector.wait_for(
+        lambda: gw.metric('fieldgate_dead_letters_total{reason="bad_json"}') == 2.0, 10)
+    assert gw.stop() == 0
+    rows = dead_letters(gw.config)
+    assert sorted((r["topic"], r["reason"], r["payload"]) for r in rows) == [
+        ("sensors/bad/telemetry", "bad_json", "{not json"),
+        ("sensors/bad/temp", "bad_json", "warm"),
+    ]
+    [good] = sink.unique().values()
+    assert (good["device"], good["t"]) == ("good", 1)
+    sink.close()
+
+
+# -- 2. overlapping topic templates --------------------------------------------------------
+
+
+def test_overlapping_templates_log_each_message_once_under_the_right_template(
+        site, cloud, make_gateway, tmp_path):
+    # site/room/telemetry matches both templates and neither filter (+/room/telemetry,
+    # site/+/+) covers the other: the broker sends a copy per subscription, each tagged with
+    # its subscription identifier. The JSON template has more literal levels, so it owns
+    # that topic; the number template's copy must be skipped, not decoded (bad_json).
+    gw = make_gateway(site, cloud, subscriptions=[
+        {"topic": "site/{device}/{metric}", "format": "number"},
+        {"topic": "{device}/room/telemetry", "format": "json"},
+    ]).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = Publisher(site.port)
+    for i in range(50):
+        pub.publish("site/room/telemetry", orjson.dumps({"both": i}))  # both: JSON, "site"
+        pub.publish("hall/room/telemetry", orjson.dumps({"first": i}))  # JSON only: "hall"
+        pub.publish("site/lab/temp", str(i))                            # number only: "lab"
+    pub.close()
+    assert sink.wait_for(lambda: len(sink.unique()) >= 150, 20), gw.log()
+    assert gw.stop() == 0
+    logged = logged_readings(tmp_path / "log.db")
+    seen = Counter((r["device"], k, r[k]) for r in logged for k in r
+                   if k not in ("seq", "device", "ts"))
+    expected = Counter([("site", "both", i) for i in range(50)]
+                       + [("hall", "first", i) for i in range(50)]
+                       + [("lab", "temp", i) for i in range(50)])
+    assert seen == expected, f"unexpected: {seen - expected}, missing: {expected - seen}"
+    assert len(sink.unique()) == 150
+    assert dead_letters(gw.config) == [], "a copy for the other template was decoded too"
+    sink.close()
+
+
+# -- 3. QoS 2 publishers ---------------------------------------------------------------------
+
+
+def test_a_qos2_publisher_delivers_every_reading_once(site, cloud, make_gateway, tmp_path):
+    gw = make_gateway(site, cloud).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = Publisher(site.port)
+    t0 = time.time()
+    for i in range(1000):
+        pub.publish(f"sensors/q2-{i % 4}/telemetry",
+                    orjson.dumps({"ts": t0 + i * 0.001, "i": i}), qos=2)
+        if i % 100 == 0:
+            pub.publish(f"sensors/q2-{i % 4}/count", str(i), qos=2)
+    pub.close()  # every PUBCOMP is in
+    assert sink.wait_for(lambda: len(sink.unique()) >= 1010, 20), \
+        f"{len(sink.unique())} of 1010 arrived; gateway log:\n{gw.log()}"
+    assert gw.stop() == 0
+    got = list(sink.unique().values())
+    assert sorted(r["i"] for r in got if "i" in r) == list(range(1000))
+    assert sorted(r["count"] for r in got if "count" in r) == list(range(0, 1000, 100))
+    logged = logged_readings(tmp_path / "log.db")
+    assert len(logged) == 1010
+    assert sorted(r["i"] for r in logged if "i" in r) == list(range(1000))
+    sink.close()
+
+
+# -- 4. retained messages --------------------------------------------------------------------
+
+
+def test_a_retained_reading_is_logged_once_across_restarts(site, cloud, make_gateway, tmp_path):
+    pub = V5Publisher(site.port)
+    pub.publish_v5("sensors/ret/telemetry", orjson.dumps({"ts": time.time(), "kept": 1}),
+                   retain=True)
+    pub.publish_v5("sensors/ret/level", b"7", retain=True)
+    pub.wait()
+    gw = make_gateway(site, cloud).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    assert sink.wait_for(lambda: len(sink.unique()) == 2, 10), gw.log()
+    assert gw.stop() == 0
+    gw.start()  # the same persistent site session: its subscriptions are still there
+    # A marker published after SUBACK comes after any retained copy the broker would send.
+    pub.publish_v5("sensors/ret/telemetry", orjson.dumps({"marker": 1}))
+    pub.wait()
+    assert sink.wait_for(lambda: len(sink.unique()) == 3, 10), gw.log()
+    assert gw.stop() == 0
+    logged = logged_readings(tmp_path / "log.db")
+    assert [sorted(set(r) - {"seq", "device", "ts"}) for r in logged] == [
+        ["kept"], ["level"], ["marker"]] or \
+        [sorted(set(r) - {"seq", "device", "ts"}) for r in logged] == [
+        ["level"], ["kept"], ["marker"]], logged
+    pub.close()
+    sink.close()
+
+
+# -- 5. the site broker restarts mid-stream ------------------------------------------------
+
+
+def test_site_broker_restart_mid_stream_logs_and_forwards_everything_once(
+        cloud, make_gateway, tmp_path):
+    # Persistence (on in the test broker) keeps the gateway's session and what was in
+    # flight to it across the restart; autosave on every change keeps it complete.
+    site = Mosquitto(tmp_path, "psite", extra="autosave_interval 1\nautosave_on_changes true\n"
+                     ).start()
+    try:
+        gw = make_gateway(site, cloud).start()
+        sink = CloudCollector(cloud.port, gw.gateway_id)
+        t0 = time.time()
+        sent: list[tuple[str, float]] = []
+
+        def publish(pub: Publisher, start: int, count: int) -> None:
+            for i in range(start, start + count):
+                device, ts = f"r{i % 3}", round(t0 + i * 0.001, 3)
+                pub.publish(f"sensors/{device}/telemetry", orjson.dumps({"ts": ts, "i": i}))
+                sent.append((device, ts))
+            pub.wait()
+
+        pub = Publisher(site.port)
+        publish(pub, 0, 500)
+        assert sink.wait_for(lambda: len(sink.unique()) == 500, 20), gw.log()
+        # Freeze the gateway so that what the broker sends it now stays unacknowledged:
+        # after the restart the broker redelivers it (DUP), although the gateway, woken,
+        # reads and logs it from its old socket first.
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGSTOP)
+        try:
+            publish(pub, 500, 500)  # PUBACKed to us: queued to the gateway's session
+            pub.close()
+            site.stop()
+            site.start()
+        finally:
+            gw.proc.send_signal(signal.SIGCONT)
+        pub = Publisher(site.port)
+        publish(pub, 1000, 500)
+        pub.close()
+        assert sink.wait_for(
+            lambda: len({(r["device"], r["ts"]) for r in sink.unique().values()}) >= 1500, 30
+        ), gw.log()
+        got = sink.unique()
+        assert sorted(r["i"] for r in got.values()) == list(range(1500)), \
+            "each reading under one seq"
+        redelivered = gw.metric("fieldgate_site_redeliveries_total")
+        assert gw.stop() == 0
+        logged = logged_readings(tmp_path / "log.db")
+        per_key = Counter((r["device"], r["ts"]) for r in logged)
+        assert per_key == Counter(sent), [k for k, n in per_key.items() if n > 1][:5]
+        assert redelivered and redelivered > 0, "the broker redelivered nothing with DUP"
+        sink.close()
+    finally:
+        site.stop()
+
+
+# -- 6. the cloud broker's Receive Maximum and Maximum Packet Size ---------------------------
+
+
+@pytest.mark.parametrize("receive_maximum", [1, 3])
+def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
+        site, make_gateway, tmp_path, receive_maximum):
+    cloud = Mosquitto(tmp_path, "tight-cloud", extra=f"max_inflight_messages {receive_maximum}\n"
+                      "max_packet_size 8192\n").start()
+    tap = MqttTap(cloud.port)
+    try:
+        gw = make_gateway(site, None, cloud={"url": tap.url},
+                          ingest={"max_metrics": 2000},
+                          uplink={"status_interval": "100ms"}).start()
+        sink = CloudCollector(cloud.port, gw.gateway_id)
+        pub = Publisher(site.port)
+        for i in range(3000):
+            pub.publish(f"sensors/d{i % 5}/telemetry", orjson.dumps({"i": i, "v": 21.5}))
+            if i == 1500:  # one reading of ~15 KB: no batch can carry it
+                pub.publish("sensors/big/telemetry", orjson.dumps(
+                    {f"metric_{k:04d}": 1234567.25 for k in range(800)}))
+        pub.close()
+        assert sink.wait_for(lambda: len(sink.unique()) == 3000, 30), \
+            f"{len(sink.unique())} of 3000 arrived; gateway log:\n{gw.log()}"
+        assert sorted(r["i"] for r in sink.unique().values()) == list(range(3000))
+        assert CloudCollector.wait_for(
+            lambda: gw.metric("fieldgate_uplink_dead_lettered_readings_total") == 1.0, 10)
+        assert gw.stop() == 0
+        [row] = dead_letters(gw.config, "uplink_rejected:0x95")
+        assert "Maximum Packet Size 8192" in row["detail"]
+        assert tap.connections == 1, "the broker disconnected the gateway"
+        assert "Lost" not in gw.log()
+        publishes = [p for _, way, p in tap.events
+                     if way == "c2s" and isinstance(p, mqtt5.PublishPacket)]
+        assert max(len(p.write()) for p in publishes) <= 8192
+        assert tap.max_outstanding <= receive_maximum, \
+            f"{tap.max_outstanding} PUBLISH unacknowledged at once; CONNACK said " \
+            f"Receive Maximum {receive_maximum}"
+        sink.close()
+    finally:
+        tap.close()
+        cloud.stop()
