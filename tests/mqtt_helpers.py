@@ -168,12 +168,15 @@ class MqttTap:
     Two faults it can inject: ``drop()`` cuts every open connection (the client sees the
     broker go away), and ``hold_connack(n)`` keeps the broker's answers on the n-th
     connection (its CONNACK first) from the client until ``release()``, while the client's
-    own packets still pass and are recorded.
+    own packets still pass and are recorded. ``latency`` delays what the broker sends by
+    that many seconds, as a far-away broker would: a client's whole in-flight window is
+    then on the wire before the first PUBACK comes back, so ``max_outstanding`` shows it.
     """
 
-    def __init__(self, broker_port: int) -> None:
+    def __init__(self, broker_port: int, *, latency: float = 0.0) -> None:
         import socket
 
+        self._latency = latency
         self._broker_port = broker_port
         self._server = socket.socket()
         self._server.bind(("127.0.0.1", 0))
@@ -270,6 +273,7 @@ class MqttTap:
 
         bufs = {"c2s": bytearray(), "s2c": bytearray()}
         held = bytearray()  # broker bytes kept from the client while holding
+        delayed: list[tuple[float, bytes]] = []  # (when due, broker bytes) under latency
         holding = self._hold == number
         outstanding: set[int] = set()
         peer = {client_sock: (upstream, "c2s"), upstream: (client_sock, "s2c")}
@@ -289,7 +293,13 @@ class MqttTap:
                     holding = False
                     client_sock.sendall(held)
                     self._record(number, "s2c", held, outstanding)
-                readable, _, _ = select.select(list(peer), [], [], 0.05)
+                now = time.monotonic()
+                while delayed and delayed[0][0] <= now:
+                    client_sock.sendall(delayed[0][1])
+                    bufs["s2c"] += delayed.pop(0)[1]
+                    self._record(number, "s2c", bufs["s2c"], outstanding)
+                wait = min(0.05, delayed[0][0] - now) if delayed else 0.05
+                readable, _, _ = select.select(list(peer), [], [], max(0.0, wait))
                 for sock in readable:
                     data = sock.recv(65536)
                     if not data:
@@ -298,6 +308,9 @@ class MqttTap:
                     if way == "s2c" and holding:
                         held += data
                         self.held.set()
+                        continue
+                    if way == "s2c" and self._latency:
+                        delayed.append((time.monotonic() + self._latency, data))
                         continue
                     other.sendall(data)
                     bufs[way] += data

@@ -319,17 +319,27 @@ def test_site_broker_restart_mid_stream_logs_and_forwards_everything_once(
 # -- 6. the cloud broker's Receive Maximum and Maximum Packet Size ---------------------------
 
 
-@pytest.mark.parametrize("receive_maximum", [1, 3])
+@pytest.mark.parametrize("receive_maximum", [
+    pytest.param(1, marks=pytest.mark.xfail(
+        strict=True, reason="issue 10: the uplink bounds batches by Receive Maximum - 2 but at "
+        "least 1, and status messages not at all: birth + first batch = 2 > 1")),
+    3,
+])
 def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
         site, make_gateway, tmp_path, receive_maximum):
+    """Mosquitto announces max_inflight_messages as Receive Maximum and max_packet_size as
+    Maximum Packet Size in CONNACK. The tap counts the gateway's unacknowledged PUBLISH
+    packets behind 50 ms of latency (a far-away broker: the whole window is on the wire
+    before a PUBACK returns), from a reconnect on, when a backlog waits in the log and the
+    birth message goes out too."""
     cloud = Mosquitto(tmp_path, "tight-cloud", extra=f"max_inflight_messages {receive_maximum}\n"
                       "max_packet_size 8192\n").start()
-    tap = MqttTap(cloud.port)
+    tap = MqttTap(cloud.port, latency=0.05)
     try:
-        gw = make_gateway(site, None, cloud={"url": tap.url},
-                          ingest={"max_metrics": 2000},
-                          uplink={"status_interval": "100ms"}).start()
-        sink = CloudCollector(cloud.port, gw.gateway_id)
+        gw = make_gateway(site, None, cloud={"url": tap.url}, ingest={"max_metrics": 2000})
+        sink = CloudCollector(cloud.port, gw.gateway_id)  # its session outlives the outage
+        cloud.stop()
+        gw.start()
         pub = Publisher(site.port)
         for i in range(3000):
             pub.publish(f"sensors/d{i % 5}/telemetry", orjson.dumps({"i": i, "v": 21.5}))
@@ -337,6 +347,9 @@ def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
                 pub.publish("sensors/big/telemetry", orjson.dumps(
                     {f"metric_{k:04d}": 1234567.25 for k in range(800)}))
         pub.close()
+        assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_readings_total") == 3001,
+                                       20), gw.log()
+        cloud.start()
         assert sink.wait_for(lambda: len(sink.unique()) == 3000, 30), \
             f"{len(sink.unique())} of 3000 arrived; gateway log:\n{gw.log()}"
         assert sorted(r["i"] for r in sink.unique().values()) == list(range(3000))
@@ -345,8 +358,8 @@ def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
         assert gw.stop() == 0
         [row] = dead_letters(gw.config, "uplink_rejected:0x95")
         assert "Maximum Packet Size 8192" in row["detail"]
-        assert tap.connections == 1, "the broker disconnected the gateway"
-        assert "Lost" not in gw.log()
+        # One connection once the broker was back: it never had to disconnect the gateway.
+        assert tap.connections == 1, f"{tap.connections} connections"
         publishes = [p for _, way, p in tap.events
                      if way == "c2s" and isinstance(p, mqtt5.PublishPacket)]
         assert max(len(p.write()) for p in publishes) <= 8192
