@@ -251,10 +251,8 @@ def test_a_retained_reading_is_logged_once_across_restarts(site, cloud, make_gat
     assert sink.wait_for(lambda: len(sink.unique()) == 3, 10), gw.log()
     assert gw.stop() == 0
     logged = logged_readings(tmp_path / "log.db")
-    assert [sorted(set(r) - {"seq", "device", "ts"}) for r in logged] == [
-        ["kept"], ["level"], ["marker"]] or \
-        [sorted(set(r) - {"seq", "device", "ts"}) for r in logged] == [
-        ["level"], ["kept"], ["marker"]], logged
+    metrics = Counter(k for r in logged for k in r if k not in ("seq", "device", "ts"))
+    assert metrics == {"kept": 1, "level": 1, "marker": 1}, logged
     pub.close()
     sink.close()
 
@@ -370,3 +368,54 @@ def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
     finally:
         tap.close()
         cloud.stop()
+
+
+# -- 8. back after a cloud outage ------------------------------------------------------------
+
+# The outage of issue 10's comparison. Its length is the scenario, not a readiness wait.
+_OUTAGE = 20.0
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: reconnect policy (exponential backoff "
+                   "1 s -> 1 min while the broker is unreachable)")
+def test_while_the_cloud_is_unreachable_the_gateway_probes_about_once_a_second(
+        site, cloud, make_gateway):
+    """Readings flow again within ~2 s of the cloud broker's return (issue 10) only if the
+    gateway keeps probing an unreachable broker about once a second. Tests assert no
+    wall-clock figure, so this counts the failed attempts during the outage (the gateway's
+    own counter): at least one per 2 s in each half of it. The seconds are measured by
+    bench/bench_reconnect.py."""
+    from gateway.config import Uplink
+
+    defaults = Uplink()  # the policy a user runs with, not the tests' quick backoff
+    gw = make_gateway(site, cloud, uplink={"backoff_min": defaults.backoff_min,
+                                           "backoff_max": defaults.backoff_max}).start()
+    sink = CloudCollector(cloud.port, gw.gateway_id)
+    pub = Publisher(site.port)
+    failures = 'fieldgate_link_connect_failures_total{link="cloud"}'
+
+    def publish(start: int) -> None:
+        for i in range(start, start + 100):
+            pub.publish("sensors/o/telemetry", orjson.dumps({"i": i}))
+        pub.wait()
+
+    publish(0)
+    assert sink.wait_for(lambda: len(sink.unique()) == 100, 10), gw.log()
+    cloud.stop()
+    assert CloudCollector.wait_for(
+        lambda: gw.metric('fieldgate_link_connected{link="cloud"}') == 0.0, 10)
+    counts = [gw.metric(failures) or 0.0]
+    for half in range(2):
+        threading.Event().wait(_OUTAGE / 2)      # the outage itself
+        publish(100 * (half + 1))
+        counts.append(gw.metric(failures) or 0.0)
+    cloud.start()
+    assert sink.wait_for(lambda: len(sink.unique()) == 300, 30), gw.log()
+    assert sorted(r["i"] for r in sink.unique().values()) == list(range(300))
+    assert gw.stop() == 0
+    sink.close()
+    per_half = [b - a for a, b in zip(counts, counts[1:], strict=False)]
+    least = _OUTAGE / 2 / 2
+    assert all(n >= least for n in per_half), \
+        f"failed attempts per {_OUTAGE / 2:.0f} s of outage: {per_half}; about one per " \
+        f"second is the goal, at least {least:.0f} the bound"
