@@ -12,6 +12,7 @@ length is the scenario itself.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -414,7 +415,7 @@ def test_while_the_cloud_is_unreachable_the_gateway_probes_about_once_a_second(
     assert sorted(r["i"] for r in sink.unique().values()) == list(range(300))
     assert gw.stop() == 0
     sink.close()
-    per_half = [b - a for a, b in zip(counts, counts[1:], strict=False)]
+    per_half = [b - a for a, b in itertools.pairwise(counts)]
     least = _OUTAGE / 2 / 2
     assert all(n >= least for n in per_half), \
         f"failed attempts per {_OUTAGE / 2:.0f} s of outage: {per_half}; about one per " \
