@@ -157,19 +157,22 @@ def run(outage: float, runs: int) -> int:
         print(f"Cloud outage of {outage:.0f} s, then the broker restarted on the same port; "
               "seconds from the broker accepting connections:")
         print(f"{'run':>3}  {'watcher SUBACK':>14}  {'gateway link up':>15}  "
-              f"{'gateway 1st reading':>19}  {'baseline paho 1 s':>17}  {'ratio':>5}")
+              f"{'gateway 1st reading':>19}  {'baseline paho 1 s':>17}")
 
         def fmt(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f}"
 
         for n, sub, up, reading, base in rows:
-            ratio = f"{reading / base:.1f}x" if reading and base else "-"
-            print(f"{n:>3}  {fmt(sub):>14}  {fmt(up):>15}  {fmt(reading):>19}  "
-                  f"{fmt(base):>17}  {ratio:>5}")
+            print(f"{n:>3}  {fmt(sub):>14}  {fmt(up):>15}  {fmt(reading):>19}  {fmt(base):>17}")
         readings = [r[3] for r in rows if r[3] is not None]
-        if readings:
+        bases = [r[4] for r in rows if r[4] is not None]
+        if readings and bases:
+            # The baseline's delay is uniform in [0, 1] s (where in its 1 s cycle the broker
+            # came back), so compare medians and maxima, not run by run.
             print(f"gateway first reading: median {statistics.median(readings):.2f} s, "
-                  f"max {max(readings):.2f} s (issue 10 goal: <= 2 s)")
+                  f"max {max(readings):.2f} s (issue 10 goal: <= 2 s); baseline median "
+                  f"{statistics.median(bases):.2f} s, max {max(bases):.2f} s; ratio of maxima "
+                  f"{max(readings) / max(*bases, 0.01):.1f}x")
         return 0 if readings and len(readings) == len(rows) and max(readings) <= 2.0 else 1
     finally:
         for p in pubs:
