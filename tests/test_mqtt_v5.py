@@ -70,51 +70,6 @@ def _drive(link: MqttLink, until: Callable[[], bool], timeout: float = 15) -> No
         link.poll(0.02)
 
 
-# -- 7. publishing while the cloud link reconnects ------------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="issue 10: paho writes a PUBLISH made between CONNECT "
-                   "and CONNACK at once (MqttLink.publish -> paho _send_publish)")
-def test_a_publish_while_the_link_reconnects_goes_out_after_connack(tmp_path):
-    """Issue 10: "a command published while the cloud link is reconnecting goes out after
-    CONNACK, never before". MQTT v5 §3.1.4 lets a client send before CONNACK, but the
-    broker discards it if the CONNACK refuses; the link must not rely on that."""
-    broker = Mosquitto(tmp_path, "cloud").start()
-    tap = MqttTap(broker.port)
-    watcher = client(broker.port)
-    got: list[bytes] = []
-    watcher.on_message = lambda _c, _u, msg: got.append(msg.payload)
-    subscribe_and_wait(watcher, [("cmd/#", 1)])
-    link = MqttLink(name="cloud", link=Link(url=tap.url), client_id="reconnecting",
-                    clean_start=True, backoff=Backoff(0.001, 0.002))
-    try:
-        _drive(link, lambda: link.connected)
-        tap.hold_connack(2)
-        tap.drop()                                   # the cloud goes away
-        _drive(link, lambda: not link.connected)
-        link.publish("cmd/a", b"while disconnected")
-        _drive(link, tap.held.is_set)                # CONNECT sent, CONNACK held back
-        assert not link.connected
-        link.publish("cmd/b", b"while waiting for CONNACK")
-        for _ in range(5):                           # let the link write what it would
-            link.poll(0.01)
-        tap.release()
-        _drive(link, lambda: len(got) >= 2)
-        assert sorted(got) == [b"while disconnected", b"while waiting for CONNACK"]
-        packets = tap.packets(2)
-        connack = next(i for i, (way, p) in enumerate(packets)
-                       if isinstance(p, mqtt5.ConnAckPacket))
-        early = [getattr(p, "topic", type(p).__name__) for way, p in packets[:connack]
-                 if way == "c2s"]
-        assert early == ["ConnectPacket"], f"sent before CONNACK: {early}"
-    finally:
-        link.close()
-        tap.close()
-        watcher.disconnect()
-        watcher.loop_stop()
-        broker.stop()
-
-
 # -- 1. MQTT v5 properties on inbound messages ---------------------------------------------
 
 
@@ -369,6 +324,51 @@ def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
     finally:
         tap.close()
         cloud.stop()
+
+
+# -- 7. publishing while the cloud link reconnects ------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: paho writes a PUBLISH made between CONNECT "
+                   "and CONNACK at once (MqttLink.publish -> paho _send_publish)")
+def test_a_publish_while_the_link_reconnects_goes_out_after_connack(tmp_path):
+    """Issue 10: "a command published while the cloud link is reconnecting goes out after
+    CONNACK, never before". MQTT v5 §3.1.4 lets a client send before CONNACK, but the
+    broker discards it if the CONNACK refuses; the link must not rely on that."""
+    broker = Mosquitto(tmp_path, "cloud").start()
+    tap = MqttTap(broker.port)
+    watcher = client(broker.port)
+    got: list[bytes] = []
+    watcher.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    subscribe_and_wait(watcher, [("cmd/#", 1)])
+    link = MqttLink(name="cloud", link=Link(url=tap.url), client_id="reconnecting",
+                    clean_start=True, backoff=Backoff(0.001, 0.002))
+    try:
+        _drive(link, lambda: link.connected)
+        tap.hold_connack(2)
+        tap.drop()                                   # the cloud goes away
+        _drive(link, lambda: not link.connected)
+        link.publish("cmd/a", b"while disconnected")
+        _drive(link, tap.held.is_set)                # CONNECT sent, CONNACK held back
+        assert not link.connected
+        link.publish("cmd/b", b"while waiting for CONNACK")
+        for _ in range(5):                           # let the link write what it would
+            link.poll(0.01)
+        tap.release()
+        _drive(link, lambda: len(got) >= 2)
+        assert sorted(got) == [b"while disconnected", b"while waiting for CONNACK"]
+        packets = tap.packets(2)
+        connack = next(i for i, (way, p) in enumerate(packets)
+                       if isinstance(p, mqtt5.ConnAckPacket))
+        early = [getattr(p, "topic", type(p).__name__) for way, p in packets[:connack]
+                 if way == "c2s"]
+        assert early == ["ConnectPacket"], f"sent before CONNACK: {early}"
+    finally:
+        link.close()
+        tap.close()
+        watcher.disconnect()
+        watcher.loop_stop()
+        broker.stop()
 
 
 # -- 8. back after a cloud outage ------------------------------------------------------------
