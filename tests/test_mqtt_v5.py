@@ -274,9 +274,7 @@ def test_site_broker_restart_mid_stream_logs_and_forwards_everything_once(
 
 
 @pytest.mark.parametrize("receive_maximum", [
-    pytest.param(1, marks=pytest.mark.xfail(
-        strict=True, reason="issue 10: the uplink bounds batches by Receive Maximum - 2 but at "
-        "least 1, and status messages not at all: birth + first batch = 2 > 1")),
+    1,
     3,
 ])
 def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
@@ -329,8 +327,6 @@ def test_the_uplink_honours_the_cloud_brokers_receive_maximum_and_packet_size(
 # -- 7. publishing while the cloud link reconnects ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: paho writes a PUBLISH made between CONNECT "
-                   "and CONNACK at once (MqttLink.publish -> paho _send_publish)")
 def test_a_publish_while_the_link_reconnects_goes_out_after_connack(tmp_path):
     """Issue 10: "a command published while the cloud link is reconnecting goes out after
     CONNACK, never before". MQTT v5 §3.1.4 lets a client send before CONNACK, but the
@@ -377,8 +373,6 @@ def test_a_publish_while_the_link_reconnects_goes_out_after_connack(tmp_path):
 _OUTAGE = 20.0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: reconnect policy (exponential backoff "
-                   "1 s -> 1 min while the broker is unreachable)")
 def test_while_the_cloud_is_unreachable_the_gateway_probes_about_once_a_second(
         site, cloud, make_gateway):
     """Readings flow again within ~2 s of the cloud broker's return (issue 10) only if the
