@@ -9,6 +9,8 @@ publisher process and one subscriber process per scenario.
     python bench/bench_path.py            # full run, about 3-5 minutes
     python bench/bench_path.py --quick    # about a minute
     python bench/bench_path.py --json out.json --scenarios 2,5
+    python bench/bench_path.py --quick --scenarios 6 --baseline-src /tmp/fieldgate-old
+        # latency: the defaults against the old ones (and against an older checkout)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -31,6 +34,7 @@ import time
 import traceback
 import urllib.request
 from collections import deque
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +168,82 @@ def publisher_main(conn: Any, port: int, spec: dict[str, Any]) -> None:
         client.disconnect()
         client.loop_stop()
     except Exception:  # report and exit; the driver prints it
+        conn.send(("error", traceback.format_exc()))
+
+
+FIRED = "io.fieldgate.alert.fired"
+# The rule the alert latency scenario loads: each alarm-* device fires once, at its first
+# reading (for: 0s), and stays firing for the rest of the run.
+ALERT_RULES = """\
+groups:
+  - name: bench
+    match: {device: "alarm-*"}
+    rules:
+      - alert: Tripped
+        expr: last(trip, 60s) > 0
+        for: 0s
+        severity: critical
+"""
+
+
+def alerter_main(conn: Any, site_port: int, cloud_port: int, spec: dict[str, Any]) -> None:
+    """Publish one alarm reading per alarm-NNN device at random moments (so that they fall
+    anywhere between two rule ticks) and time each io.fieldgate.alert.fired event at the cloud:
+    from the reading's publish to the event's arrival, and from the tick that fired it (the
+    event's time) to its arrival."""
+    try:
+        arrived: dict[str, tuple[float, float]] = {}
+        lock = threading.Lock()
+
+        def on_event(_c: Any, _u: Any, msg: Any) -> None:
+            now = time.time()
+            body = orjson.loads(msg.payload)
+            fired = datetime.fromisoformat(body["time"].replace("Z", "+00:00")).timestamp()
+            with lock:
+                arrived.setdefault(body["subject"], (now, fired))
+
+        sub = _paho_client(f"bench-events-{os.getpid()}")
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *a: subscribed.set()
+        sub.on_message = on_event
+        _connect_retry(sub, cloud_port, time.time() + 10)
+        sub.subscribe(f"fieldgate/{GATEWAY_ID}/events/{FIRED}", qos=1)
+        sub.loop_start()
+        pub = _paho_client(f"bench-alarms-{os.getpid()}")
+        _connect_retry(pub, site_port, time.time() + 10)
+        pub.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("alerter: no SUBACK")
+        conn.send(("ready", None))
+        if conn.recv() != "go":
+            return
+        rng = random.Random(spec["seed"])
+        sent: dict[str, float] = {}
+        for k in range(spec["n"]):
+            time.sleep(rng.uniform(*spec["gap"]))
+            device = f"alarm-{k:03d}"
+            sent[device] = pt = time.time()
+            pub.publish(f"sensors/{device}/telemetry", orjson.dumps({"trip": 1, "pt": pt}),
+                        qos=1)
+        deadline = time.time() + spec["wait"]
+        while time.time() < deadline:
+            with lock:
+                if len(arrived) >= len(sent):
+                    break
+            time.sleep(0.02)
+        with lock:
+            got = {d: arrived[d] for d in sent if d in arrived}
+        conn.send(("done", {
+            "latency": [got[d][0] - sent[d] for d in got],
+            "tick_to_cloud": [at - fired for at, fired in got.values()],
+            "reading_to_tick": [got[d][1] - sent[d] for d in got],
+            "missing": len(sent) - len(got),
+        }))
+        pub.disconnect()
+        pub.loop_stop()
+        sub.disconnect()
+        sub.loop_stop()
+    except Exception:
         conn.send(("error", traceback.format_exc()))
 
 
@@ -355,6 +435,14 @@ class Publisher(Child):
         return dict(self.expect("done", 0))
 
 
+class Alerter(Child):
+    def __init__(self, site_port: int, cloud_port: int, **spec: Any) -> None:
+        super().__init__(alerter_main, site_port, cloud_port, spec)
+
+    def go(self) -> None:
+        self.conn.send("go")
+
+
 class RssSampler:
     """Peak RSS of a process, sampled every 100 ms on a thread of the driver."""
 
@@ -382,19 +470,22 @@ class RssSampler:
 class GatewayProc:
     """`python -m gateway run -c CONFIG` as a real process."""
 
-    def __init__(self, workdir: Path, site: Mosquitto, cloud: Mosquitto, batch_delay: str,
-                 overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, site: Mosquitto, cloud: Mosquitto, batch_delay: str | None,
+                 overrides: dict[str, Any] | None = None, src: Path = ROOT) -> None:
+        """``batch_delay`` None: the uplink's default; ``src``: the checkout to run."""
         self.dir = workdir
+        self.src = src
         self.metrics_port = free_port()
         cfg: dict[str, Any] = {
             "gateway_id": GATEWAY_ID,
             "site": {"url": site.url},
             "cloud": {"url": cloud.url},
             "log": {"path": str(workdir / "log.db")},
-            "uplink": {"batch_max_delay": batch_delay, "backoff_min": "200ms",
-                       "backoff_max": "1s"},
+            "uplink": {"backoff_min": "200ms", "backoff_max": "1s"},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
         }
+        if batch_delay is not None:
+            cfg["uplink"]["batch_max_delay"] = batch_delay
         for key, value in (overrides or {}).items():   # --set section.option=value
             section, _, option = key.partition(".")
             if option:
@@ -415,7 +506,7 @@ class GatewayProc:
         with self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                cwd=self.src, stdout=subprocess.DEVNULL, stderr=err,
             )
         self.ps = psutil.Process(self.proc.pid)
         self.rss = RssSampler(self.proc.pid)
@@ -520,11 +611,12 @@ class Run:
         self.children.append(c)
         return c
 
-    def gateway(self, site: Mosquitto, cloud: Mosquitto, batch_delay: str,
-                overrides: dict[str, Any] | None = None) -> GatewayProc:
-        gdir = self.dir / "gw"
+    def gateway(self, site: Mosquitto, cloud: Mosquitto, batch_delay: str | None,
+                overrides: dict[str, Any] | None = None, *, name: str = "gw",
+                src: Path = ROOT) -> GatewayProc:
+        gdir = self.dir / name
         gdir.mkdir()
-        g = GatewayProc(gdir, site, cloud, batch_delay, overrides)
+        g = GatewayProc(gdir, site, cloud, batch_delay, overrides, src)
         self.gateways.append(g)
         return g
 
@@ -893,6 +985,121 @@ class Bench:
                               f"max seq {fin['maxseq']}")
         return out
 
+    # -- 6. latency: telemetry and alerts with the defaults, against the old defaults ----------
+
+    def _latency_variants(self) -> list[tuple[str, Path, dict[str, Any]]]:
+        """(name, checkout, config) to compare: the old defaults (batching: delay, 200 ms), the
+        defaults, and with --baseline-src an older checkout with its own defaults."""
+        variants: list[tuple[str, Path, dict[str, Any]]] = [
+            ("old", ROOT, {"uplink.batching": "delay", "uplink.batch_max_delay": "200ms"}),
+            ("new", ROOT, {}),
+        ]
+        if self.args.baseline_src:
+            variants.insert(0, ("before", self.args.baseline_src.resolve(),
+                                {"uplink.batch_max_delay": "200ms"}))
+        return variants
+
+    def _tick(self) -> float:
+        from gateway.config import EngineSection  # noqa: PLC0415 - the bench's only use
+        from gateway.units import parse_duration  # noqa: PLC0415
+
+        tick = self.overrides.get("engine.tick", EngineSection.model_fields["tick"].default)
+        return parse_duration(tick)
+
+    def s6_latency(self, run: Run) -> dict[str, Any]:
+        variants = self._latency_variants()
+        secs = self.paced_seconds
+        out: dict[str, Any] = {"variants": [name for name, _, _ in variants]}
+        topic = f"fieldgate/{GATEWAY_ID}/telemetry"
+        # (1) publish -> cloud at paced rates, each configuration on its own brokers;
+        # interleaved, so that the machine's load changes hit all of them alike.
+        gws: dict[str, tuple[Mosquitto, GatewayProc, Subscriber]] = {}
+        for name, src, config in variants:
+            site, cloud = run.broker(f"site-{name}"), run.broker(f"cloud-{name}")
+            gw = run.gateway(site, cloud, None, {**self.overrides, **config},
+                             name=f"gw-{name}", src=src)
+            sub = run.child(Subscriber(cloud.port, topic, "cloud"))
+            gw.start(want_cloud=True)
+            sub.expect("connecting", 15)
+            sub.expect("ready", 15)
+            gws[name] = (site, gw, sub)
+        for rate in (1000, 5000):
+            n = int(rate * secs)
+            for name, (site, gw, sub) in gws.items():
+                sub.reset()
+                pub = run.child(self.publisher(site.port, kind="single", n_msgs=n, per_msg=1,
+                                               rate=rate, max_seconds=secs * 3 + 10))
+                pub.expect("ready", 15)
+                time.sleep(0.5)
+                cpu0 = gw.cpu()
+                pub.go()
+                pres, why = wait_arrivals(sub, pub, n, timeout=secs * 3 + 30)
+                cpu1 = gw.cpu()
+                r = self._throughput(sub, pub, pres, why, cpu1 - cpu0, None)
+                pub.stop()
+                run.children.remove(pub)
+                for key in ("cpu_us", "lat_p50", "lat_p99", "incomplete"):
+                    if key in r:
+                        out[f"{name}_{rate}_{key}"] = r[key]
+                self.say(f"    paced {rate}/s {name}: {r['cpu_us']:.1f} us/reading, "
+                         f"p50 {_fmt_ms(r['lat_p50'])} ms, p99 {_fmt_ms(r['lat_p99'])} ms")
+        for _, gw, _ in gws.values():
+            gw.stop()
+        # (2) alerts (for: 0s) while 1k/s of telemetry flows.
+        tick = self._tick()
+        out["tick_s"] = tick
+        n_alerts = 20 if self.quick else 50
+        gap = (0.1, 0.5)   # seconds between alarms, at random: any phase against the tick
+        rules = run.dir / "alert-rules.yaml"
+        rules.write_text(ALERT_RULES)
+        for name, src, config in variants:
+            site, cloud = run.broker(f"site-{name}-a"), run.broker(f"cloud-{name}-a")
+            gw = run.gateway(site, cloud, None,
+                             {**self.overrides, **config, "rules": [str(rules)]},
+                             name=f"gwa-{name}", src=src)
+            sub = run.child(Subscriber(cloud.port, topic, "cloud"))
+            gw.start(want_cloud=True)
+            sub.expect("connecting", 15)
+            sub.expect("ready", 15)
+            alerter = run.child(Alerter(site.port, cloud.port, n=n_alerts, gap=gap, seed=6,
+                                        wait=tick + 10))
+            alerter.expect("ready", 15)
+            span = n_alerts * sum(gap) / 2 + tick + 12
+            pub = run.child(self.publisher(site.port, kind="single", n_msgs=int(1000 * span),
+                                           per_msg=1, rate=1000, max_seconds=span + 5))
+            pub.expect("ready", 15)
+            pub.go()
+            time.sleep(1.0)
+            alerter.go()
+            res = alerter.expect("done", span + 30)
+            pub.proc.terminate()
+            pub.stop()
+            run.children.remove(pub)
+            gw.stop()
+            lat = res["latency"]
+            # Beyond the evaluation interval: the latency less the wait for the tick that
+            # fired the alert, that wait counted up to one interval at most (a reading that
+            # missed a tick, e.g. while waiting for its commit, pays the excess).
+            beyond = [total - min(wait, tick)
+                      for total, wait in zip(lat, res["reading_to_tick"], strict=True)]
+            out[f"{name}_alert_p50"] = pct(lat, 0.5)
+            out[f"{name}_alert_p99"] = pct(lat, 0.99)
+            out[f"{name}_alert_beyond_p50"] = pct(beyond, 0.5)
+            out[f"{name}_alert_beyond_p99"] = pct(beyond, 0.99)
+            out[f"{name}_alert_tick_p50"] = pct(res["tick_to_cloud"], 0.5)
+            out[f"{name}_alert_tick_p99"] = pct(res["tick_to_cloud"], 0.99)
+            out[f"{name}_alert_missing"] = res["missing"]
+            if res["missing"]:
+                self.notes.append(f"alerts ({name}): {res['missing']} of {n_alerts} events "
+                                  "did not arrive")
+            self.say(f"    alerts {name}: reading->cloud p50 {_fmt_ms(pct(lat, 0.5))} ms, "
+                     f"p99 {_fmt_ms(pct(lat, 0.99))} ms (tick {tick * 1000:.0f} ms); beyond "
+                     f"the tick p50 {_fmt_ms(pct(beyond, 0.5))} ms, p99 "
+                     f"{_fmt_ms(pct(beyond, 0.99))} ms; tick->cloud p50 "
+                     f"{_fmt_ms(out[f'{name}_alert_tick_p50'])} ms, "
+                     f"p99 {_fmt_ms(out[f'{name}_alert_tick_p99'])} ms")
+        return out
+
     # -- summary ---------------------------------------------------------------------------------
 
     def table(self) -> list[dict[str, Any]]:
@@ -913,6 +1120,7 @@ class Bench:
         s3 = r.get("3_gw_array", {})
         s4 = r.get("4_paced", {})
         s5 = r.get("5_drain", {})
+        s6 = r.get("6_latency", {})
         bare_rate = s1.get("rate")
         if s1:
             row("1 bare paho sub, QoS1 full speed", bare_rate, "msg/s")
@@ -956,11 +1164,43 @@ class Bench:
                 None if v is None else v >= 50_000 and not s5.get("incomplete"))
             row("5 drain CPU", s5.get("cpu_us"), "us/rdg")
             row("5 ingest into log, cloud down", s5.get("ingest_rate_offline"), "rdg/s")
+        if s6 and "error" not in s6:
+            self._latency_rows(s6, row)
         for name, res in r.items():
             if "error" in res:
                 row(f"{name} FAILED", None, "", target=res["error"].splitlines()[0][:60],
                     ok=False)
         return rows
+
+    @staticmethod
+    def _latency_rows(s6: dict[str, Any], row: Any) -> None:
+        """Scenario 6: the defaults ("new") with the old defaults in the same run as the
+        baseline, and an older checkout ("before") when one was given."""
+        bases = [b for b in ("old", "before") if b in s6["variants"]]
+        for base in bases:
+            tag = "old defaults" if base == "old" else "before"
+            row(f"6 baseline: {tag}", None, "")
+            for rate in (1000, 5000):
+                row(f"6 paced {rate}/s CPU", s6.get(f"new_{rate}_cpu_us"), "us/rdg",
+                    s6.get(f"{base}_{rate}_cpu_us"))
+                row(f"6 paced {rate}/s pub->cloud p50", _ms(s6.get(f"new_{rate}_lat_p50")), "ms",
+                    _ms(s6.get(f"{base}_{rate}_lat_p50")))
+                row(f"6 paced {rate}/s pub->cloud p99", _ms(s6.get(f"new_{rate}_lat_p99")), "ms",
+                    _ms(s6.get(f"{base}_{rate}_lat_p99")))
+            row("6 alert reading->cloud p50", _ms(s6.get("new_alert_p50")), "ms",
+                _ms(s6.get(f"{base}_alert_p50")))
+            row("6 alert reading->cloud p99", _ms(s6.get("new_alert_p99")), "ms",
+                _ms(s6.get(f"{base}_alert_p99")))
+            row("6 alert beyond the tick p50", _ms(s6.get("new_alert_beyond_p50")), "ms",
+                _ms(s6.get(f"{base}_alert_beyond_p50")))
+            beyond = s6.get("new_alert_beyond_p99")
+            row("6 alert beyond the tick p99", _ms(beyond), "ms",
+                _ms(s6.get(f"{base}_alert_beyond_p99")), "<= 100",
+                None if beyond is None else beyond <= 0.1 and not s6.get("new_alert_missing"))
+            row("6 alert tick->cloud p50", _ms(s6.get("new_alert_tick_p50")), "ms",
+                _ms(s6.get(f"{base}_alert_tick_p50")))
+            row("6 alert tick->cloud p99", _ms(s6.get("new_alert_tick_p99")), "ms",
+                _ms(s6.get(f"{base}_alert_tick_p99")))
 
     def print_table(self, rows: list[dict[str, Any]]) -> None:
         def num(x: Any) -> str:
@@ -991,6 +1231,7 @@ SCENARIOS = {
     "3": ("3_gw_array", Bench.s3_gateway_array),
     "4": ("4_paced", Bench.s4_paced),
     "5": ("5_drain", Bench.s5_drain),
+    "6": ("6_latency", Bench.s6_latency),
 }
 
 
@@ -999,7 +1240,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
     ap.add_argument("--json", type=Path, help="write results as JSON to this path")
-    ap.add_argument("--scenarios", default="1,2,3,4,5", help="comma-separated subset of 1-5")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated subset of 1-6")
     ap.add_argument("--batch-delay", default="50ms", help="uplink.batch_max_delay (default 50ms)")
     ap.add_argument("--pub-inflight", type=int, default=PUB_INFLIGHT,
                     help="publisher's paho max_inflight_messages (0 = no paho limit)")
@@ -1009,6 +1250,9 @@ def main() -> int:
                     help="extra gateway config (YAML value), e.g. "
                     "--set ingest.commit_interval=20ms")
     ap.add_argument("--n", type=int, default=0, help="messages in scenarios 1 and 2")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="scenario 6 also runs the gateway from this checkout (e.g. "
+                    "`git archive <commit> | tar -x -C DIR`) with its own defaults")
     args = ap.parse_args()
     bench = Bench(args)
     started = time.time()

@@ -318,14 +318,29 @@ class LogSection(_Section):
     )
 
 
+class Batching(StrEnum):
+    """When the uplink sends telemetry that does not fill a batch (events never wait)."""
+
+    ADAPTIVE = "adaptive"  # at once when no batch is in flight; gather while one is
+    DELAY = "delay"        # always gather for batch_max_delay: fewest messages, most latency
+
+
 class Uplink(_Section):
     """Forwarding to the cloud broker under fieldgate/<gateway_id>/."""
 
     batch_max_readings: int = Field(500, ge=1, description="Most readings in one message")
     batch_max_bytes: ByteSize = Field(256 * 1024, ge=4096, le=256 * 1024**2,
                                       description="Largest message payload")
+    batching: Batching = Field(
+        Batching.ADAPTIVE,
+        description="adaptive: telemetry goes at once when no batch awaits its PUBACK and "
+        "gathers (up to batch_max_delay) while one does, so batches grow with the cloud's "
+        "round trip; delay: always gather for batch_max_delay (fewer, larger messages, e.g. "
+        "for a broker that bills per message, at the cost of latency). Events never wait",
+    )
     batch_max_delay: Duration = Field(
-        0.2, gt=0, description="Longest a reading waits for its batch to fill"
+        0.2, gt=0, description="Longest a reading waits for its batch to fill (adaptive: "
+        "only while a batch is in flight)"
     )
     max_inflight: int = Field(
         64, ge=1, le=1000,

@@ -224,10 +224,16 @@ class Gateway:
                     rules.reload()
                 rules.step(woke)
             commands.expire(woke)
+            # Sinks step last: events the rules, commands or ingest logged in this turn go
+            # out in this turn (the uplink sends an event without waiting for a batch).
             for sink in sinks:
                 sink.step(woke)
             if got and not any(link.busy for link in links):
-                # Coalesce: let the next messages gather instead of waking for each one.
+                # Coalesce: let the next messages gather instead of waking for each one,
+                # but not past a rule tick (its alerts go out in the same turn: the uplink
+                # sends an event as soon as it is in the log).
                 rest = interval - (time.monotonic() - woke)
+                if rules is not None:
+                    rest = min(rest, rules.next_wake(time.monotonic()))
                 if rest > 0:
                     stopping.wait(rest)

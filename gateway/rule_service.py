@@ -125,7 +125,10 @@ class RuleService:
     def step(self, now: float) -> None:
         if now < self._next_tick:
             return
-        self._next_tick = now + self._cfg.engine.tick
+        # On a steady grid: a turn of the loop that came late does not push every later
+        # tick back (after a stall of more than a tick, the grid restarts from now).
+        tick = self._cfg.engine.tick
+        self._next_tick = self._next_tick + tick if now - self._next_tick < tick else now + tick
         events = self.engine.tick(time.time())
         self._publish()
         if not events:

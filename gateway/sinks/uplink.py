@@ -12,6 +12,12 @@ accepted, copied to the dead-letter table (``gateway log dlq``) so that the curs
 one record the broker refuses must not stop forwarding. Batches respect the Maximum Packet
 Size the broker announced in CONNACK; a single record larger than that is dead-lettered
 without being sent (Mosquitto answers an oversize PUBLISH by disconnecting).
+
+When a batch goes (``uplink.batching``): telemetry that does not fill a batch goes at once
+when no batch awaits its PUBACK and gathers while one does (``adaptive``, Nagle's rule: the
+batches grow with the cloud's round trip), or always gathers for ``batch_max_delay``
+(``delay``). An event never waits for a batch: once one is in the log, everything before it
+and the event itself go in the same turn of the loop (order per sink is kept).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 import orjson
 
 from gateway import __version__
-from gateway.config import GatewayConfig
+from gateway.config import Batching, GatewayConfig
 from gateway.log.reader import LogReader
 from gateway.log.store import KIND_EVENT, LogStore
 from gateway.metrics import GatewayMetrics
@@ -106,6 +112,13 @@ class UplinkSink:
         self._inflight: deque[_Batch] = deque()
         self._by_mid: dict[int, _Batch] = {}
         self._waiting_since: float | None = None
+        self._adaptive = self._up.batching is Batching.ADAPTIVE
+        # Events must not wait for a batch. The log counts the events it took; when the
+        # count moves, everything logged so far (the new events and what is before them)
+        # is sent without waiting: self._urgent_to is the seq up to which that holds.
+        # At start, the backlog may hold events too.
+        self._events_seen = self._events_logged()
+        self._urgent_to = store.next_seq
         self._retry_at = 0.0
         self._retry = Backoff(self._up.backoff_min, self._up.backoff_max)
         self._last_status = 0.0
@@ -225,27 +238,52 @@ class UplinkSink:
 
     # -- publishing ---------------------------------------------------------------------------
 
+    def _events_logged(self) -> int:
+        return self._store.snapshot.counters.get("events", 0)
+
+    def _note_events(self) -> None:
+        """New events in the log: send everything up to the log's end without waiting."""
+        events = self._events_logged()
+        if events != self._events_seen:
+            self._events_seen = events
+            self._urgent_to = self._store.next_seq
+
+    def _send_now(self, now: float) -> bool:
+        """Whether rows that do not fill a batch go now rather than gathering more."""
+        assert self._waiting_since is not None
+        return (self._next < self._urgent_to
+                or (self._adaptive and not self._inflight)
+                or now - self._waiting_since >= self._up.batch_max_delay)
+
     def _publish_due(self, now: float, *, drain: bool = False) -> None:
+        self._note_events()
+        if self._publish_batches(now, drain=drain):
+            # Written now, whichever way the loop above ended: the link buffers publishes
+            # until a flush, and the daemon may sleep (coalescing) before its next poll.
+            self.link.flush()
+
+    def _publish_batches(self, now: float, *, drain: bool) -> bool:
+        """Publish what is due; True if anything was published."""
         up = self._up
+        sent = False
         while len(self._inflight) < self._max_inflight() and now >= self._retry_at:
             if self._inflight and self._inflight[0].state == -1:
-                return
+                return sent
             available = self._store.next_seq - self._next
             if available <= 0:
                 self._waiting_since = None
-                return
+                return sent
             if self._waiting_since is None:
                 self._waiting_since = now
-            if (not drain and available < up.batch_max_readings
-                    and now - self._waiting_since < up.batch_max_delay):
-                return
+            if not drain and available < up.batch_max_readings and not self._send_now(now):
+                return sent
             rows = self._reader.read(self._next, max_readings=up.batch_max_readings,
                                      max_bytes=self._batch_bytes())
             if not rows:
                 # Everything from here on was removed (cap or age) before it could be sent.
                 self._next = max(self._next, self._store.next_seq)
                 self._waiting_since = None
-                return
+                return sent
             last = rows[-1].seq + rows[-1].n - 1
             props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
             if rows[0].kind == KIND_EVENT:
@@ -275,7 +313,7 @@ class UplinkSink:
                                          f"{wire} bytes > the broker's Maximum Packet Size "
                                          f"{limit}"):
                     self._retry_at = now + self._retry.next_delay()
-                    return
+                    return sent
                 batch.state = 1
                 self._inflight.append(batch)
                 self._next = end
@@ -288,7 +326,8 @@ class UplinkSink:
             self._by_mid[mid] = batch
             self._next = batch.end
             self._waiting_since = now if self._store.next_seq > self._next else None
-        self.link.flush()
+            sent = True
+        return sent
 
     def _max_inflight(self) -> int:
         # The broker's Receive Maximum bounds our unacknowledged publishes (room for status).
@@ -311,7 +350,10 @@ class UplinkSink:
     def next_wake(self, now: float) -> float:
         wake = self.link.next_wake(now)
         if self._waiting_since is not None and self._can_publish(now):
-            wake = min(wake, max(0.0, self._waiting_since + self._up.batch_max_delay - now))
+            if self._send_now(now):
+                wake = 0.0
+            else:
+                wake = min(wake, max(0.0, self._waiting_since + self._up.batch_max_delay - now))
         elif self._retry_at > now:
             wake = min(wake, self._retry_at - now)
         return min(wake, _POLL_MAX)
