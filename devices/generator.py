@@ -117,10 +117,14 @@ class FleetModel:
     def next_due(self) -> float:
         return self._heap[0][0] if self._heap else math.inf
 
-    def due(self, until: float) -> list[Outgoing]:
-        """Every message due at or before simulated time ``until``, in time order."""
+    def due(self, until: float, limit: int | None = None) -> list[Outgoing]:
+        """Every message due at or before simulated time ``until``, in time order; with
+        ``limit``, stop once that many are made (the rest come on the next call), so a
+        publisher that fell behind takes its backlog in bounded bites."""
         out: list[Outgoing] = []
         while self._heap and self._heap[0][0] <= until:
+            if limit is not None and len(out) >= limit:
+                break
             t, index = heapq.heappop(self._heap)
             device = self.devices[index]
             out.extend(self._emit(device, t))
