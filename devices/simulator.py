@@ -150,6 +150,8 @@ class Simulator:
                     self._publish(now)
                 if self._can_publish():
                     wait = 0.0
+                elif self._pending or self._answers:
+                    wait = _MAX_SLEEP  # held back by the window or the socket: select wakes us
                 else:
                     wait = min(max(model.next_due() / scale - (time.monotonic() - t0), 0.0),
                                _MAX_SLEEP)
