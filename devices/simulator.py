@@ -168,7 +168,8 @@ class Simulator:
         deadline = time.monotonic() + _FIRST_CONNECT
         while not session.connected or session.pending_subscriptions:
             if time.monotonic() > deadline:
-                raise ConnectionLostError(f"no CONNACK from the broker within "
+                session.disconnect()
+                raise ConnectionLostError(f"no CONNACK (or SUBACK) from the broker within "
                                           f"{_FIRST_CONNECT:g} s")
             select.select([session], [session] if session.wants_write() else [], [],
                           min(session.next_timeout(), _MAX_SLEEP))
