@@ -17,6 +17,7 @@ from devices import __version__
 from devices.fleet import Fleet, FleetError, load_fleet, parse_duration, parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
+from fieldmqtt.session import MqttError
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -44,20 +45,22 @@ def _builtin_fleet(count: int, rate: float, fmt: str, qos: int) -> Fleet:
     }}})
 
 
-def _read_key(key_file: Path | None, key_env: str | None) -> bytes | None:
-    if key_file is not None:
-        # Read as the gateway reads commands.key_file: the first line, stripped.
+def _read_secret(path: Path | None, env: str | None, option: str) -> bytes | None:
+    """A secret from ``--<option>-file`` (its first line, stripped, as the gateway reads
+    commands.key_file) or ``--<option>-env``; never from the command line, which others
+    on the machine can read."""
+    if path is not None:
         try:
-            lines = key_file.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as err:
-            _fail(f"cannot read --key-file {str(key_file)!r}: {err.strerror}", 2)
+            _fail(f"cannot read --{option}-file {str(path)!r}: {err.strerror}", 2)
         if not lines or not lines[0].strip():
-            _fail(f"--key-file {str(key_file)!r} is empty", 2)
+            _fail(f"--{option}-file {str(path)!r} is empty", 2)
         return lines[0].strip().encode()
-    if key_env is not None:
-        value = os.environ.get(key_env)
+    if env is not None:
+        value = os.environ.get(env)
         if value is None:
-            _fail(f"environment variable {key_env!r} (--key-env) is not set", 2)
+            _fail(f"environment variable {env!r} (--{option}-env) is not set", 2)
         return value.encode() if value is not None else None
     return None
 
@@ -92,6 +95,13 @@ def main() -> None:
               help="Site master key (the gateway's commands.key_file): each device "
               "verifies commands and signs answers with its key derived from it.")
 @click.option("--key-env", help="Site master key (environment variable).")
+@click.option("--username", help="Broker user name.")
+@click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Broker password (first line of the file); needs --username.")
+@click.option("--password-env", help="Broker password (environment variable).")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="CA certificate(s) to check an mqtts:// broker with (default: the "
+              "system's).")
 @click.option("--start", type=float, help="Epoch of the first reading (default: now).")
 @click.option("--dry-run", is_flag=True,
               help="Print the messages as JSONL instead of publishing (no broker).")
@@ -105,14 +115,18 @@ def main() -> None:
               help="Without --fleet: QoS.")
 def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: str,
              rate_scale: float, record: Path | None, fault_log: Path | None,
-             key_file: Path | None, key_env: str | None, start: float | None, dry_run: bool,
-             count: int, rate: float, fmt: str, qos: int) -> None:
+             key_file: Path | None, key_env: str | None, username: str | None,
+             password_file: Path | None, password_env: str | None, ca_file: Path | None,
+             start: float | None, dry_run: bool, count: int, rate: float, fmt: str,
+             qos: int) -> None:
     """Publish readings from a simulated fleet; actuators obey verified commands.
 
     \b
     Examples:
       devices simulate --fleet devices/fleets/greenhouse.yaml --key-file key.txt
       devices simulate --devices 500 --rate 5000 --duration 60s
+      devices simulate --broker mqtts://site.local:8883 --ca-file ca.pem \\
+          --username emulator --password-file emulator.pw
       devices simulate --fleet devices/fleets/cold-chain.yaml --dry-run --duration 1h
     """
     if rate <= 0 or count <= 0 or rate_scale <= 0:
@@ -124,7 +138,8 @@ def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: s
             click.echo(f"{fleet_path}: {line}", err=True)
         raise SystemExit(2) from None
     seconds = _duration(duration)
-    key = _read_key(key_file, key_env)
+    key = _read_secret(key_file, key_env, "key")
+    password = _read_secret(password_file, password_env, "password")
     model = FleetModel(fleet, seed=seed, start=time.time() if start is None else start,
                        scale=rate_scale)
     if dry_run:
@@ -147,23 +162,35 @@ def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: s
     try:
         sim = Simulator(model, broker=broker, key=key,
                         record=record.open("wb") if record else None,
-                        say=lambda line: click.echo(line, err=True))
+                        say=lambda line: click.echo(line, err=True),
+                        username=username, password=password,
+                        ca_file=str(ca_file) if ca_file else None)
         stats = sim.run(seconds, lambda: stopping)
     except ValueError as err:
         _fail(str(err), 2)
         return
-    except OSError as err:
+    except (MqttError, OSError) as err:
         _fail(f"cannot reach broker {broker!r}: {err}")
         return
     _write_faults(fault_log, model.fault_log)
     rate_done = stats.published / max(stats.elapsed, 1e-9)
     click.echo(f"sent {stats.published} messages in {stats.elapsed:.1f} s ({rate_done:.0f}/s), "
                f"{len(model.fault_log)} faults, commands {stats.commands_ok} applied / "
-               f"{stats.commands_refused} refused")
+               f"{stats.commands_refused} refused"
+               + (f", reconnected {stats.reconnects} times" if stats.reconnects else ""))
     if stats.late:
         click.echo(f"warning: {stats.late} messages went out more than 1 s late (worst "
                    f"{stats.worst_lag:.1f} s): this machine cannot keep the fleet's rate",
                    err=True)
+    if stats.dropped:
+        click.echo(f"warning: {stats.dropped} QoS 0 messages were dropped while the broker "
+                   "was away", err=True)
+    if stats.refused_by_broker:
+        click.echo(f"warning: the broker refused {stats.refused_by_broker} messages",
+                   err=True)
+    if stats.unacked:
+        _fail(f"{stats.unacked} QoS 1 messages were never acknowledged: broker {broker!r} "
+              "did not come back before the end of the run")
 
 
 @main.command()

@@ -1,226 +1,335 @@
-"""Running a fleet against a broker: pacing, publishing, commands, recording."""
+"""Running a fleet against a broker: pacing, publishing, commands, recording, reconnecting.
+
+One ``fieldmqtt.session.MqttSession`` carries everything (QoS 0 and QoS 1 readings, the
+command subscription, the answers), driven by this module's own select loop: no threads.
+QoS 1 readings wait in the session until their PUBACK, also across a lost connection: the
+emulator reconnects (about once a second while the broker is unreachable, backing off only
+when it refuses us) and the session sends again what was not acknowledged. QoS 0 readings
+due while the broker is away are dropped and counted, as a real device's would be.
+"""
 
 from __future__ import annotations
 
-import queue
+import random
+import secrets
 import select
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 from urllib.parse import urlsplit
 
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from mqtt5 import QoS, TopicFilter
 
 from devices.commands import CommandVerifier
 from devices.fleet import state_name
 from devices.generator import FleetModel, Outgoing
+from fieldmqtt.session import (
+    Connected,
+    ConnectionLostError,
+    ConnectRefusedError,
+    Event,
+    Message,
+    MqttSession,
+    PacketTooLargeError,
+    Published,
+    SessionConfig,
+    Subscribed,
+)
 
-# Unacknowledged QoS 1 publishes allowed at once: paho stalls near 65k outstanding message
-# ids; past a few thousand a larger window only adds memory.
-_WINDOW = 5000
+# Unacknowledged QoS 1 publishes allowed at once (the broker's Receive Maximum may lower
+# it). Larger keeps the broker busy at full speed; smaller bounds what is sent again after
+# a lost connection. 10,000 is where a bare publisher on loopback stops gaining.
+_WINDOW = 10_000
+# Messages taken from the model and published per turn of the loop: larger amortises the
+# loop, smaller reads PUBACKs and commands sooner and bounds what one turn buffers.
+_BATCH = 2000
 # The loop sleeps at most this long, so that commands are applied promptly.
 _MAX_SLEEP = 0.05
-# A broker that takes nothing for this long is given up on.
-_WRITE_TIMEOUT = 30.0
-# QoS 0 packets are written once this many bytes are waiting (fewer, larger writes).
-_RAW_CHUNK = 64 * 1024
 # A message published this much after its time counts as late: the fleet is faster than
 # this machine can publish, and the run says so instead of silently slowing down.
 _LATE = 1.0
+# Seconds to wait for the first CONNACK (and SUBACK) before the run fails.
+_FIRST_CONNECT = 10.0
+# While the broker is unreachable, try again after this many seconds (times a jitter of
+# 0.5-1: a fleet of emulators does not come back in step). Lower finds a returning broker
+# sooner, higher costs less while it is away.
+_PROBE = 1.0
+# A broker that refuses us (credentials, busy) is asked again after a delay that doubles
+# up to this bound.
+_REFUSED_MAX = 30.0
+# How long the broker keeps our session (subscription, commands queued for us) while we
+# are away; unacknowledged readings are kept by the emulator itself however long it takes.
+_SESSION_EXPIRY = 300
+# Commands the broker may send us before we PUBACK them; a command is acknowledged once its
+# answer is handed to the session, so this bounds the answers waiting for the QoS 1 window.
+_COMMANDS_IN_FLIGHT = 1000
+# At the end of a run, wait at most this long for the last PUBACKs.
+_DRAIN = 30.0
+_KEEPALIVE = 30
 
 
 @dataclass(slots=True)
 class RunStats:
-    published: int = 0
+    published: int = 0          # handed to the session (QoS 1: kept until acknowledged)
     late: int = 0
     worst_lag: float = 0.0
     commands_ok: int = 0
     commands_refused: int = 0
+    dropped: int = 0            # QoS 0 readings due while the broker was away
+    refused_by_broker: int = 0  # PUBACK with a failure, or over the Maximum Packet Size
+    unacked: int = 0            # QoS 1 still unacknowledged when the run gave up waiting
+    reconnects: int = 0
     elapsed: float = 0.0
 
 
 class Simulator:
     def __init__(self, model: FleetModel, *, broker: str, key: bytes | None,
-                 record: IO[bytes] | None = None,
-                 say: Callable[[str], None] = print) -> None:
+                 record: IO[bytes] | None = None, say: Callable[[str], None] = print,
+                 username: str | None = None, password: bytes | None = None,
+                 ca_file: str | None = None) -> None:
         """``key`` is the site master key: the emulator plays every device, so it derives
-        each device's command key from it (a real device holds only its own)."""
+        each device's command key from it (a real device holds only its own). ``ca_file``
+        checks an mqtts:// broker against that CA instead of the system's."""
         url = urlsplit(broker)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise ValueError(f"{broker!r}: write mqtt://host:port or mqtts://host:port")
+        try:
+            port = url.port or (8883 if url.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise ValueError(f"{broker!r}: the port is not a number 1-65535") from None
+        if ca_file is not None and url.scheme != "mqtts":
+            raise ValueError(f"a CA file needs an mqtts:// broker, not {broker!r}")
+        if password is not None and username is None:
+            raise ValueError("a password needs a username")
+        tls = ssl.create_default_context(cafile=ca_file) if url.scheme == "mqtts" else None
         self.model = model
+        self.stats = RunStats()
         self._record = record
         self._say = say
         self._verifier = CommandVerifier.from_master(key, model.fleet.command_max_age)
-        self._commands: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-        self.stats = RunStats()
-        self._client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                   client_id=f"fieldgate-devices-{model.seed}",
-                                   protocol=paho.MQTTv5)
-        self._client.max_inflight_messages_set(0)  # our own window bounds it (see _WINDOW)
-        if url.scheme == "mqtts":
-            self._client.tls_set()
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._host, self._port = url.hostname, url.port or (8883 if url.scheme == "mqtts"
-                                                            else 1883)
-        self._window: list[paho.MQTTMessageInfo] = []
-        self._raw = bytearray()
+        # A persistent session (clean_start False, an expiry) under an id of this run alone:
+        # the broker keeps our subscription and queued commands across a lost connection,
+        # and two emulators with the same seed do not take each other's session over.
+        self._session = MqttSession(SessionConfig(
+            host=url.hostname, port=port,
+            client_id=f"fieldgate-devices-{model.seed}-{secrets.token_hex(4)}",
+            keepalive=_KEEPALIVE, clean_start=False, session_expiry=_SESSION_EXPIRY,
+            username=username, password=password, tls=tls, max_inflight=_WINDOW,
+            receive_maximum=_COMMANDS_IN_FLIGHT))
+        self._commands = any(d.spec.actuators for d in model.devices)
+        self._pending: deque[Outgoing] = deque()
+        # Answers to commands, each with the command to PUBACK once the answer is sent.
+        self._answers: deque[tuple[str, bytes, Message]] = deque()
+        self._t0 = 0.0
+        self._retry_at = 0.0
+        self._refused_delay = _PROBE
+        self._down_since: float | None = None
 
-    def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        if any(d.spec.actuators for d in self.model.devices):
-            client.subscribe("devices/+/cmd", qos=1)
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) == 3:
-            self._commands.put((parts[1], bytes(msg.payload)))
-
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                device, raw = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            verdict, command = self._verifier.check(device, raw, time.time())
-            reason = verdict.reason
-            if verdict.ok:
-                params = command.get("params") or {}
-                state = state_name(params.get("state"))
-                if not isinstance(state, str):
-                    reason = "params.state (string) is required"
-                else:
-                    reason = self.model.set_actuator(device, command["action"], state) or ""
-            if reason:
-                self.stats.commands_refused += 1
-                self._say(f"refused command {command.get('id')!r} for {device}: {reason}")
-            else:
-                self.stats.commands_ok += 1
-            ack = {"id": command.get("id"), "ts": round(time.time(), 3),
-                   "status": "rejected" if reason else "ok"}
-            if reason:
-                ack["reason"] = reason
-            self._client.publish(f"devices/{device}/cmd/ack", self._verifier.answer(device, ack),
-                                 qos=1)
-
-    def _publish(self, messages: list[Outgoing], lag: float) -> None:
-        for out in messages:
-            if out.qos == 0:
-                self._raw_publish(out.topic, out.payload)
-            else:
-                if len(self._window) >= _WINDOW:
-                    self._drain_window()
-                self._window.append(self._client.publish(out.topic, out.payload, qos=out.qos))
-            self.stats.published += 1
-            if self._record is not None and out.reading is not None:
-                for reading in out.reading.get("batch", [out.reading]):
-                    self._record.write(orjson.dumps({"device": out.device, **reading}) + b"\n")
-        if lag > _LATE:
-            self.stats.late += len(messages)
-        self.stats.worst_lag = max(self.stats.worst_lag, lag)
-
-    def _drain_window(self) -> None:
-        """Wait (driving the connection) until the QoS 1 publishes in the window are acked."""
-        deadline = time.monotonic() + 30
-        while any(not info.is_published() for info in self._window):
-            if time.monotonic() > deadline or self._client.socket() is None:
-                raise OSError("the broker stopped acknowledging publishes")
-            self._pump(0.05)
-        self._window.clear()
-
-    # -- the connection, driven here (no paho network thread) -----------------------------
-
-    def _raw_publish(self, topic: str, payload: bytes) -> None:
-        """A QoS 0 PUBLISH (MQTT v5, no properties) written straight to the socket buffer.
-
-        paho's publish costs ~25 µs of Python per message, more than making the reading;
-        at QoS 0 there is no state to keep, so the packet is built here (~1 µs) and written
-        in large chunks.
-        """
-        name = topic.encode()
-        length = 3 + len(name) + len(payload)
-        header = bytearray(b"\x30")
-        while True:
-            byte, length = length & 0x7F, length >> 7
-            header.append(byte | (0x80 if length else 0))
-            if not length:
-                break
-        self._raw += header
-        self._raw += len(name).to_bytes(2, "big")
-        self._raw += name
-        self._raw += b"\x00"
-        self._raw += payload
-        if len(self._raw) >= _RAW_CHUNK:
-            self._flush_raw()
-
-    def _flush_raw(self) -> None:
-        client = self._client
-        if client.want_write():
-            client.loop_write()  # a packet paho started must be finished before ours
-            if client.want_write():
-                return
-        sock = client.socket()
-        if sock is None:
-            raise OSError("lost the broker")
-        deadline = time.monotonic() + _WRITE_TIMEOUT
-        while self._raw:
-            try:
-                sent = sock.send(self._raw)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                if time.monotonic() > deadline:
-                    raise OSError("the broker stopped reading") from None
-                select.select([], [sock], [], 1.0)
-                continue
-            del self._raw[:sent]
-
-    def _pump(self, timeout: float) -> None:
-        """Flush, then wait up to ``timeout`` for input and let paho handle it."""
-        client = self._client
-        self._flush_raw()
-        sock = client.socket()
-        if sock is None:
-            raise OSError("lost the broker")
-        readable, _, _ = select.select([sock], [sock] if client.want_write() else [], [],
-                                       timeout)
-        for _ in range(1000):  # everything that is there, bounded
-            if not readable:
-                break
-            if client.loop_read() != paho.MQTT_ERR_SUCCESS:
-                raise OSError("lost the broker")
-            readable, _, _ = select.select([sock], [], [], 0)
-        client.loop_write()
-        client.loop_misc()
+    # -- the run ------------------------------------------------------------------------------
 
     def run(self, duration: float, stop: Callable[[], bool]) -> RunStats:
-        """Publish until ``duration`` wall seconds passed (0: forever) or ``stop()``."""
-        self._client.connect(self._host, self._port)
-        deadline = time.monotonic() + 10
-        while not self._client.is_connected():
-            if time.monotonic() > deadline:
-                raise OSError("no CONNACK from the broker")
-            self._pump(0.05)
-        scale = self.model.scale
-        t0 = time.monotonic()
+        """Publish until ``duration`` wall seconds passed (0: forever) or ``stop()``.
+
+        Raises ``fieldmqtt.session.MqttError`` or OSError when the first connection fails;
+        a connection lost later is retried until the run ends."""
+        self._connect_first()
+        model, scale, session = self.model, self.model.scale, self._session
+        self._t0 = t0 = time.monotonic()
         try:
             while not stop():
-                wall = time.monotonic() - t0
-                if duration and wall >= duration:
+                now = time.monotonic()
+                if duration and now - t0 >= duration:
                     break
-                messages = self.model.due(wall * scale)
-                if messages:
-                    self._publish(messages, wall - messages[0].t / scale)
-                self._apply_commands()
-                wait = self.model.next_due() / scale - (time.monotonic() - t0)
-                self._pump(min(max(wait, 0.0), _MAX_SLEEP))
-            self._drain_window()
-            self._flush_raw()
+                if not self._pending:
+                    self._pending.extend(model.due((now - t0) * scale, _BATCH))
+                if not session.wants_write():  # the last batch is with the kernel
+                    self._publish(now)
+                if self._can_publish():
+                    wait = 0.0
+                elif self._pending or self._answers:
+                    wait = _MAX_SLEEP  # held back by the window or the socket: select wakes us
+                else:
+                    wait = min(max(model.next_due() / scale - (time.monotonic() - t0), 0.0),
+                               _MAX_SLEEP)
+                self._turn(wait)
+            self._drain()
         finally:
             self.stats.elapsed = time.monotonic() - t0
-            if self._client.socket() is not None:
-                self._client.disconnect()
-                self._client.loop_write()
+            session.disconnect(session_expiry=0)  # a clean end: the broker forgets us
         return self.stats
+
+    def _connect_first(self) -> None:
+        session = self._session
+        session.connect()
+        deadline = time.monotonic() + _FIRST_CONNECT
+        while not session.connected or session.pending_subscriptions:
+            if time.monotonic() > deadline:
+                session.disconnect()
+                raise ConnectionLostError(f"no CONNACK (or SUBACK) from the broker within "
+                                          f"{_FIRST_CONNECT:g} s")
+            select.select([session], [session] if session.wants_write() else [], [],
+                          min(session.next_timeout(), _MAX_SLEEP))
+            self._handle(session.step())
+
+    def _drain(self) -> None:
+        """Publish what is due and wait for the last PUBACKs, for at most _DRAIN seconds."""
+        session = self._session
+        deadline = time.monotonic() + _DRAIN
+        while (self._pending or self._answers or session.in_flight or session.wants_write()) \
+                and time.monotonic() < deadline:
+            if not session.wants_write():
+                self._publish(time.monotonic())
+            self._turn(0.0 if self._can_publish() else _MAX_SLEEP)
+        qos0 = sum(1 for out in self._pending if not out.qos)
+        self.stats.dropped += qos0
+        self.stats.unacked = session.in_flight + len(self._pending) - qos0 + len(self._answers)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _can_publish(self) -> bool:
+        """Whether a publish would make progress now (else the loop may wait)."""
+        session = self._session
+        if session.wants_write() or not (self._pending or self._answers):
+            return False
+        if self._answers or self._pending[0].qos:
+            return session.can_publish()
+        return True  # QoS 0: sent when connected, dropped when not
+
+    def _publish(self, now: float) -> None:
+        session, stats, pending, record = self._session, self.stats, self._pending, \
+            self._record
+        while self._answers and session.can_publish():
+            topic, payload, command = self._answers.popleft()
+            session.publish(topic, payload, qos=1)
+            session.ack(command)
+        connected = session.connected
+        elapsed = now - self._t0
+        scale = self.model.scale
+        publish = session.publish
+        while pending:
+            out = pending[0]
+            try:
+                if out.qos:
+                    if not session.can_publish():
+                        return
+                    publish(out.topic, out.payload, qos=1)
+                elif connected:
+                    publish(out.topic, out.payload)
+                else:
+                    pending.popleft()
+                    stats.dropped += 1
+                    continue
+            except PacketTooLargeError as err:
+                pending.popleft()
+                stats.refused_by_broker += 1
+                self._say(f"Not sent on {out.topic!r}: {err}")
+                continue
+            pending.popleft()
+            stats.published += 1
+            lag = elapsed - out.t / scale
+            if lag > _LATE:
+                stats.late += 1
+                stats.worst_lag = max(stats.worst_lag, lag)
+            if record is not None and out.reading is not None:
+                for reading in out.reading.get("batch", [out.reading]):
+                    record.write(orjson.dumps({"device": out.device, **reading}) + b"\n")
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def _turn(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the socket, then let the session do its work."""
+        session = self._session
+        if session.fileno() < 0:  # away: wait for the next attempt
+            left = self._retry_at - time.monotonic()
+            if left > 0:
+                time.sleep(min(left, max(timeout, _MAX_SLEEP)))
+                return
+            try:
+                session.connect()
+            except (ConnectionLostError, OSError) as err:
+                self._lost(err)
+            return
+        timeout = min(timeout, session.next_timeout())
+        if timeout > 0 or session.wants_write():
+            select.select([session], [session] if session.wants_write() else [], [], timeout)
+        try:
+            self._handle(session.step())
+        except ConnectionLostError as err:
+            self._lost(err)
+
+    def _lost(self, err: Exception) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._say(f"Lost the broker ({err}); reconnecting")
+        if isinstance(err, ConnectRefusedError):
+            delay = self._refused_delay
+            self._refused_delay = min(self._refused_delay * 2, _REFUSED_MAX)
+            self._say(f"Broker refused us ({err}); next try in {delay:.0f} s")
+        else:
+            delay = _PROBE
+        self._retry_at = now + delay * random.uniform(0.5, 1.0)
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if type(event) is Published:
+                if int(event.reason_code) >= 0x80:
+                    self.stats.refused_by_broker += 1
+            elif isinstance(event, Message):
+                self._on_command(event)
+            elif isinstance(event, Connected):
+                self._on_connected()
+            elif isinstance(event, Subscribed) and \
+                    any(int(code) >= 0x80 for code in event.reason_codes):
+                self._say(f"Broker refused the command subscription "
+                          f"({event.reason_codes[0].name}): actuators get no commands")
+
+    def _on_connected(self) -> None:
+        if self._down_since is not None:
+            self._say(f"Reconnected after {time.monotonic() - self._down_since:.1f} s")
+            self._down_since = None
+            self.stats.reconnects += 1
+        self._refused_delay = _PROBE
+        if self._commands:
+            # Again on every connection: a broker that lost our session lost it too.
+            self._session.subscribe([TopicFilter("devices/+/cmd", max_qos=QoS.AT_LEAST_ONCE)])
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _on_command(self, message: Message) -> None:
+        parts = message.topic.split("/")
+        answer = None
+        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "cmd":
+            answer = self._apply(parts[1], message.payload, redelivered=message.duplicate)
+        if answer is None:
+            self._session.ack(message)
+        else:
+            self._answers.append((f"devices/{parts[1]}/cmd/ack", answer, message))
+
+    def _apply(self, device: str, raw: bytes, *, redelivered: bool) -> bytes | None:
+        """Check and apply a command; the answer to publish (None: none is owed)."""
+        verdict, command = self._verifier.check(device, raw, time.time())
+        reason = verdict.reason
+        if reason == "replayed" and redelivered:
+            return None  # the broker sent again what we applied before our PUBACK got out
+        if verdict.ok:
+            params = command.get("params") or {}
+            state = state_name(params.get("state"))
+            if not isinstance(state, str):
+                reason = "params.state (string) is required"
+            else:
+                reason = self.model.set_actuator(device, command["action"], state) or ""
+        if reason:
+            self.stats.commands_refused += 1
+            self._say(f"refused command {command.get('id')!r} for {device}: {reason}")
+        else:
+            self.stats.commands_ok += 1
+        ack = {"id": command.get("id"), "ts": round(time.time(), 3),
+               "status": "rejected" if reason else "ok"}
+        if reason:
+            ack["reason"] = reason
+        return self._verifier.answer(device, ack)

@@ -259,7 +259,7 @@ def test_every_injected_malformed_payload_is_in_the_gateways_dlq(site, cloud, ma
 
 
 
-def test_qos0_fast_path_publishes_well_formed_packets(site):
+def test_qos0_readings_arrive_well_formed(site):
     fleet = parse_fleet({"seed": 3, "types": {"m": {
         "count": 50, "id": "m-{n}", "interval": "100ms", "qos": 0, "format": "number",
         "metrics": {"power": {"baseline": 4, "noise": 0.5}, "energy": {"baseline": 4,
