@@ -169,8 +169,9 @@ class Simulator:
         while not session.connected or session.pending_subscriptions:
             if time.monotonic() > deadline:
                 session.disconnect()
-                raise ConnectionLostError(f"no CONNACK (or SUBACK) from the broker within "
-                                          f"{_FIRST_CONNECT:g} s")
+                raise ConnectionLostError(
+                    f"{session.config.host}:{session.config.port}",
+                    f"no CONNACK (or SUBACK) from the broker within {_FIRST_CONNECT:g} s")
             select.select([session], [session] if session.wants_write() else [], [],
                           min(session.next_timeout(), _MAX_SLEEP))
             self._handle(session.step())
@@ -259,6 +260,7 @@ class Simulator:
         try:
             self._handle(session.step())
         except ConnectionLostError as err:
+            self._handle(err.events)  # what came before the end (PUBACKs, commands)
             self._lost(err)
 
     def _lost(self, err: Exception) -> None:
