@@ -196,8 +196,10 @@ def test_a_retained_reading_is_logged_once_across_restarts(site, cloud, make_gat
                    retain=True)
     pub.publish_v5("sensors/ret/level", b"7", retain=True)
     pub.wait()
-    gw = make_gateway(site, cloud).start()
+    gw = make_gateway(site, cloud)
+    # Subscribed before the gateway starts: the retained readings are forwarded at once.
     sink = CloudCollector(cloud.port, gw.gateway_id)
+    gw.start()
     assert sink.wait_for(lambda: len(sink.unique()) == 2, 10), gw.log()
     assert gw.stop() == 0
     gw.start()  # the same persistent site session: its subscriptions are still there
