@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from devices.cli import _builtin_fleet  # noqa: E402
 from devices.generator import FleetModel  # noqa: E402
-from fieldmqtt.session import MqttSession, Published, SessionConfig  # noqa: E402
+from fieldmqtt import MqttSession, Published, SessionConfig  # noqa: E402
 from gateway.mosquitto import Mosquitto  # noqa: E402
 
 _SENT = re.compile(r"sent (\d+) messages in ([\d.]+) s")

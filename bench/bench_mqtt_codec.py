@@ -44,7 +44,7 @@ import mqtt5  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from fieldmqtt.session import Message, MqttSession, SessionConfig  # noqa: E402
+from fieldmqtt import Message, MqttSession, SessionConfig  # noqa: E402
 from gateway.mosquitto import Mosquitto  # noqa: E402
 
 TOPIC = "sensors/gh-17/telemetry"

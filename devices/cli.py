@@ -17,7 +17,7 @@ from devices import __version__
 from devices.fleet import Fleet, FleetError, load_fleet, parse_duration, parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
-from fieldmqtt.session import MqttError
+from fieldmqtt import MqttError
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

@@ -27,7 +27,7 @@ from mqtt5 import QoS, TopicFilter
 from devices.commands import CommandVerifier
 from devices.fleet import state_name
 from devices.generator import FleetModel, Outgoing
-from fieldmqtt.session import (
+from fieldmqtt import (
     Connected,
     ConnectionLostError,
     ConnectRefusedError,

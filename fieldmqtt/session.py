@@ -11,15 +11,7 @@ happened as a list of events. Reconnecting (and its backoff) is the caller's pol
 
 Only public APIs of ``mqtt5``, ``socket`` and ``ssl`` are used.
 
-Errors::
-
-    MqttError                      base of this module's errors
-    ├── ConnectionLostError         the connection ended (``reason_code`` when the server said)
-    │   ├── ConnectRefusedError     CONNACK with a failure reason code
-    │   └── ProtocolViolationError  the server sent something malformed or not allowed
-    ├── NotConnectedError           a QoS 0 publish or an ack without a connection
-    ├── WindowFullError             the QoS 1 in-flight window is full (see ``can_publish``)
-    └── PacketTooLargeError         over the server's Maximum Packet Size; nothing was sent
+Errors are in ``fieldmqtt.errors``; the events ``step()`` returns in ``fieldmqtt.events``.
 """
 
 from __future__ import annotations
@@ -34,7 +26,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 import mqtt5
 from mqtt5 import (
@@ -42,10 +34,21 @@ from mqtt5 import (
     DisconnectReasonCode,
     PubAckReasonCode,
     QoS,
-    SubAckReasonCode,
     TopicFilter,
     Will,
 )
+
+from fieldmqtt.errors import (
+    ConnectionLostError,
+    ConnectRefusedError,
+    NotConnectedError,
+    PacketTooLargeError,
+    ProtocolViolationError,
+    ServerDisconnectError,
+    WindowFullError,
+    reason_name,
+)
+from fieldmqtt.events import Connected, Event, Message, Published, Subscribed
 
 # One step reads at most this much: bounds the work (and the events returned) per wake-up so
 # one busy socket cannot starve the rest of the caller's loop.
@@ -56,57 +59,6 @@ SEND_CHUNK = 256 * 1024
 # The PINGRESP must arrive within this share of the keepalive, or the link is dead. Half
 # tolerates a slow server; less would declare busy links dead.
 PING_GRACE = 0.5
-
-
-class MqttError(Exception):
-    """Base of the errors of an MQTT session."""
-
-
-class ConnectionLostError(MqttError):
-    """``why`` says what happened without naming the server ("the connection broke:
-    Connection reset by peer"); str() is "host:port: why". ``events`` are what the same
-    step() saw before the end (a CONNACK, messages, PUBACKs): the caller must handle them."""
-
-    def __init__(self, where: str, why: str, reason_code: int | None = None) -> None:
-        self.where = where
-        self.why = why
-        self.reason_code = reason_code
-        self.events: list[Event] = []
-        super().__init__(f"{where}: {why}")
-
-
-class ConnectRefusedError(ConnectionLostError):
-    """The server answered CONNECT with a failure; ``reason_code`` says why."""
-
-
-class ProtocolViolationError(ConnectionLostError):
-    """The server broke the protocol; we sent DISCONNECT with ``reason_code``."""
-
-
-class ServerDisconnectError(ConnectionLostError):
-    """The server sent DISCONNECT with ``reason_code`` (and maybe ``reason_string``)."""
-
-    def __init__(self, where: str, reason_code: int, reason_string: str | None) -> None:
-        self.reason_string = reason_string
-        why = f"the server sent DISCONNECT: {reason_name(reason_code)} (0x{reason_code:02x})"
-        super().__init__(where, why + (f", {reason_string!r}" if reason_string else ""),
-                         reason_code)
-
-
-class NotConnectedError(MqttError):
-    pass
-
-
-class WindowFullError(MqttError):
-    pass
-
-
-class PacketTooLargeError(MqttError):
-    def __init__(self, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-        super().__init__(f"Packet of {size} bytes is over the server's Maximum Packet Size "
-                         f"of {limit}; send less per message")
 
 
 # One entry of socket.getaddrinfo(): (family, type, proto, canonname, sockaddr).
@@ -157,47 +109,6 @@ class SessionConfig:
             raise ValueError(f"max_queued must be 1..65000, got {self.max_queued}")
 
 
-class Message(NamedTuple):
-    """An inbound PUBLISH (a NamedTuple: built once per message, cheaper than a dataclass)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    packet_id: int | None
-    duplicate: bool
-    retain: bool
-    subscription_ids: tuple[int, ...]
-    content_type: str | None
-    user_properties: tuple[tuple[str, str], ...]
-    response_topic: str | None
-    correlation_data: bytes | None
-    connection: int     # which connection it came on; an ack on a later one is not sent
-    received: float     # time.time() when it was read (one clock read per step)
-
-
-class Connected(NamedTuple):
-    session_present: bool
-    receive_maximum: int
-    max_packet_size: int | None
-    keepalive: int
-    assigned_client_id: str | None
-
-
-class Published(NamedTuple):
-    """The server's PUBACK for our QoS 1 publish ``packet_id``."""
-
-    packet_id: int
-    reason_code: PubAckReasonCode
-
-
-class Subscribed(NamedTuple):
-    packet_id: int
-    reason_codes: tuple[SubAckReasonCode, ...]
-
-
-Event = Message | Connected | Published | Subscribed
-
-
 class _Outgoing:
     __slots__ = ("data", "packet", "sent", "tried")
 
@@ -216,17 +127,6 @@ def _with_dup(p: mqtt5.PublishPacket) -> mqtt5.PublishPacket:
         message_expiry_interval=p.message_expiry_interval, content_type=p.content_type,
         response_topic=p.response_topic, correlation_data=p.correlation_data,
         user_properties=p.user_properties)
-
-
-def reason_name(code: int) -> str:
-    """The name of an MQTT v5 reason code, e.g. 0x87 -> "Not authorized"."""
-    for kind in (PubAckReasonCode, DisconnectReasonCode, ConnAckReasonCode, SubAckReasonCode):
-        try:
-            return str(kind(code).name).replace("_", " ").capitalize()
-        except ValueError:
-            continue
-    return "Unknown reason"
-
 
 
 def _is_codec_panic(err: BaseException) -> bool:

@@ -19,7 +19,7 @@ from mqtt5 import QoS, TopicFilter
 from devices.fleet import parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
-from fieldmqtt.session import ConnectionLostError, Message, MqttSession, SessionConfig
+from fieldmqtt import ConnectionLostError, Message, MqttSession, SessionConfig
 from gateway.mosquitto import Mosquitto, free_port
 from tests.mqtt_helpers import SLACK
 

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import pytest
 from mqtt5 import ConnAckPacket, DisconnectPacket, DisconnectReasonCode
 
-from fieldmqtt.session import PacketTooLargeError
+from fieldmqtt import PacketTooLargeError
+from gateway.backoff import Backoff
 from gateway.config import Link
 from gateway.mosquitto import Mosquitto
-from gateway.mqtt.link import Backoff, MqttLink, poll_links
+from gateway.mqtt.link import MqttLink, poll_links
 
 
 def _drive(link: MqttLink, until: Callable[[], bool], timeout: float = 15) -> None:

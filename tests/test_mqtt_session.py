@@ -29,7 +29,7 @@ from mqtt5 import (
     read,
 )
 
-from fieldmqtt.session import (
+from fieldmqtt import (
     Connected,
     ConnectionLostError,
     ConnectRefusedError,

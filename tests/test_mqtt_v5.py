@@ -25,10 +25,11 @@ import mqtt5
 import orjson
 import pytest
 
+from gateway.backoff import Backoff
 from gateway.config import Link
 from gateway.log.reader import LogReader, split_readings
 from gateway.mosquitto import Mosquitto
-from gateway.mqtt.link import Backoff, MqttLink
+from gateway.mqtt.link import MqttLink
 from tests.mqtt_helpers import (
     SLACK,
     CloudCollector,

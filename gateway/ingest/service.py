@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from gateway.backoff import Backoff
 from gateway.commands import ACK_FILTER, is_ack_topic
 from gateway.config import GatewayConfig
 from gateway.events import Event
@@ -25,7 +26,7 @@ from gateway.ingest.decode import DeadLetter, Decoder, Reading
 from gateway.ingest.topics import TopicTemplates
 from gateway.log.store import LogStore, Message, message_key
 from gateway.metrics import GatewayMetrics
-from gateway.mqtt.link import Backoff, InboundMessage, MqttLink
+from gateway.mqtt.link import InboundMessage, MqttLink
 
 log = logging.getLogger(__name__)
 

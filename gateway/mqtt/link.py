@@ -5,18 +5,13 @@ APIs only) plus the policy a long-running gateway needs around it: when to recon
 to log, callbacks for its owner. ``poll_links`` waits on every link's socket at once; each
 session reads everything its socket has in one system call and writes in one.
 
-Reconnecting: an unreachable broker is probed about once a second (with jitter, so a fleet
-does not arrive in step), and right away after a connection that was up is lost, so
-readings flow within about a second of the broker coming back. Only a broker that answers
-and refuses (bad credentials, not authorised, busy, quota) is retried with exponential
-backoff: asking again at once would not change its answer.
+When to reconnect is ``gateway.mqtt.reconnect``'s policy.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import random
 import select
 import socket
 import threading
@@ -32,7 +27,7 @@ from mqtt5 import (
     Will,
 )
 
-from fieldmqtt.session import (
+from fieldmqtt import (
     AddressInfo,
     Connected,
     ConnectionLostError,
@@ -46,23 +41,15 @@ from fieldmqtt.session import (
     Subscribed,
     reason_name,
 )
+from gateway.backoff import Backoff
 from gateway.config import Link
+from gateway.mqtt.reconnect import Reconnect
 
 log = logging.getLogger(__name__)
 
 # An inbound PUBLISH as the link's owner gets it (fieldmqtt's record, with its receive time).
 InboundMessage = Message
 
-# An unreachable broker is probed this often (seconds, uniform between the two): cheap (one
-# SYN), and a returning broker is found within a second.
-_PROBE = (0.5, 1.0)
-# After a connection that was up is lost, the first attempt comes this soon.
-_FIRST_RETRY = (0.0, 0.25)
-# Reasons a broker gives that another attempt at once would not change: back off.
-# (0x8E: another client took over our client id; 0x95: we sent something too large and
-# would send it again at once.)
-_REFUSALS = frozenset({0x80, 0x83, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x8E, 0x95, 0x97,
-                       0x9C, 0x9D, 0x9F})
 # Before a deliberate DISCONNECT we wait (this long at most) for one round trip, so that the
 # broker has processed our last PUBACKs: Mosquitto 2.0 was seen to forget PUBACKs that
 # arrived just before a DISCONNECT, and redeliver those messages in the next session.
@@ -71,23 +58,6 @@ _BARRIER_TIMEOUT = 1.0
 _MAX_QUEUED = 60_000
 _TCP_TIMEOUT = 10.0
 _IDLE = 3600.0
-
-
-class Backoff:
-    """Capped exponential backoff with jitter: delay n is uniform in [d/2, d], d = min·2ⁿ."""
-
-    def __init__(self, minimum: float, maximum: float) -> None:
-        self._min = minimum
-        self._max = maximum
-        self.attempts = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self._max, self._min * (2 ** min(self.attempts, 30)))
-        self.attempts += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 def puback_reason(code: int) -> str:
@@ -167,7 +137,7 @@ class MqttLink:
     ) -> None:
         self.name = name
         self._link = link
-        self._backoff = backoff
+        self._reconnect = Reconnect(backoff)
         self._manual_ack = manual_ack
         self._on_connected = on_connected
         self._on_subscribed = on_subscribed
@@ -342,7 +312,7 @@ class MqttLink:
     def _connected(self) -> None:
         self._was_up = True
         self._suback_wait.clear()
-        self._backoff.reset()
+        self._reconnect.connected()
         self.connects += 1
         if not self.session.connected:
             return  # CONNACK and the end of the connection came in one read
@@ -371,9 +341,7 @@ class MqttLink:
             log.warning("Lost %s broker %r (%s); reconnecting", self.name, self.where,
                         self._why(err))
             self._outage_logged = True
-        refused = code is not None and code in _REFUSALS
-        delay = self._backoff.next_delay() if refused else random.uniform(*_FIRST_RETRY)
-        self._retry_at = time.monotonic() + delay
+        self._retry_at = time.monotonic() + self._reconnect.after_lost(code)
 
     @staticmethod
     def _why(err: ConnectionLostError) -> str:
@@ -391,13 +359,13 @@ class MqttLink:
                 log.error("%s broker %r %s; retrying with backoff", self.name.capitalize(),
                           self.where, why)
                 self._outage_logged = True
-            self._retry_at = time.monotonic() + self._backoff.next_delay()
+            self._retry_at = time.monotonic() + self._reconnect.after_failed(refused=True)
             return
         if not self._outage_logged:
             log.warning("Cannot reach %s broker %r (%s); retrying every second", self.name,
                         self.where, why)
             self._outage_logged = True
-        self._retry_at = time.monotonic() + random.uniform(*_PROBE)
+        self._retry_at = time.monotonic() + self._reconnect.after_failed(refused=False)
 
     # -- subscriptions --------------------------------------------------------------------------
 

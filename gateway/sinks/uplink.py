@@ -33,11 +33,12 @@ from typing import Any
 import orjson
 
 from gateway import __version__
+from gateway.backoff import Backoff
 from gateway.config import Batching, GatewayConfig
 from gateway.log.reader import LogReader
 from gateway.log.store import KIND_EVENT, LogStore
 from gateway.metrics import GatewayMetrics
-from gateway.mqtt.link import Backoff, MqttLink, packet_size, puback_reason
+from gateway.mqtt.link import MqttLink, packet_size, puback_reason
 
 log = logging.getLogger(__name__)
 
