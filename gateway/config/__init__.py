@@ -1,0 +1,38 @@
+"""The gateway's configuration (a package while it is split by job)."""
+
+from gateway.config.models import (
+    Batching,
+    CloudLink,
+    Commands,
+    DuplicateKeyError,
+    EngineSection,
+    GatewayConfig,
+    Influx,
+    InfluxApi,
+    Ingest,
+    Link,
+    LogSection,
+    Metrics,
+    PayloadFormat,
+    SiteLink,
+    Subscription,
+    Sync,
+    UniqueKeyLoader,
+    Uplink,
+    WhenFull,
+    check_config,
+    load_config,
+    parse_config,
+    public_url,
+    read_secret,
+    sample_config,
+    split_host_port,
+)
+
+__all__ = [
+    "Batching", "CloudLink", "Commands", "DuplicateKeyError", "EngineSection", "GatewayConfig",
+    "Influx", "InfluxApi", "Ingest", "Link", "LogSection", "Metrics", "PayloadFormat", "SiteLink",
+    "Subscription", "Sync", "UniqueKeyLoader", "Uplink", "WhenFull", "check_config",
+    "load_config", "parse_config", "public_url", "read_secret", "sample_config",
+    "split_host_port",
+]
