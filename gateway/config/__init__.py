@@ -1,5 +1,6 @@
 """The gateway's configuration (a package while it is split by job)."""
 
+from gateway.config.addresses import public_url, split_host_port
 from gateway.config.models import (
     Batching,
     CloudLink,
@@ -23,11 +24,9 @@ from gateway.config.models import (
     check_config,
     load_config,
     parse_config,
-    public_url,
-    read_secret,
     sample_config,
-    split_host_port,
 )
+from gateway.config.secrets import read_secret
 
 __all__ = [
     "Batching", "CloudLink", "Commands", "DuplicateKeyError", "EngineSection", "GatewayConfig",

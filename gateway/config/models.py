@@ -7,58 +7,26 @@ from a file (``*_file``) or an environment variable (``*_env``).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.clock import ClockCheck
+from gateway.config.addresses import check_http_url, check_mqtt_url, is_loopback, split_host_port
+from gateway.config.secrets import INLINE_SECRET_NAMES, exposure, read_secret
+from gateway.config.tls import client_context
 from gateway.errors import ConfigError, SecretError
 from gateway.influx.lineproto import Precision
 from gateway.units import ByteSize, Duration
 
-_SECRET_FIELDS = {"password", "secret", "key", "token"}
 _TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
-
-
-def _check_host(host: str) -> bool:
-    """A DNS name or an IP address (IPv6 without brackets)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return bool(_HOSTNAME.match(host))
-    return True
-
-
-def public_url(url: str) -> str:
-    """``url`` without what may hold a secret (user:password, query string, fragment), for
-    error lines and logs."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` -> (host, port); ValueError saying the fix."""
-    host, sep, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    example = "write host:port, e.g. 127.0.0.1:9108 or [::1]:9108"
-    if not sep or not host:
-        raise ValueError(f"{value!r} is not host:port; {example}")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r} has port {port_text!r}, not 1-65535; {example}")
-    if not _check_host(host):
-        raise ValueError(f"{value!r} has host {host!r}, not a host name or IP address; {example}")
-    return host, int(port_text)
 
 
 class _Section(BaseModel):
@@ -69,7 +37,7 @@ class _Section(BaseModel):
     def _no_inline_secrets(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name in data:
-                if name in _SECRET_FIELDS:
+                if name in INLINE_SECRET_NAMES:
                     raise ValueError(
                         f"inline secret {name!r} is not accepted; use {name}_file (a path) "
                         f"or {name}_env (an environment variable name)"
@@ -103,32 +71,7 @@ class Link(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if "@" in parts.netloc:
-            raise ValueError(
-                "credentials in the URL are not accepted; use username and password_file"
-            )
-        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
-        if parts.query or parts.fragment:
-            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
-                             f"MQTT has no use for; use username and password_file; {example}")
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ValueError(f"{value!r} has no host; {example}")
-        if not _check_host(parts.hostname):
-            raise ValueError(f"{value!r}: {parts.hostname!r} is not a host name or IP address; "
-                             f"{example}")
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if port is not None and not 1 <= port <= 65535:
-            raise ValueError(f"{value!r} has a port outside 1-65535 (leave it out for the "
-                             f"default 1883/8883); {example}")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"{value!r} has a path, which MQTT has no use for; {example}")
-        return value
+        return check_mqtt_url(value)
 
     @property
     def tls(self) -> bool:
@@ -145,24 +88,8 @@ class Link(_Section):
 
     def ssl_context(self, name: str = "") -> ssl.SSLContext:
         """The TLS context for this link; ConfigError naming the file when one is unusable."""
-        where = f"{name}." if name else ""
-        try:
-            context = ssl.create_default_context(
-                cafile=str(self.ca_file) if self.ca_file else None
-            )
-        except (ssl.SSLError, OSError) as err:
-            raise ConfigError([f"{where}ca_file: {str(self.ca_file)!r} is not a usable CA "
-                               f"bundle ({err})"]) from None
-        if self.cert_file and self.key_file:
-            try:
-                # An encrypted key would prompt on a terminal; fail instead.
-                context.load_cert_chain(str(self.cert_file), str(self.key_file),
-                                        password=lambda: "")
-            except (ssl.SSLError, OSError) as err:
-                raise ConfigError([f"{where}cert_file/key_file: {str(self.cert_file)!r} and "
-                                   f"{str(self.key_file)!r} do not make a usable client "
-                                   f"certificate (unencrypted key expected): {err}"]) from None
-        return context
+        return client_context(self.ca_file, self.cert_file, self.key_file,
+                              f"{name}." if name else "")
 
     def password(self) -> str | None:
         """Read the password from its file or variable (never stored on the model)."""
@@ -199,7 +126,7 @@ class CloudLink(Link):
 
     @model_validator(mode="after")
     def _tls_when_remote(self) -> CloudLink:
-        if not self.tls and not self.allow_plaintext and not _is_loopback(self.host):
+        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
             raise ValueError(
                 f"url {self.url!r} sends data unencrypted to a remote host; use mqtts:// "
                 "or set allow_plaintext: true"
@@ -472,21 +399,7 @@ class Influx(_Section):
     @field_validator("url")
     @classmethod
     def _check_influx_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if "@" in parts.netloc:
-            raise ValueError("credentials in the URL are not accepted; use username and "
-                             "password_file (v1) or token_file (v2)")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
-                             "has no place in the base URL (a secret there would show in "
-                             "logs); use username and password_file (v1) or token_file (v2)")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} must be http://host:port or https://host:port")
-        try:
-            _ = parts.port
-        except ValueError as err:
-            raise ValueError(f"{value!r} has a bad port") from err
-        return value.rstrip("/")
+        return check_http_url(value)
 
     @model_validator(mode="after")
     def _consistent_influx(self) -> Influx:
@@ -608,46 +521,6 @@ class GatewayConfig(_Section):
         return self.cloud.client_id or f"fieldgate-{self.gateway_id}-cloud"
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_secret(path: Path | None, env: str | None, what: str) -> str | None:
-    """Read a secret from a file (first line, stripped) or an environment variable."""
-    if path is not None:
-        try:
-            return path.read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, IndexError) as err:
-            raise SecretError(f"cannot read {what} from {str(path)!r}: "
-                              f"{getattr(err, 'strerror', None) or 'empty file'}") from err
-    if env is not None:
-        value = os.environ.get(env)
-        if value is None:
-            raise SecretError(f"environment variable {env!r} for the {what} is not set")
-        return value
-    return None
-
-
-def _exposed(path: Path | None) -> str:
-    """What is wrong with a secret file's permissions (empty when nothing is): like ssh with
-    a private key, a secret that every user of the machine can read is refused."""
-    if path is None:
-        return ""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return ""  # reported by the read
-    if mode & 0o007:
-        return (f"{str(path)!r} can be read or written by every user (mode {mode & 0o777:04o}); "
-                f"run: chmod 600 {path} (or 640 with the gateway's group)")
-    return ""
-
-
 def _problems(err: ValidationError) -> list[str]:
     lines = []
     for item in err.errors():
@@ -749,7 +622,7 @@ def check_config(cfg: GatewayConfig) -> list[str]:
         secrets += [("influx.password_file", cfg.influx.password_file),
                     ("influx.token_file", cfg.influx.token_file)]
     for field, secret in secrets:
-        problem = _exposed(secret)
+        problem = exposure(secret)
         if problem:
             problems.append(f"{field}: {problem}")
     if cfg.log.path.is_dir():
