@@ -1,11 +1,11 @@
 """The gateway's configuration (a package while it is split by job)."""
 
 from gateway.config.addresses import public_url, split_host_port
+from gateway.config.loading import DuplicateKeyError, UniqueKeyLoader, load_config, parse_config
 from gateway.config.models import (
     Batching,
     CloudLink,
     Commands,
-    DuplicateKeyError,
     EngineSection,
     GatewayConfig,
     Influx,
@@ -18,12 +18,9 @@ from gateway.config.models import (
     SiteLink,
     Subscription,
     Sync,
-    UniqueKeyLoader,
     Uplink,
     WhenFull,
     check_config,
-    load_config,
-    parse_config,
     sample_config,
 )
 from gateway.config.secrets import read_secret
