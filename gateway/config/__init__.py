@@ -1,6 +1,7 @@
 """The gateway's configuration (a package while it is split by job)."""
 
 from gateway.config.addresses import public_url, split_host_port
+from gateway.config.checks import check_config
 from gateway.config.loading import DuplicateKeyError, UniqueKeyLoader, load_config, parse_config
 from gateway.config.models import (
     Batching,
@@ -20,7 +21,6 @@ from gateway.config.models import (
     Sync,
     Uplink,
     WhenFull,
-    check_config,
     sample_config,
 )
 from gateway.config.secrets import read_secret

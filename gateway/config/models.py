@@ -7,7 +7,6 @@ from a file (``*_file``) or an environment variable (``*_env``).
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from enum import StrEnum
@@ -20,9 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.clock import ClockCheck
 from gateway.config.addresses import check_http_url, check_mqtt_url, is_loopback, split_host_port
-from gateway.config.secrets import INLINE_SECRET_NAMES, exposure, read_secret
+from gateway.config.secrets import INLINE_SECRET_NAMES, read_secret
 from gateway.config.tls import client_context
-from gateway.errors import ConfigError, SecretError
 from gateway.influx.lineproto import Precision
 from gateway.units import ByteSize, Duration
 
@@ -430,22 +428,6 @@ class Influx(_Section):
         return self.site or gateway_id
 
 
-def _check_influx(cfg: GatewayConfig) -> list[str]:
-    """``gateway check`` for the influx section: secrets readable, CA file present."""
-    influx = cfg.influx
-    if influx is None:
-        return []
-    problems = []
-    for what, read in (("password", influx.password), ("token", influx.token)):
-        try:
-            read()
-        except SecretError as err:
-            problems.append(f"influx.{what}: {err}")
-    if influx.ca_file is not None and not influx.ca_file.is_file():
-        problems.append(f"influx.ca_file: {str(influx.ca_file)!r} does not exist")
-    return problems
-
-
 class GatewayConfig(_Section):
     """Fieldgate gateway configuration."""
 
@@ -519,58 +501,6 @@ class GatewayConfig(_Section):
     def cloud_client_id(self) -> str:
         assert self.cloud is not None
         return self.cloud.client_id or f"fieldgate-{self.gateway_id}-cloud"
-
-
-def check_config(cfg: GatewayConfig) -> list[str]:
-    """Checks beyond the schema that need the file system but never the network."""
-    problems: list[str] = []
-    links: list[tuple[str, Link]] = [("site", cfg.site)]
-    if cfg.cloud is not None:
-        links.append(("cloud", cfg.cloud))
-    for name, link in links:
-        try:
-            link.password()
-        except SecretError as err:
-            problems.append(f"{name}.password: {err}")
-        if link.password_file is not None and link.password_env is not None:
-            problems.append(f"{name}: set password_file or password_env, not both")
-        for field in ("ca_file", "cert_file", "key_file"):
-            value = getattr(link, field)
-            if value is not None and not Path(value).is_file():
-                problems.append(f"{name}.{field}: {str(value)!r} does not exist")
-        if (link.cert_file is None) != (link.key_file is None):
-            problems.append(f"{name}: set both cert_file and key_file for mutual TLS")
-        elif link.tls and not any(p.startswith(f"{name}.") and "_file" in p for p in problems):
-            try:
-                link.ssl_context(name)
-            except ConfigError as err:
-                problems.extend(err.problems)
-    try:
-        cfg.commands.key()
-    except SecretError as err:
-        problems.append(f"commands.key: {err}")
-    secrets: list[tuple[str, Path | None]] = [("commands.key_file", cfg.commands.key_file)]
-    for name, link in links:
-        secrets += [(f"{name}.password_file", link.password_file),
-                    (f"{name}.key_file", link.key_file)]
-    if cfg.influx is not None:
-        secrets += [("influx.password_file", cfg.influx.password_file),
-                    ("influx.token_file", cfg.influx.token_file)]
-    for field, secret in secrets:
-        problem = exposure(secret)
-        if problem:
-            problems.append(f"{field}: {problem}")
-    if cfg.log.path.is_dir():
-        problems.append(f"log.path: {str(cfg.log.path)!r} is a directory; name a file in it, "
-                        "e.g. log.db")
-    parent = cfg.log.path.parent
-    if not parent.exists():
-        problems.append(f"log.path: directory {str(parent)!r} does not exist; create it "
-                        "or choose another path")
-    elif not os.access(parent, os.W_OK):
-        problems.append(f"log.path: directory {str(parent)!r} is not writable by this user")
-    problems.extend(_check_influx(cfg))
-    return problems
 
 
 # -- sample config ------------------------------------------------------------------------
