@@ -188,6 +188,18 @@ def test_unusable_tls_files_are_one_line_each(tmp_path):
     assert problems[0].startswith("cloud.ca_file:") and "not a usable CA bundle" in problems[0]
 
 
+def test_an_unreadable_password_does_not_hide_an_unusable_ca_bundle(tmp_path):
+    # The TLS context was skipped when any problem of the link mentioned "_file", such as
+    # the path of a missing password file; `run` then tripped over the CA bundle.
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate")
+    cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                        "cloud": {"url": "mqtts://h", "ca_file": str(ca),
+                                  "password_file": str(tmp_path / "cloud_file.pw")}})
+    fields = [p.split(":")[0] for p in check_config(cfg)]
+    assert fields == ["cloud.password", "cloud.ca_file"]
+
+
 # -- what `check` passed and `run` then tripped over --------------------------------------
 
 @pytest.mark.parametrize(("section", "field", "value", "hint"), [
