@@ -21,8 +21,8 @@ from gateway.config.models import (
     Sync,
     Uplink,
     WhenFull,
-    sample_config,
 )
+from gateway.config.sample import sample_config
 from gateway.config.secrets import read_secret
 
 __all__ = [
