@@ -1,8 +1,10 @@
-"""The gateway's configuration: pydantic models, loading, checking and the sample file.
+"""The config's pydantic models: one section per part of the gateway, GatewayConfig the
+whole file.
 
-One section per part. Every field has a description (it becomes a comment in the sample
-config) and a default that is safe on a Raspberry Pi. Secrets are never inline: they come
-from a file (``*_file``) or an environment variable (``*_env``).
+Every field has a description (it becomes a comment in the sample config) and a default
+that is safe on a Raspberry Pi. Secrets are never inline: they come from a file (``*_file``)
+or an environment variable (``*_env``) and are read when needed (see secrets). Validators
+raise ValueError, as pydantic wants; loading turns those into one line per problem.
 """
 
 from __future__ import annotations
