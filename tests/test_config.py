@@ -312,3 +312,22 @@ def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field, mode):
 def test_log_path_that_is_a_directory(tmp_path):
     problems = check_config(parse_config({"gateway_id": "g", "log": {"path": str(tmp_path)}}))
     assert any(p.startswith("log.path:") and "is a directory" in p for p in problems)
+
+
+def test_the_config_modules_import_one_way_down_the_list_in_its_docstring():
+    import ast
+    import re
+
+    import gateway.config
+
+    order = re.findall(r"^    ([a-z]+) {2,}", gateway.config.__doc__ or "", re.MULTILINE)
+    package = ROOT / "gateway" / "config"
+    assert sorted(order) == sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    for name in order:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module.removeprefix("gateway.config.") for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("gateway.config")}
+        assert "gateway.config" not in imported, f"{name} imports the package's face"
+        up = {m for m in imported if order.index(m) <= order.index(name)}
+        assert not up, f"gateway/config/{name}.py imports {up}, listed above it"
