@@ -1,4 +1,5 @@
-"""Config: validation messages, secrets, the committed sample."""
+"""gateway/config/: validation messages, loading, secrets and offline checks, the committed
+sample; one section per module of the package."""
 
 from __future__ import annotations
 
@@ -14,17 +15,7 @@ from gateway.units import parse_duration, parse_size
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_committed_sample_matches_the_models():
-    committed = (ROOT / "deploy" / "gateway.example.yaml").read_text()
-    assert committed == sample_config(), "run: gateway config sample > deploy/gateway.example.yaml"
-
-
-def test_sample_is_a_valid_config():
-    cfg = parse_config(yaml.safe_load(sample_config()))
-    assert cfg.gateway_id == "gh-site-1"
-    assert cfg.uplink.batch_max_delay == 0.2
-    assert cfg.log.max_bytes == 1024**3
-
+# -- models: one line per problem, naming the field and the fix ---------------------------
 
 def _problems(data: dict) -> list[str]:
     with pytest.raises(ConfigError) as info:
@@ -74,34 +65,67 @@ def test_subscription_templates_are_checked():
         {"topic": "a/{device}/{metric}", "format": "number"}, {"topic": "a/{metric}/{device}"}]})[0]
 
 
-def test_secrets_from_file_and_env(tmp_path, monkeypatch):
-    pw = tmp_path / "pw"
-    pw.write_text("s3cret\n")
-    pw.chmod(0o600)
-    cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
-                        "cloud": {"url": "mqtts://h", "username": "u", "password_file": str(pw)}})
-    assert cfg.cloud is not None and cfg.cloud.password() == "s3cret"
-    assert check_config(cfg) == []
-    monkeypatch.setenv("FG_PW", "from-env")
-    cfg = parse_config({"gateway_id": "g", "site": {"password_env": "FG_PW"}})
-    assert cfg.site.password() == "from-env"
+def test_defaults_are_safe():
+    cfg = GatewayConfig(gateway_id="g")
+    assert cfg.cloud is None
+    assert cfg.log.synchronous.value == "full"
+    assert cfg.metrics.listen is not None and cfg.metrics.listen.startswith("127.0.0.1:")
 
 
-def test_check_reports_missing_files_without_leaking_secrets(tmp_path, monkeypatch):
-    monkeypatch.delenv("NOPE", raising=False)
-    cfg = parse_config({
-        "gateway_id": "g",
-        "log": {"path": str(tmp_path / "missing" / "l.db")},
-        "site": {"password_env": "NOPE"},
-        "cloud": {"url": "mqtts://h", "password_file": str(tmp_path / "nope"),
-                  "ca_file": str(tmp_path / "ca.pem")},
-    })
-    problems = check_config(cfg)
-    assert any(p.startswith("site.password: environment variable 'NOPE'") for p in problems)
-    assert any(p.startswith("cloud.password: cannot read password") for p in problems)
-    assert any(p.startswith("cloud.ca_file:") for p in problems)
-    assert any(p.startswith("log.path: directory") for p in problems)
+def test_url_credentials_are_refused_without_echoing_them():
+    problems = _problems({"gateway_id": "g", "site": {"url": "mqtt+ssl://gw1:s3cret@host:99"}})
+    assert len(problems) == 1
+    assert "credentials in the URL" in problems[0]
+    assert "s3cret" not in problems[0]
 
+
+@pytest.mark.parametrize(("section", "url"), [
+    ("influx", "http://127.0.0.1:1/pre?u=admin&p=SECRETPW4#frag"),
+    ("influx", "http://127.0.0.1:1#SECRETPW4"),
+    ("influx", "ftp://127.0.0.1:1/?p=SECRETPW4"),
+    ("site", "mqtt://127.0.0.1:1883/?p=SECRETPW4"),
+    ("site", "tcp://127.0.0.1:1883/?p=SECRETPW4"),
+    ("cloud", "mqtts://h:8883#SECRETPW4"),
+])
+def test_a_url_with_a_query_or_fragment_is_refused_without_echoing_it(section, url):
+    problems = _problems({"gateway_id": "g", section: {"url": url}})
+    assert len(problems) == 1 and problems[0].startswith(f"{section}.url: "), problems
+    assert "SECRETPW4" not in problems[0] and "admin" not in problems[0]
+    if section == "influx":
+        assert "query string or fragment" in problems[0]
+        assert "use username and password_file" in problems[0]
+
+
+def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
+    cfg = parse_config({"gateway_id": "g", "site": {"url": "mqtt://[::1]"},
+                        "cloud": {"url": "mqtts://h"}, "metrics": {"listen": "[::1]:9108"}})
+    assert (cfg.site.host, cfg.site.port) == ("::1", 1883)
+    assert cfg.cloud is not None and cfg.cloud.port == 8883
+
+
+def test_ranges_and_cross_checks():
+    problems = _problems({"gateway_id": "g", "site": {"keepalive": "1d"},
+                          "uplink": {"backoff_min": 0}, "log": {"max_age": "0s"}})
+    assert [p.split(":")[0] for p in problems] == ["site.keepalive", "log.max_age",
+                                                   "uplink.backoff_min"]
+    problems = _problems({"gateway_id": "g", "log": {"max_bytes": "1MiB"},
+                          "ingest": {"max_payload": "512KiB"}})
+    assert "at least 4x ingest.max_payload" in problems[0]
+
+
+@pytest.mark.parametrize(("text", "value"), [("256KiB", 262144), ("1GiB", 1024**3), ("10MB", 10**7),
+                                             (512, 512), ("512B", 512)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(("text", "value"), [("200ms", 0.2), ("30s", 30), ("5m", 300),
+                                             ("1h", 3600), ("7d", 604800), (2, 2.0)])
+def test_durations(text, value):
+    assert parse_duration(text) == value
+
+
+# -- loading: the YAML file ---------------------------------------------------------------
 
 def test_load_config_bad_yaml(tmp_path):
     path = tmp_path / "c.yaml"
@@ -142,40 +166,35 @@ def test_yaml_merge_keys_still_override_without_counting_as_duplicates(tmp_path)
     assert cfg.device_labels["gh-1*"] == {"zone": "south", "row": "1"}
 
 
-@pytest.mark.parametrize(("text", "value"), [("256KiB", 262144), ("1GiB", 1024**3), ("10MB", 10**7),
-                                             (512, 512), ("512B", 512)])
-def test_sizes(text, value):
-    assert parse_size(text) == value
+# -- secrets and offline checks (`gateway check`) -----------------------------------------
+
+def test_secrets_from_file_and_env(tmp_path, monkeypatch):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o600)
+    cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                        "cloud": {"url": "mqtts://h", "username": "u", "password_file": str(pw)}})
+    assert cfg.cloud is not None and cfg.cloud.password() == "s3cret"
+    assert check_config(cfg) == []
+    monkeypatch.setenv("FG_PW", "from-env")
+    cfg = parse_config({"gateway_id": "g", "site": {"password_env": "FG_PW"}})
+    assert cfg.site.password() == "from-env"
 
 
-@pytest.mark.parametrize(("text", "value"), [("200ms", 0.2), ("30s", 30), ("5m", 300),
-                                             ("1h", 3600), ("7d", 604800), (2, 2.0)])
-def test_durations(text, value):
-    assert parse_duration(text) == value
-
-
-def test_defaults_are_safe():
-    cfg = GatewayConfig(gateway_id="g")
-    assert cfg.cloud is None
-    assert cfg.log.synchronous.value == "full"
-    assert cfg.metrics.listen is not None and cfg.metrics.listen.startswith("127.0.0.1:")
-
-
-def test_url_credentials_are_refused_without_echoing_them():
-    problems = _problems({"gateway_id": "g", "site": {"url": "mqtt+ssl://gw1:s3cret@host:99"}})
-    assert len(problems) == 1
-    assert "credentials in the URL" in problems[0]
-    assert "s3cret" not in problems[0]
-
-
-def test_ranges_and_cross_checks():
-    problems = _problems({"gateway_id": "g", "site": {"keepalive": "1d"},
-                          "uplink": {"backoff_min": 0}, "log": {"max_age": "0s"}})
-    assert [p.split(":")[0] for p in problems] == ["site.keepalive", "log.max_age",
-                                                   "uplink.backoff_min"]
-    problems = _problems({"gateway_id": "g", "log": {"max_bytes": "1MiB"},
-                          "ingest": {"max_payload": "512KiB"}})
-    assert "at least 4x ingest.max_payload" in problems[0]
+def test_check_reports_missing_files_without_leaking_secrets(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE", raising=False)
+    cfg = parse_config({
+        "gateway_id": "g",
+        "log": {"path": str(tmp_path / "missing" / "l.db")},
+        "site": {"password_env": "NOPE"},
+        "cloud": {"url": "mqtts://h", "password_file": str(tmp_path / "nope"),
+                  "ca_file": str(tmp_path / "ca.pem")},
+    })
+    problems = check_config(cfg)
+    assert any(p.startswith("site.password: environment variable 'NOPE'") for p in problems)
+    assert any(p.startswith("cloud.password: cannot read password") for p in problems)
+    assert any(p.startswith("cloud.ca_file:") for p in problems)
+    assert any(p.startswith("log.path: directory") for p in problems)
 
 
 def test_unusable_tls_files_are_one_line_each(tmp_path):
@@ -186,6 +205,60 @@ def test_unusable_tls_files_are_one_line_each(tmp_path):
     problems = check_config(cfg)
     assert len(problems) == 1
     assert problems[0].startswith("cloud.ca_file:") and "not a usable CA bundle" in problems[0]
+
+
+def test_an_unreadable_password_does_not_hide_an_unusable_ca_bundle(tmp_path):
+    # The TLS context was skipped when any problem of the link mentioned "_file", such as
+    # the path of a missing password file; `run` then tripped over the CA bundle.
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate")
+    cfg = parse_config({"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                        "cloud": {"url": "mqtts://h", "ca_file": str(ca),
+                                  "password_file": str(tmp_path / "cloud_file.pw")}})
+    fields = [p.split(":")[0] for p in check_config(cfg)]
+    assert fields == ["cloud.password", "cloud.ca_file"]
+
+
+@pytest.mark.parametrize(("field", "mode"), [
+    ("commands.key_file", 0o644), ("cloud.password_file", 0o644), ("cloud.key_file", 0o644),
+    ("site.password_file", 0o644), ("influx.password_file", 0o644),
+    ("influx.token_file", 0o666)])
+def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field, mode):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    secret = tmp_path / "secret"
+    secret.write_text("k3y-material\n")
+    secret.chmod(mode)
+    section, name = field.split(".")
+    data: dict = {"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
+                  section: {name: str(secret)}}
+    if name == "token_file":
+        data["influx"].update(api="v2", org="o")
+    if section == "cloud":
+        data["cloud"]["url"] = "mqtt://127.0.0.1:1884"
+        if name == "key_file":
+            cert = tmp_path / "cert.pem"
+            cert.write_text("x")
+            data["cloud"]["cert_file"] = str(cert)
+    problems = check_config(parse_config(data))
+    assert f"{field}: {str(secret)!r} can be read or written by every user (mode {mode:04o}); " \
+        f"run: chmod 600 {secret} (or 640 with the gateway's group)" in problems
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    for command in ("check", "run"):
+        result = CliRunner().invoke(main, [command, "-c", str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"{field}: " in result.stderr
+        assert "k3y-material" not in result.output + result.stderr
+    secret.chmod(0o640)  # group-readable (root:fieldgate) is how services share secrets
+    assert not [p for p in check_config(parse_config(data)) if p.startswith(field)]
+
+
+def test_log_path_that_is_a_directory(tmp_path):
+    problems = check_config(parse_config({"gateway_id": "g", "log": {"path": str(tmp_path)}}))
+    assert any(p.startswith("log.path:") and "is a directory" in p for p in problems)
 
 
 # -- what `check` passed and `run` then tripped over --------------------------------------
@@ -236,67 +309,36 @@ def test_check_and_run_report_a_rules_glob_matching_nothing_alike(tmp_path):
     assert seen[0] == seen[1] == (2, [f"{path}: rules: {pattern!r} matches no file"])
 
 
-@pytest.mark.parametrize(("section", "url"), [
-    ("influx", "http://127.0.0.1:1/pre?u=admin&p=SECRETPW4#frag"),
-    ("influx", "http://127.0.0.1:1#SECRETPW4"),
-    ("influx", "ftp://127.0.0.1:1/?p=SECRETPW4"),
-    ("site", "mqtt://127.0.0.1:1883/?p=SECRETPW4"),
-    ("site", "tcp://127.0.0.1:1883/?p=SECRETPW4"),
-    ("cloud", "mqtts://h:8883#SECRETPW4"),
-])
-def test_a_url_with_a_query_or_fragment_is_refused_without_echoing_it(section, url):
-    problems = _problems({"gateway_id": "g", section: {"url": url}})
-    assert len(problems) == 1 and problems[0].startswith(f"{section}.url: "), problems
-    assert "SECRETPW4" not in problems[0] and "admin" not in problems[0]
-    if section == "influx":
-        assert "query string or fragment" in problems[0]
-        assert "use username and password_file" in problems[0]
+# -- sample: generated from the models, committed -----------------------------------------
+
+def test_committed_sample_matches_the_models():
+    committed = (ROOT / "deploy" / "gateway.example.yaml").read_text()
+    assert committed == sample_config(), "run: gateway config sample > deploy/gateway.example.yaml"
 
 
-def test_a_url_without_port_uses_the_default_and_ipv6_listen_works():
-    cfg = parse_config({"gateway_id": "g", "site": {"url": "mqtt://[::1]"},
-                        "cloud": {"url": "mqtts://h"}, "metrics": {"listen": "[::1]:9108"}})
-    assert (cfg.site.host, cfg.site.port) == ("::1", 1883)
-    assert cfg.cloud is not None and cfg.cloud.port == 8883
+def test_sample_is_a_valid_config():
+    cfg = parse_config(yaml.safe_load(sample_config()))
+    assert cfg.gateway_id == "gh-site-1"
+    assert cfg.uplink.batch_max_delay == 0.2
+    assert cfg.log.max_bytes == 1024**3
 
 
-@pytest.mark.parametrize(("field", "mode"), [
-    ("commands.key_file", 0o644), ("cloud.password_file", 0o644), ("cloud.key_file", 0o644),
-    ("site.password_file", 0o644), ("influx.password_file", 0o644),
-    ("influx.token_file", 0o666)])
-def test_a_secret_file_every_user_can_read_is_refused(tmp_path, field, mode):
-    from click.testing import CliRunner
+# -- layout -------------------------------------------------------------------------------
 
-    from gateway.cli import main
+def test_the_config_modules_import_one_way_down_the_list_in_its_docstring():
+    import ast
+    import re
 
-    secret = tmp_path / "secret"
-    secret.write_text("k3y-material\n")
-    secret.chmod(mode)
-    section, name = field.split(".")
-    data: dict = {"gateway_id": "g", "log": {"path": str(tmp_path / "l.db")},
-                  section: {name: str(secret)}}
-    if name == "token_file":
-        data["influx"].update(api="v2", org="o")
-    if section == "cloud":
-        data["cloud"]["url"] = "mqtt://127.0.0.1:1884"
-        if name == "key_file":
-            cert = tmp_path / "cert.pem"
-            cert.write_text("x")
-            data["cloud"]["cert_file"] = str(cert)
-    problems = check_config(parse_config(data))
-    assert f"{field}: {str(secret)!r} can be read or written by every user (mode {mode:04o}); " \
-        f"run: chmod 600 {secret} (or 640 with the gateway's group)" in problems
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(data))
-    for command in ("check", "run"):
-        result = CliRunner().invoke(main, [command, "-c", str(path)])
-        assert result.exit_code == 2, result.output
-        assert f"{field}: " in result.stderr
-        assert "k3y-material" not in result.output + result.stderr
-    secret.chmod(0o640)  # group-readable (root:fieldgate) is how services share secrets
-    assert not [p for p in check_config(parse_config(data)) if p.startswith(field)]
+    import gateway.config
 
-
-def test_log_path_that_is_a_directory(tmp_path):
-    problems = check_config(parse_config({"gateway_id": "g", "log": {"path": str(tmp_path)}}))
-    assert any(p.startswith("log.path:") and "is a directory" in p for p in problems)
+    order = re.findall(r"^    ([a-z]+) {2,}", gateway.config.__doc__ or "", re.MULTILINE)
+    package = ROOT / "gateway" / "config"
+    assert sorted(order) == sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    for name in order:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module.removeprefix("gateway.config.") for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("gateway.config")}
+        assert "gateway.config" not in imported, f"{name} imports the package's face"
+        up = {m for m in imported if order.index(m) <= order.index(name)}
+        assert not up, f"gateway/config/{name}.py imports {up}, listed above it"

@@ -1,64 +1,31 @@
-"""The gateway's configuration: pydantic models, loading, checking and the sample file.
+"""The config's pydantic models: one section per part of the gateway, GatewayConfig the
+whole file.
 
-One section per part. Every field has a description (it becomes a comment in the sample
-config) and a default that is safe on a Raspberry Pi. Secrets are never inline: they come
-from a file (``*_file``) or an environment variable (``*_env``).
+Every field has a description (it becomes a comment in the sample config) and a default
+that is safe on a Raspberry Pi. Secrets are never inline: they come from a file (``*_file``)
+or an environment variable (``*_env``) and are read when needed (see secrets). Validators
+raise ValueError, as pydantic wants; loading turns those into one line per problem.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import re
 import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.clock import ClockCheck
-from gateway.errors import ConfigError, SecretError
+from gateway.config.addresses import check_http_url, check_mqtt_url, is_loopback, split_host_port
+from gateway.config.secrets import INLINE_SECRET_NAMES, read_secret
+from gateway.config.tls import client_context
 from gateway.influx.lineproto import Precision
 from gateway.units import ByteSize, Duration
 
-_SECRET_FIELDS = {"password", "secret", "key", "token"}
 _TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
-
-
-def _check_host(host: str) -> bool:
-    """A DNS name or an IP address (IPv6 without brackets)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return bool(_HOSTNAME.match(host))
-    return True
-
-
-def public_url(url: str) -> str:
-    """``url`` without what may hold a secret (user:password, query string, fragment), for
-    error lines and logs."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` -> (host, port); ValueError saying the fix."""
-    host, sep, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    example = "write host:port, e.g. 127.0.0.1:9108 or [::1]:9108"
-    if not sep or not host:
-        raise ValueError(f"{value!r} is not host:port; {example}")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r} has port {port_text!r}, not 1-65535; {example}")
-    if not _check_host(host):
-        raise ValueError(f"{value!r} has host {host!r}, not a host name or IP address; {example}")
-    return host, int(port_text)
 
 
 class _Section(BaseModel):
@@ -69,7 +36,7 @@ class _Section(BaseModel):
     def _no_inline_secrets(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name in data:
-                if name in _SECRET_FIELDS:
+                if name in INLINE_SECRET_NAMES:
                     raise ValueError(
                         f"inline secret {name!r} is not accepted; use {name}_file (a path) "
                         f"or {name}_env (an environment variable name)"
@@ -103,32 +70,7 @@ class Link(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if "@" in parts.netloc:
-            raise ValueError(
-                "credentials in the URL are not accepted; use username and password_file"
-            )
-        example = "write e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example.com:8883"
-        if parts.query or parts.fragment:
-            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
-                             f"MQTT has no use for; use username and password_file; {example}")
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"{value!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ValueError(f"{value!r} has no host; {example}")
-        if not _check_host(parts.hostname):
-            raise ValueError(f"{value!r}: {parts.hostname!r} is not a host name or IP address; "
-                             f"{example}")
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if port is not None and not 1 <= port <= 65535:
-            raise ValueError(f"{value!r} has a port outside 1-65535 (leave it out for the "
-                             f"default 1883/8883); {example}")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"{value!r} has a path, which MQTT has no use for; {example}")
-        return value
+        return check_mqtt_url(value)
 
     @property
     def tls(self) -> bool:
@@ -145,24 +87,8 @@ class Link(_Section):
 
     def ssl_context(self, name: str = "") -> ssl.SSLContext:
         """The TLS context for this link; ConfigError naming the file when one is unusable."""
-        where = f"{name}." if name else ""
-        try:
-            context = ssl.create_default_context(
-                cafile=str(self.ca_file) if self.ca_file else None
-            )
-        except (ssl.SSLError, OSError) as err:
-            raise ConfigError([f"{where}ca_file: {str(self.ca_file)!r} is not a usable CA "
-                               f"bundle ({err})"]) from None
-        if self.cert_file and self.key_file:
-            try:
-                # An encrypted key would prompt on a terminal; fail instead.
-                context.load_cert_chain(str(self.cert_file), str(self.key_file),
-                                        password=lambda: "")
-            except (ssl.SSLError, OSError) as err:
-                raise ConfigError([f"{where}cert_file/key_file: {str(self.cert_file)!r} and "
-                                   f"{str(self.key_file)!r} do not make a usable client "
-                                   f"certificate (unencrypted key expected): {err}"]) from None
-        return context
+        return client_context(self.ca_file, self.cert_file, self.key_file,
+                              f"{name}." if name else "")
 
     def password(self) -> str | None:
         """Read the password from its file or variable (never stored on the model)."""
@@ -199,7 +125,7 @@ class CloudLink(Link):
 
     @model_validator(mode="after")
     def _tls_when_remote(self) -> CloudLink:
-        if not self.tls and not self.allow_plaintext and not _is_loopback(self.host):
+        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
             raise ValueError(
                 f"url {self.url!r} sends data unencrypted to a remote host; use mqtts:// "
                 "or set allow_plaintext: true"
@@ -472,21 +398,7 @@ class Influx(_Section):
     @field_validator("url")
     @classmethod
     def _check_influx_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if "@" in parts.netloc:
-            raise ValueError("credentials in the URL are not accepted; use username and "
-                             "password_file (v1) or token_file (v2)")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{public_url(value)!r} has a query string or fragment, which "
-                             "has no place in the base URL (a secret there would show in "
-                             "logs); use username and password_file (v1) or token_file (v2)")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} must be http://host:port or https://host:port")
-        try:
-            _ = parts.port
-        except ValueError as err:
-            raise ValueError(f"{value!r} has a bad port") from err
-        return value.rstrip("/")
+        return check_http_url(value)
 
     @model_validator(mode="after")
     def _consistent_influx(self) -> Influx:
@@ -515,22 +427,6 @@ class Influx(_Section):
 
     def site_tag(self, gateway_id: str) -> str:
         return self.site or gateway_id
-
-
-def _check_influx(cfg: GatewayConfig) -> list[str]:
-    """``gateway check`` for the influx section: secrets readable, CA file present."""
-    influx = cfg.influx
-    if influx is None:
-        return []
-    problems = []
-    for what, read in (("password", influx.password), ("token", influx.token)):
-        try:
-            read()
-        except SecretError as err:
-            problems.append(f"influx.{what}: {err}")
-    if influx.ca_file is not None and not influx.ca_file.is_file():
-        problems.append(f"influx.ca_file: {str(influx.ca_file)!r} does not exist")
-    return problems
 
 
 class GatewayConfig(_Section):
@@ -606,213 +502,3 @@ class GatewayConfig(_Section):
     def cloud_client_id(self) -> str:
         assert self.cloud is not None
         return self.cloud.client_id or f"fieldgate-{self.gateway_id}-cloud"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_secret(path: Path | None, env: str | None, what: str) -> str | None:
-    """Read a secret from a file (first line, stripped) or an environment variable."""
-    if path is not None:
-        try:
-            return path.read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, IndexError) as err:
-            raise SecretError(f"cannot read {what} from {str(path)!r}: "
-                              f"{getattr(err, 'strerror', None) or 'empty file'}") from err
-    if env is not None:
-        value = os.environ.get(env)
-        if value is None:
-            raise SecretError(f"environment variable {env!r} for the {what} is not set")
-        return value
-    return None
-
-
-def _exposed(path: Path | None) -> str:
-    """What is wrong with a secret file's permissions (empty when nothing is): like ssh with
-    a private key, a secret that every user of the machine can read is refused."""
-    if path is None:
-        return ""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return ""  # reported by the read
-    if mode & 0o007:
-        return (f"{str(path)!r} can be read or written by every user (mode {mode & 0o777:04o}); "
-                f"run: chmod 600 {path} (or 640 with the gateway's group)")
-    return ""
-
-
-def _problems(err: ValidationError) -> list[str]:
-    lines = []
-    for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling against `gateway config sample`"
-        elif item["type"] == "missing":
-            msg = "required; see `gateway config sample`"
-        lines.append(f"{where}: {msg}")
-    return lines
-
-
-def parse_config(data: object) -> GatewayConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(["(top level): expected a mapping of sections, e.g. gateway_id: ..."])
-    try:
-        return GatewayConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_problems(err)) from None
-
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    """A key twice in one YAML mapping: which value was meant cannot be known."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key twice in one mapping (PyYAML keeps the last one
-    silently). Keys brought in by a merge (``<<: *anchor``) may still be overridden."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in seen:
-                    raise DuplicateKeyError(
-                        None, None, f"{key!r} appears twice in one mapping (which one was "
-                        "meant is unknown); keep one", key_node.start_mark)
-                seen.add(key)
-            except TypeError:
-                continue  # unhashable: SafeLoader refuses it itself
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_config(path: Path) -> GatewayConfig:
-    """Load and validate a YAML config file; raises ConfigError with one line per problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"cannot read the file ({err.strerror})"]) from None
-    try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except DuplicateKeyError as err:
-        line = err.problem_mark.line + 1 if err.problem_mark is not None else 0
-        raise ConfigError([f"line {line}: {err.problem}"]) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError([f"{where}not valid YAML ({getattr(err, 'problem', err)})"]) from None
-    return parse_config(data)
-
-
-def check_config(cfg: GatewayConfig) -> list[str]:
-    """Checks beyond the schema that need the file system but never the network."""
-    problems: list[str] = []
-    links: list[tuple[str, Link]] = [("site", cfg.site)]
-    if cfg.cloud is not None:
-        links.append(("cloud", cfg.cloud))
-    for name, link in links:
-        try:
-            link.password()
-        except SecretError as err:
-            problems.append(f"{name}.password: {err}")
-        if link.password_file is not None and link.password_env is not None:
-            problems.append(f"{name}: set password_file or password_env, not both")
-        for field in ("ca_file", "cert_file", "key_file"):
-            value = getattr(link, field)
-            if value is not None and not Path(value).is_file():
-                problems.append(f"{name}.{field}: {str(value)!r} does not exist")
-        if (link.cert_file is None) != (link.key_file is None):
-            problems.append(f"{name}: set both cert_file and key_file for mutual TLS")
-        elif link.tls and not any(p.startswith(f"{name}.") and "_file" in p for p in problems):
-            try:
-                link.ssl_context(name)
-            except ConfigError as err:
-                problems.extend(err.problems)
-    try:
-        cfg.commands.key()
-    except SecretError as err:
-        problems.append(f"commands.key: {err}")
-    secrets: list[tuple[str, Path | None]] = [("commands.key_file", cfg.commands.key_file)]
-    for name, link in links:
-        secrets += [(f"{name}.password_file", link.password_file),
-                    (f"{name}.key_file", link.key_file)]
-    if cfg.influx is not None:
-        secrets += [("influx.password_file", cfg.influx.password_file),
-                    ("influx.token_file", cfg.influx.token_file)]
-    for field, secret in secrets:
-        problem = _exposed(secret)
-        if problem:
-            problems.append(f"{field}: {problem}")
-    if cfg.log.path.is_dir():
-        problems.append(f"log.path: {str(cfg.log.path)!r} is a directory; name a file in it, "
-                        "e.g. log.db")
-    parent = cfg.log.path.parent
-    if not parent.exists():
-        problems.append(f"log.path: directory {str(parent)!r} does not exist; create it "
-                        "or choose another path")
-    elif not os.access(parent, os.W_OK):
-        problems.append(f"log.path: directory {str(parent)!r} is not writable by this user")
-    problems.extend(_check_influx(cfg))
-    return problems
-
-
-# -- sample config ------------------------------------------------------------------------
-
-def _yaml_value(value: Any) -> str:
-    text: str = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1000)
-    return text.strip().removesuffix("...").strip()
-
-
-def _render(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
-    pad = "  " * indent
-    lines: list[str] = []
-    for name, field in model.model_fields.items():
-        if field.description:
-            lines.append(f"{pad}# {field.description}")
-        value = values.get(name)
-        sub = _submodel(field.annotation)
-        if sub is not None and isinstance(value, dict):
-            lines.append(f"{pad}{name}:")
-            lines.extend(_render(sub, value, indent + 1))
-        elif isinstance(value, list) and value:
-            lines.append(f"{pad}{name}:")
-            lines.extend(f"{pad}  - {_yaml_value(item)}" for item in value)
-        else:
-            lines.append(f"{pad}{name}: {_yaml_value(value)}")
-    return lines
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    candidates = getattr(annotation, "__args__", None) or (annotation,)
-    for candidate in candidates:
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
-def sample_config() -> str:
-    """A commented sample config built from the models (deploy/gateway.example.yaml)."""
-    example = GatewayConfig.model_validate(
-        {
-            name: field.examples[0]
-            for name, field in GatewayConfig.model_fields.items()
-            if field.examples
-        }
-    )
-    values = example.model_dump(mode="json")
-    header = [
-        "# Fieldgate gateway configuration (generated by `gateway config sample`).",
-        "# Sizes take B/KiB/MiB/GiB, durations ms/s/m/h/d. Secrets come from *_file or *_env.",
-        "",
-    ]
-    return "\n".join(header + _render(GatewayConfig, values, 0)) + "\n"
-
