@@ -1,9 +1,11 @@
-"""Human units in config files: byte sizes (``256KiB``) and durations (``200ms``, ``7d``)."""
+"""Human units in config files: byte sizes (``256KiB``), durations (``200ms``, ``7d``) and
+timestamp precisions (``ms``)."""
 
 from __future__ import annotations
 
 import math
 import re
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer
@@ -16,6 +18,15 @@ _SIZE_FACTORS = {
 }
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Precision(StrEnum):
+    """Timestamp precision (of points written to a time-series database)."""
+
+    S = "s"
+    MS = "ms"
+    US = "us"
+    NS = "ns"
 
 
 def parse_size(value: object) -> int:

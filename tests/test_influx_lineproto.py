@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from influxdb_client import Point, WritePrecision
 
 from gateway.influx import lineproto
-from gateway.influx.lineproto import Precision
 from gateway.influx.points import ReadingEncoder, event_line, field_name
+from gateway.units import Precision
 
 # Text that stresses escaping: the line protocol's separators, quotes, backslashes, control
 # characters and non-ASCII letters, mixed with ordinary ones.

@@ -22,8 +22,7 @@ from gateway.clock import ClockCheck
 from gateway.config.addresses import check_http_url, check_mqtt_url, is_loopback, split_host_port
 from gateway.config.secrets import INLINE_SECRET_NAMES, read_secret
 from gateway.config.tls import client_context
-from gateway.influx.lineproto import Precision
-from gateway.units import ByteSize, Duration
+from gateway.units import ByteSize, Duration, Precision
 
 _TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
 

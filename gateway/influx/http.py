@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 import urllib3
 
 from gateway.config import Influx, InfluxApi
-from gateway.influx.lineproto import Precision
+from gateway.units import Precision
 
 _V1_PRECISION = {Precision.S: "s", Precision.MS: "ms", Precision.US: "u", Precision.NS: "n"}
 # Longest server message kept (it goes into dead letters and one log line).

@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from enum import StrEnum
+
+from gateway.units import Precision
 
 _ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t",
                                      "\r": r"\r"})
 _ESCAPE_KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t",
                              "\r": r"\r"})
 _ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": "\\\\"})
-
-
-class Precision(StrEnum):
-    """Timestamp precision of written points."""
-
-    S = "s"
-    MS = "ms"
-    US = "us"
-    NS = "ns"
 
 
 def timestamp(ts: float, precision: Precision) -> int:

@@ -45,11 +45,11 @@ import orjson
 from gateway.backoff import Backoff
 from gateway.config import GatewayConfig, Influx
 from gateway.influx.http import Writer, WriteResult, make_writer
-from gateway.influx.lineproto import Precision
 from gateway.influx.points import ReadingEncoder, event_line, health_line
 from gateway.log.reader import LogReader
 from gateway.log.store import KIND_EVENT, LogStore
 from gateway.metrics import GatewayMetrics
+from gateway.units import Precision
 
 log = logging.getLogger(__name__)
 
