@@ -20,12 +20,12 @@ from collections.abc import Callable
 
 from gateway.commands import ACK_FILTER, is_ack_topic
 from gateway.config import GatewayConfig
-from gateway.events import Event
-from gateway.ingest.decode import DeadLetter, Decoder, Reading
+from gateway.ingest.decode import Decoder
 from gateway.ingest.topics import TopicTemplates
 from gateway.log.store import LogStore, Message, message_key
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import Backoff, InboundMessage, MqttLink
+from gateway.records import DeadLetter, Event, Reading
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class IngestService:
         self._pending_max = cfg.site.receive_maximum
         self._paused = False
         self._ready = False
-        self._failures = 0
+        self._failures = metrics.link_failures("site")
         self.link = MqttLink(
             name="site",
             link=cfg.site,
@@ -124,9 +124,7 @@ class IngestService:
             self._paused = False
             self.link.resume()
             log.info("Site session resumed")
-        if self.link.failures != self._failures:
-            self._metrics.connect_failures.labels("site").inc(self.link.failures - self._failures)
-            self._failures = self.link.failures
+        self._failures.update(self.link.failures)
 
     def finish(self) -> None:
         """Make what arrived durable, acknowledge it, and disconnect (session kept)."""

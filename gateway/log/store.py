@@ -28,10 +28,10 @@ import orjson
 
 from gateway.config import LogSection, WhenFull
 from gateway.errors import LogError
-from gateway.events import Event, render
-from gateway.ingest.decode import DeadLetter, Reading
+from gateway.events import render
 from gateway.log.reader import LogReader
 from gateway.log.schema import CODEC_RAW, CODEC_ZLIB, ROW_OVERHEAD, connect
+from gateway.records import DeadLetter, Event, Reading
 
 log = logging.getLogger(__name__)
 
