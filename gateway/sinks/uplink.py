@@ -35,7 +35,8 @@ import orjson
 from gateway import __version__
 from gateway.config import Batching, GatewayConfig
 from gateway.log.reader import LogReader
-from gateway.log.store import KIND_EVENT, LogStore
+from gateway.log.schema import KIND_EVENT
+from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import Backoff, MqttLink, packet_size, puback_reason
 from gateway.records import BatchState
