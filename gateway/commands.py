@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from gateway.config import Ingest
-from gateway.events import Event
 from gateway.ingest.decode import duplicate_key, valid_device_id
+from gateway.records import Event
 
 if TYPE_CHECKING:
     from gateway.log.store import LogStore

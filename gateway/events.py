@@ -5,23 +5,15 @@ each one on ``fieldgate/<gateway_id>/events/<type>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 
+from gateway.records import Event
+
+__all__ = ["SPEC_VERSION", "Event", "render"]
+
 SPEC_VERSION = "1.0"
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A fat event before it is logged: the log gives it its sequence number and id."""
-
-    type: str                     # e.g. io.fieldgate.alert.fired
-    subject: str                  # the device
-    time: float                   # epoch seconds of what happened
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 def render(event: Event, gateway_id: str, seq: int) -> bytes:

@@ -61,6 +61,24 @@ class _EngineDrops(Collector):
         yield family
 
 
+class FailureCount:
+    """Carries a link's running count of failed connection attempts (``MqttLink.failures``)
+    to ``fieldgate_link_connect_failures{link=...}``: each ``update`` adds what is new."""
+
+    __slots__ = ("_counter", "_link", "_seen")
+
+    def __init__(self, counter: Counter, link: str) -> None:
+        self._counter = counter
+        self._link = link
+        self._seen = 0
+
+    def update(self, failures: int) -> None:
+        if failures != self._seen:
+            # The labelled series appears with the first failure, not before.
+            self._counter.labels(self._link).inc(failures - self._seen)
+            self._seen = failures
+
+
 class GatewayMetrics:
     """The gateway's metrics, in a registry of their own."""
 
@@ -116,6 +134,10 @@ class GatewayMetrics:
         self.influx_health_dropped = Counter("fieldgate_influx_health_dropped", "Health points "
                                              "not written (InfluxDB unreachable or backing "
                                              "off)", registry=r)
+
+    def link_failures(self, link: str) -> FailureCount:
+        """What counts the failed connection attempts of the link named ``link``."""
+        return FailureCount(self.connect_failures, link)
 
     def watch_engine(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Readings kept out of rule state, by reason (late, future, unused, devices)."""

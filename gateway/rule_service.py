@@ -23,10 +23,10 @@ from gateway.config import GatewayConfig, Ingest
 from gateway.engine import CommandEvent, Engine, EngineConfig, load_rule_files
 from gateway.engine.rules import DeviceCheck, Group
 from gateway.errors import ConfigError
-from gateway.events import Event
-from gateway.ingest.decode import Reading, valid_device_id
+from gateway.ingest.decode import valid_device_id
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
+from gateway.records import Event, Reading
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ def test_engine_depends_on_numpy_and_pydantic_only():
         for module in _imports(path):
             top = module.split(".")[0]
             if top == "gateway":
-                assert module.startswith(("gateway.engine", "gateway.units", "gateway.errors")), \
+                assert module.startswith(("gateway.engine", "gateway.units", "gateway.errors",
+                                          "gateway.records")), \
                     f"{path.relative_to(ROOT)} imports {module}"
             else:
                 assert top in allowed_third_party or top in _stdlib_no_io(), \

@@ -11,7 +11,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import GatewayConfig
 from gateway.events import Event
-from gateway.log.store import LogStore, Message, message_key
+from gateway.ingest.redelivery import message_key
+from gateway.log.store import LogStore, Message
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import poll_links
 from gateway.sinks.uplink import UplinkSink

@@ -10,10 +10,11 @@ import pytest
 
 from gateway.config import LogSection
 from gateway.errors import LogCorruptError, LogError
-from gateway.ingest.decode import DeadLetter, Reason
+from gateway.ingest.redelivery import TAIL_KEYS, Redeliveries, message_key
 from gateway.log.reader import LogReader
 from gateway.log.stats import log_stats
-from gateway.log.store import LogStore, Message, message_key
+from gateway.log.store import LogStore, Message
+from gateway.records import DeadLetter, Reason
 
 NOW = time.time()
 
@@ -25,6 +26,17 @@ def _msg(i: int, device: str = "d", ts: float = 1000.0) -> Message:
     return Message("sensors/d/telemetry", payload, message_key("sensors/d/telemetry", payload, i),
                    [(device, ts + i, {"i": i, "pad": 12345.5, "a": noise.random(),
                                       "b": noise.random() * 1e6})], 0.0)
+
+
+def _redeliveries(store: LogStore) -> Redeliveries:
+    """What ingest builds from the log at start."""
+    return Redeliveries(store.recent_keys(TAIL_KEYS))
+
+
+def _append(store: LogStore, seen: Redeliveries, messages: list[Message]) -> None:
+    """Append as ingest does: the log keeps the messages, ``seen`` notes their keys."""
+    result = store.append(messages, now=NOW)
+    seen.logged([m.key for m in messages[:result.accepted]])
 
 
 def _cfg(tmp_path, **kw) -> LogSection:
@@ -166,23 +178,25 @@ def test_redelivery_is_recognised_by_packet_id_whatever_the_window(tmp_path):
     redeliver any of 65535 messages: each is recognised, before and after a restart, dead
     letters too; a new message that reuses a packet id with other content is not."""
     store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    seen = _redeliveries(store)
     msgs = [_msg(i) for i in range(1, 5001)]
     bad = [Message("t/x", b"\xff", message_key("t/x", b"\xff", 6000 + i),
                    DeadLetter(Reason.BAD_JSON, "not JSON"), 5.0) for i in range(3)]
-    store.append(msgs + bad, now=NOW)
-    assert all(store.is_redelivery(m.key) for m in msgs + bad)
-    assert all(store.is_redelivery(m.key) for m in msgs[:10])  # redelivered twice
+    _append(store, seen, msgs + bad)
+    assert all(seen.is_redelivery(m.key) for m in msgs + bad)
+    assert all(seen.is_redelivery(m.key) for m in msgs[:10])  # redelivered twice
     store.close()
     store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
-    assert all(store.is_redelivery(m.key) for m in msgs + bad)
+    seen = _redeliveries(store)
+    assert all(seen.is_redelivery(m.key) for m in msgs + bad)
     # Packet id 7 reused (its PUBACK went through) for a new message, then redelivered.
     payload = b'{"i":70}'
     new = Message("sensors/d/telemetry", payload, message_key("sensors/d/telemetry", payload, 7),
                   [("d", 5000.0, {"i": 70})], 0.0)
-    assert not store.is_redelivery(new.key)
-    store.append([new], now=NOW)
-    assert store.is_redelivery(new.key)
-    assert not store.is_redelivery(msgs[6].key)       # the older use of id 7
+    assert not seen.is_redelivery(new.key)
+    _append(store, seen, [new])
+    assert seen.is_redelivery(new.key)
+    assert not seen.is_redelivery(msgs[6].key)       # the older use of id 7
 
 
 def test_seq_never_goes_back_after_everything_was_removed(tmp_path):
@@ -209,7 +223,7 @@ def test_full_disk_is_survived_and_reported(tmp_path, caplog):
     kept = _bodies(store, tmp_path / "log.db")
     assert [r["seq"] for r in kept] == list(range(1, len(kept) + 1))  # nothing half-written
     store._conn.execute("PRAGMA max_page_count = 1000000")   # space again
-    store._disk_retry_at = 0.0
+    store._retention._disk_retry_at = 0.0
     store.housekeeping(force=True)
     assert not store.full
     assert store.append([_msg(9999)], now=NOW).accepted == 1
@@ -391,7 +405,7 @@ def test_a_log_written_by_the_previous_version_is_upgraded_and_read(tmp_path):
                 b'{"seq":1,"device":"d","ts":1.0,"v":1},{"seq":2,"device":"d","ts":2.0,"v":2}'))
     old.close()
     store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
-    assert store.is_redelivery(key)
+    assert _redeliveries(store).is_redelivery(key)
     store.append([_msg(7)], now=NOW)
     assert [r["seq"] for r in _bodies(store, tmp_path / "log.db")] == [1, 2, 3]
     assert LogReader(tmp_path / "log.db").read(2, max_readings=1, max_bytes=10**6)[0].body == \
@@ -424,13 +438,14 @@ def test_an_identical_message_a_whole_packet_id_cycle_later_is_not_a_redelivery(
                        [("door", 1000.0 + mid, {"open": 0})], 0.0)
 
     total = 70_000
+    seen = _redeliveries(store)
     for start in range(0, total, 5000):
-        store.append([door(i % 65535 + 1) for i in range(start, start + 5000)], now=NOW)
+        _append(store, seen, [door(i % 65535 + 1) for i in range(start, start + 5000)])
     unlogged = door(total % 65535 + 1)      # the next one; its id was last used 65,535 ago
     recent = door((total - 3) % 65535 + 1)  # logged three messages ago
-    assert not store.is_redelivery(unlogged.key)
-    assert store.is_redelivery(recent.key)
+    assert not seen.is_redelivery(unlogged.key)
+    assert seen.is_redelivery(recent.key)
     store.close()
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
-    assert not store.is_redelivery(unlogged.key)
-    assert store.is_redelivery(recent.key)
+    seen = _redeliveries(LogStore(_cfg(tmp_path), "gw", ["uplink"]))
+    assert not seen.is_redelivery(unlogged.key)
+    assert seen.is_redelivery(recent.key)

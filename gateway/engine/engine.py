@@ -32,10 +32,8 @@ from gateway.engine.rules import Group, fingerprint
 from gateway.engine.staged import StagedIngest, stage
 from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore, width_for
 from gateway.engine.vector import TickValues, truth
+from gateway.records import Reading as Reading  # noqa: PLC0414 - re-exported: replay imports it
 from gateway.units import Duration
-
-# A reading from the ingest side: device, timestamp, {metric: number or bool}.
-Reading = tuple[str, float, Mapping[str, Any]]
 
 
 class EngineConfig(BaseModel):

@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -34,9 +32,10 @@ import orjson
 from gateway.clock import NOT_AFTER, NOT_BEFORE, ClockState
 from gateway.config import Ingest, PayloadFormat
 from gateway.ingest.topics import TopicMatch, TopicTemplates
+from gateway.records import DeadLetter, Reading, Reason
 
-# device, ts (epoch seconds), metrics (int or float; booleans arrive as 1 and 0)
-Reading = tuple[str, float, dict[str, Any]]
+__all__ = ["CLOCK_FLAG", "DeadLetter", "Decoder", "Reading", "Reason", "duplicate_key",
+           "valid_device_id"]
 
 # Added to every reading decoded while the system clock was not synchronised.
 CLOCK_FLAG = "clock_unsynced"
@@ -52,31 +51,6 @@ _BOM = b"\xef\xbb\xbf"
 _KEY_END = re.compile(rb'"[ \t\n\r]*:')
 # The clock's state is asked at most this often (seconds); it rechecks the kernel itself.
 _CLOCK_RECHECK = 1.0
-
-
-class Reason(StrEnum):
-    """Why a message went to the dead-letter table."""
-
-    UNKNOWN_TOPIC = "unknown_topic"
-    TOO_LARGE = "too_large"
-    BAD_JSON = "bad_json"
-    NON_FINITE = "non_finite"
-    BAD_SHAPE = "bad_shape"
-    TOO_MANY_READINGS = "too_many_readings"
-    TOO_MANY_METRICS = "too_many_metrics"
-    NO_METRICS = "no_metrics"
-    WRONG_TYPE = "wrong_type"
-    BAD_NAME = "bad_name"
-    DUPLICATE_KEY = "duplicate_key"
-    BAD_DEVICE = "bad_device"
-    BAD_TIMESTAMP = "bad_timestamp"
-    TS_OUT_OF_RANGE = "ts_out_of_range"
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    reason: Reason
-    detail: str
 
 
 # Readings without ts that arrive together get receive times this far apart: 1 ms, the

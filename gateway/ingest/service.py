@@ -21,12 +21,13 @@ from collections.abc import Callable
 from gateway.backoff import Backoff
 from gateway.commands import ACK_FILTER, is_ack_topic
 from gateway.config import GatewayConfig
-from gateway.events import Event
-from gateway.ingest.decode import DeadLetter, Decoder, Reading
+from gateway.ingest.decode import Decoder
+from gateway.ingest.redelivery import TAIL_KEYS, Redeliveries, message_key
 from gateway.ingest.topics import TopicTemplates
-from gateway.log.store import LogStore, Message, message_key
+from gateway.log.store import LogStore, Message
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import InboundMessage, MqttLink
+from gateway.records import DeadLetter, Event, Reading
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class IngestService:
         self._on_readings = on_readings
         self._cfg = cfg
         self._store = store
+        # Site messages already logged, for recognising the broker's redeliveries.
+        self._redeliveries = Redeliveries(store.recent_keys(TAIL_KEYS))
         self._metrics = metrics
         self._topics = TopicTemplates(cfg.subscriptions)
         self._decoder = Decoder(cfg.ingest, self._topics)
@@ -56,7 +59,7 @@ class IngestService:
         self._pending_max = cfg.site.receive_maximum
         self._paused = False
         self._ready = False
-        self._failures = 0
+        self._failures = metrics.link_failures("site")
         self.link = MqttLink(
             name="site",
             link=cfg.site,
@@ -125,9 +128,7 @@ class IngestService:
             self._paused = False
             self.link.resume()
             log.info("Site session resumed")
-        if self.link.failures != self._failures:
-            self._metrics.connect_failures.labels("site").inc(self.link.failures - self._failures)
-            self._failures = self.link.failures
+        self._failures.update(self.link.failures)
 
     def finish(self) -> None:
         """Make what arrived durable, acknowledge it, and disconnect (session kept)."""
@@ -159,7 +160,7 @@ class IngestService:
                     order.append(-1)
                     continue
             key = message_key(msg.topic, msg.payload, msg.packet_id or 0)
-            if msg.duplicate and store.is_redelivery(key):
+            if msg.duplicate and self._redeliveries.is_redelivery(key):
                 order.append(-1)
                 duplicates += 1
                 continue
@@ -171,6 +172,7 @@ class IngestService:
         if answers:
             store.append_events(answers, now)
         result = store.append(messages, now)
+        self._redeliveries.logged([m.key for m in messages[:result.accepted]])
         # Acknowledge, in arrival order, everything up to the first message the log refused.
         done = 0
         for index in order:

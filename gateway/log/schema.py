@@ -19,6 +19,10 @@ MIGRATIONS = {
        "ALTER TABLE records ADD COLUMN keys BLOB",
 }
 
+# records.kind: what a row holds.
+KIND_TELEMETRY = 0
+KIND_EVENT = 1
+
 # records.codec: how body is stored.
 CODEC_RAW = 0
 CODEC_ZLIB = 1

@@ -6,7 +6,7 @@ import sqlite3
 from typing import Any
 
 from gateway.log.schema import ROW_OVERHEAD
-from gateway.log.store import readings_total
+from gateway.log.state import readings_total
 
 
 def log_stats(conn: sqlite3.Connection) -> dict[str, Any]:

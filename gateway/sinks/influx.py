@@ -47,7 +47,8 @@ from gateway.config import GatewayConfig, Influx
 from gateway.influx.http import Writer, WriteResult, make_writer
 from gateway.influx.points import ReadingEncoder, event_line, health_line
 from gateway.log.reader import LogReader
-from gateway.log.store import KIND_EVENT, LogStore
+from gateway.log.schema import KIND_EVENT
+from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.units import Precision
 

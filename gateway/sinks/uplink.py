@@ -36,9 +36,11 @@ from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.config import Batching, GatewayConfig
 from gateway.log.reader import LogReader
-from gateway.log.store import KIND_EVENT, LogStore
+from gateway.log.schema import KIND_EVENT
+from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import MqttLink, packet_size, puback_reason
+from gateway.records import BatchState
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class _Batch:
     rows: int      # log records in the batch
     size: int      # bytes of the records (before gzip)
     topic: str
-    state: int = 0  # 0 in flight, 1 settled (acknowledged or dead-lettered), -1 refused
+    state: BatchState = BatchState.IN_FLIGHT
 
 
 class UplinkSink:
@@ -128,7 +130,7 @@ class UplinkSink:
         self._refused_first = -1   # first seq of the batch refused last, and how often
         self._refusals = 0
         self._logged_codes: set[int] = set()
-        self._failures = 0
+        self._failures = metrics.link_failures("cloud")
         self.link = MqttLink(
             name="cloud",
             link=cfg.cloud,
@@ -170,7 +172,7 @@ class UplinkSink:
             return  # a status message
         action = verdict(reason)
         if action is Verdict.DELIVERED:
-            batch.state = 1
+            batch.state = BatchState.SETTLED
         else:
             self._metrics.uplink_rejected.labels(f"0x{reason:02x}").inc()
             self._refused(batch, reason, action)
@@ -189,9 +191,10 @@ class UplinkSink:
             else:
                 self._split = (batch.end, max(1, batch.size // 2))
         if action is Verdict.DEAD_LETTER:
-            batch.state = 1 if self._dead_letter(batch, code, puback_reason(code)) else -1
+            settled = self._dead_letter(batch, code, puback_reason(code))
+            batch.state = BatchState.SETTLED if settled else BatchState.REFUSED
             return
-        batch.state = -1
+        batch.state = BatchState.REFUSED
         log.warning("Cloud broker refused batch seq %d-%d (%s, 0x%02x); sending it again%s",
                     batch.first, batch.end - 1, puback_reason(code), code,
                     " in smaller batches" if action is Verdict.SPLIT else " after a delay")
@@ -218,7 +221,7 @@ class UplinkSink:
         everything sent after it is settled too."""
         inflight = self._inflight
         acked_to = None
-        while inflight and inflight[0].state == 1:
+        while inflight and inflight[0].state is BatchState.SETTLED:
             done = inflight.popleft()
             acked_to = done.end
             if done.mid >= 0:
@@ -229,7 +232,8 @@ class UplinkSink:
             self._retry.reset()
             if self._split is not None and acked_to >= self._split[0]:
                 self._split = None
-        if inflight and inflight[0].state == -1 and all(b.state != 0 for b in inflight):
+        if inflight and inflight[0].state is BatchState.REFUSED \
+                and all(b.state is not BatchState.IN_FLIGHT for b in inflight):
             # Everything after the refused batch is settled: rewind and resend from it.
             resend = sum(b.readings for b in inflight)
             self._metrics.uplink_resent.inc(resend)
@@ -268,7 +272,7 @@ class UplinkSink:
         up = self._up
         sent = False
         while len(self._inflight) < self._max_inflight() and now >= self._retry_at:
-            if self._inflight and self._inflight[0].state == -1:
+            if self._inflight and self._inflight[0].state is BatchState.REFUSED:
                 return sent
             available = self._store.next_seq - self._next
             if available <= 0:
@@ -315,7 +319,7 @@ class UplinkSink:
                                          f"{limit}"):
                     self._retry_at = now + self._retry.next_delay()
                     return sent
-                batch.state = 1
+                batch.state = BatchState.SETTLED
                 self._inflight.append(batch)
                 self._next = end
                 self._settle()
@@ -346,7 +350,7 @@ class UplinkSink:
     def _can_publish(self, now: float) -> bool:
         return (self.link.connected and len(self._inflight) < self._max_inflight()
                 and now >= self._retry_at
-                and not (self._inflight and self._inflight[0].state == -1))
+                and not (self._inflight and self._inflight[0].state is BatchState.REFUSED))
 
     def next_wake(self, now: float) -> float:
         wake = self.link.next_wake(now)
@@ -364,9 +368,7 @@ class UplinkSink:
             self._publish_due(now)
             if now - self._last_status >= self._up.status_interval:
                 self._publish_status()
-        if self.link.failures != self._failures:
-            self._metrics.connect_failures.labels("cloud").inc(self.link.failures - self._failures)
-            self._failures = self.link.failures
+        self._failures.update(self.link.failures)
 
     def finish(self) -> None:
         """Forward what is already durable (briefly), publish offline status, disconnect."""
