@@ -19,15 +19,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
-from gateway.commands import CommandSender
+from gateway.commands import ACK_FILTER, CommandSender, is_ack_topic
 from gateway.config import GatewayConfig
 from gateway.errors import FieldgateError
 from gateway.events import Event
-from gateway.ingest.decode import Reading
-from gateway.ingest.service import IngestService
+from gateway.ingest.service import Answers, IngestService
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import MqttLink, poll_links
+from gateway.records import Reading
 
 if TYPE_CHECKING:
     from gateway.rule_service import RuleService
@@ -114,7 +114,8 @@ class Gateway:
         self.commands: CommandSender | None = None
         self.rules: RuleService | None = None
         self.ingest = IngestService(cfg, self.store, self.metrics,
-                                    on_ack=self._command_answer,
+                                    answers=Answers(ACK_FILTER, is_ack_topic,
+                                                    self._command_answer),
                                     on_readings=self._to_rules if cfg.rules else None)
         # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,

@@ -136,3 +136,54 @@ def test_no_private_attribute_or_module_of_a_third_party_library_is_used():
                                     for p in parts[1:]):
                         found.append(f"{rel}:{node.lineno} import {module}")
     assert not found, "private parts of third-party libraries:\n" + "\n".join(found)
+
+
+def _package_of(module: str) -> str | None:
+    """gateway.log.store -> gateway.log; gateway.daemon -> gateway.daemon (a module of its
+    own at the top of the package counts as one room)."""
+    parts = module.split(".")
+    if parts[0] != "gateway":
+        return None
+    return ".".join(parts[:2]) if len(parts) > 1 else None
+
+
+def _package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in _modules("gateway"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        own = _package_of(".".join(parts))
+        if own is None:
+            continue
+        for module in _imports(path):
+            other = _package_of(module)
+            if other is not None and other != own:
+                graph.setdefault(own, set()).add(other)
+    return graph
+
+
+def test_no_import_cycle_between_packages():
+    graph = _package_graph()
+    cycles = []
+    for start in graph:
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not cycles, "import cycles between packages:\n" + "\n".join(sorted(set(cycles)))
+
+
+def test_the_log_imports_neither_mqtt_nor_ingest_nor_sinks():
+    for path in _modules("gateway/log"):
+        bad = {m for m in _imports(path)
+               if m.startswith(("gateway.mqtt", "gateway.ingest", "gateway.sinks", "fieldmqtt",
+                                "paho", "mqtt5"))}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from gateway.backoff import Backoff
-from gateway.commands import ACK_FILTER, is_ack_topic
 from gateway.config import GatewayConfig
 from gateway.ingest.decode import Decoder
 from gateway.ingest.redelivery import TAIL_KEYS, Redeliveries, message_key
@@ -38,15 +38,24 @@ _SITE_BACKOFF_MAX = 15.0
 _IDLE_WAKE = 0.25
 
 
+class Answers(NamedTuple):
+    """Site messages that are not readings but answers for someone else (the devices'
+    command acknowledgements): the site session subscribes to ``filter`` too, and each
+    message whose topic ``matches`` goes to ``handle(topic, payload, now, dup)`` (``dup``:
+    the MQTT DUP flag), which may turn it into an event for the log."""
+
+    filter: str
+    matches: Callable[[str], bool]
+    handle: Callable[[str, bytes, float, bool], Event | None]
+
+
 class IngestService:
     def __init__(self, cfg: GatewayConfig, store: LogStore, metrics: GatewayMetrics,
-                 on_ack: Callable[[str, bytes, float, bool], Event | None] | None = None,
+                 answers: Answers | None = None,
                  on_readings: Callable[[list[Reading]], None] | None = None) -> None:
-        """``on_ack(topic, payload, now, dup)`` turns a device's answer on
-        devices/<id>/cmd/ack into an event (``dup``: the MQTT DUP flag); with it,
-        the site session also subscribes to those answers. ``on_readings`` gets every batch
-        of readings once it is durable (the rule engine's input)."""
-        self._on_ack = on_ack
+        """``answers``: see ``Answers``. ``on_readings`` gets every batch of readings once
+        it is durable (the rule engine's input)."""
+        self._answers = answers
         self._on_readings = on_readings
         self._cfg = cfg
         self._store = store
@@ -98,8 +107,8 @@ class IngestService:
         # Anything still pending belongs to the previous connection.
         self._drop_pending()
         filters = list(self._topics.filters)
-        if self._on_ack is not None:
-            filters.append((ACK_FILTER, None))
+        if self._answers is not None:
+            filters.append((self._answers.filter, None))
         self.link.subscribe(filters, qos=1)
 
     def _on_subscribed(self) -> None:
@@ -142,13 +151,14 @@ class IngestService:
         decode = self._decoder.decode
         store = self._store
         match = self._topics.match
+        route = self._answers
         messages: list[Message] = []
         order: list[int] = []  # index into messages, or -1 for a message acked and skipped
         duplicates = 0
         answers: list[Event] = []
         for msg in pending:
-            if self._on_ack is not None and is_ack_topic(msg.topic):
-                answer = self._on_ack(msg.topic, msg.payload, now, msg.duplicate)
+            if route is not None and route.matches(msg.topic):
+                answer = route.handle(msg.topic, msg.payload, now, msg.duplicate)
                 if answer is not None:
                     answers.append(answer)
                 order.append(-1)
