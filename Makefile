@@ -23,7 +23,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check gateway devices fieldmqtt tests bench
+	$(PY) -m ruff check gateway devices fieldmqtt fieldkit tests bench
 
 types: $(VENV)/.dev
 	$(PY) -m mypy

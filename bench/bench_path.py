@@ -1000,8 +1000,8 @@ class Bench:
         return variants
 
     def _tick(self) -> float:
+        from fieldkit.units import parse_duration  # noqa: PLC0415
         from gateway.config import EngineSection  # noqa: PLC0415 - the bench's only use
-        from gateway.units import parse_duration  # noqa: PLC0415
 
         tick = self.overrides.get("engine.tick", EngineSection.model_fields["tick"].default)
         return parse_duration(tick)

@@ -14,9 +14,10 @@ import click
 import orjson
 
 from devices import __version__
-from devices.fleet import Fleet, FleetError, load_fleet, parse_duration, parse_fleet
+from devices.fleet import Fleet, FleetError, load_fleet, parse_fleet
 from devices.generator import FleetModel
 from devices.simulator import Simulator
+from fieldkit.units import parse_duration
 from fieldmqtt import MqttError
 
 

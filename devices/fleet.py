@@ -6,7 +6,6 @@ field. Durations take ms/s/m/h/d.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,22 +13,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 30s, 5m")
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION_RE.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration; write e.g. 500ms, 30s, 5m, 1h")
-    return float(match.group(1)) * _FACTORS[match.group(2) or "s"]
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+from fieldkit.problems import validation_problems
+from fieldkit.units import Duration
 
 
 def state_name(value: object) -> object:
@@ -171,24 +156,13 @@ class Fleet(_Model):
     faults: list[Fault] = Field(default_factory=list)
 
 
-def _problems(err: ValidationError) -> list[str]:
-    out = []
-    for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            msg = "unknown field"
-        out.append(f"{where}: {msg}")
-    return out
-
-
 def parse_fleet(data: Any) -> Fleet:
     if not isinstance(data, dict):
         raise FleetError(["(top level): expected a mapping with `types:`"])
     try:
         return Fleet.model_validate(data)
     except ValidationError as err:
-        raise FleetError(_problems(err)) from None
+        raise FleetError(validation_problems(err)) from None
 
 
 def load_fleet(path: Path) -> Fleet:

@@ -1,9 +1,14 @@
 """Wiring: builds the log, the ingest side and the sinks from the config and runs them.
 
-This is the only module (with the CLI) that knows the concrete sink classes. The parts talk
-to each other only through the durable log; one loop drives all of them, so a reading costs
-no thread hand-offs and one wake-up serves every socket that has something: read the site
-broker, commit, acknowledge, publish due batches, read PUBACKs.
+This is the only module (with the CLI) that knows the concrete sink classes. Data moves
+between the parts through the durable log (ingest appends; the rule engine's events and
+the command sender's records are appended too; each sink reads with its own cursor). Three
+hand-offs are direct calls wired here, because they are decisions rather than data: ingest
+hands each durable batch of readings to the rule engine, the site messages that answer
+commands to the command sender (``ingest.service.Answers``), and the rule engine's commands
+to the sender, which publishes on the site link. One loop drives all of them, so a reading
+costs no thread hand-offs and one wake-up serves every socket that has something: read the
+site broker, commit, acknowledge, evaluate due rules, publish due batches, read PUBACKs.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fieldkit.units import parse_duration, parse_size
 from gateway.config import GatewayConfig, check_config, load_config, parse_config, sample_config
 from gateway.errors import ConfigError
-from gateway.units import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 

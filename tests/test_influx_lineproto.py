@@ -9,9 +9,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from influxdb_client import Point, WritePrecision
 
+from fieldkit.units import Precision
 from gateway.influx import lineproto
 from gateway.influx.points import ReadingEncoder, event_line, field_name
-from gateway.units import Precision
 
 # Text that stresses escaping: the line protocol's separators, quotes, backslashes, control
 # characters and non-ASCII letters, mixed with ordinary ones.

@@ -29,8 +29,8 @@ def demo(duration: str, cut_cloud: str) -> None:
     Example:
       gateway demo --duration 30s --cut-cloud 10s
     """
+    from fieldkit.units import parse_duration
     from gateway.demo import run_demo
-    from gateway.units import parse_duration
 
     try:
         seconds, cut = parse_duration(duration), parse_duration(cut_cloud)

@@ -8,11 +8,11 @@ from typing import Any
 import click
 import orjson
 
+from fieldkit.units import format_size
 from gateway.cli.options import config_option, load
 from gateway.cli.output import UsageMistake, fail, when
 from gateway.config import GatewayConfig
 from gateway.errors import FieldgateError
-from gateway.units import format_size
 
 
 @click.group("log")

@@ -28,7 +28,7 @@ def load(path: Path) -> GatewayConfig:
 
 def positive_duration(value: str, name: str = "--since") -> float:
     """Seconds from a duration option (``30s``, ``6h``) that must be longer than 0."""
-    from gateway.units import parse_duration
+    from fieldkit.units import parse_duration
 
     try:
         seconds = parse_duration(value)

@@ -207,10 +207,10 @@ def rules_replay(rule_files: tuple[Path, ...], config_path: Path | None,
           --input record.jsonl
       gateway rules replay --config /etc/fieldgate/gateway.yaml --input record.jsonl
     """
+    from fieldkit.units import parse_duration
     from gateway.engine import EngineConfig
     from gateway.engine.replay import Replay
     from gateway.recorded import read_columns
-    from gateway.units import parse_duration
 
     labels = _parse_labels(label_specs)
     cfg = load(config_path) if config_path is not None else None

@@ -9,22 +9,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from fieldkit.problems import validation_problems as problems
 from gateway.config.models import GatewayConfig
 from gateway.errors import ConfigError
 
 
 def validation_problems(err: ValidationError) -> list[str]:
     """One line per pydantic error: the field's dotted path, what is wrong, and the fix."""
-    lines = []
-    for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling against `gateway config sample`"
-        elif item["type"] == "missing":
-            msg = "required; see `gateway config sample`"
-        lines.append(f"{where}: {msg}")
-    return lines
+    return problems(err, unknown="unknown field; check the spelling against "
+                    "`gateway config sample`", missing="required; see `gateway config sample`")
 
 
 def parse_config(data: object) -> GatewayConfig:

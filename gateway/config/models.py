@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fieldkit.units import ByteSize, Duration, Precision
 from gateway.clock import ClockCheck
 from gateway.config.addresses import check_http_url, check_mqtt_url, is_loopback, split_host_port
 from gateway.config.secrets import INLINE_SECRET_NAMES, read_secret
 from gateway.config.tls import client_context
-from gateway.units import ByteSize, Duration, Precision
 
 _TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fieldkit.units import Duration
 from gateway.engine.alerts import AlertTable
 from gateway.engine.compiled import CompiledRule, alert_events, compile_rule
 from gateway.engine.events import DeviceEvent, Event, Kind, clean
@@ -33,7 +34,6 @@ from gateway.engine.staged import StagedIngest, stage
 from gateway.engine.store import F64, I64, PLANES, Drops, SeriesStore, width_for
 from gateway.engine.vector import TickValues, truth
 from gateway.records import Reading as Reading  # noqa: PLC0414 - re-exported: replay imports it
-from gateway.units import Duration
 
 
 class EngineConfig(BaseModel):

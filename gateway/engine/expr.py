@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.units import parse_duration
+from fieldkit.units import parse_duration
 
 # Functions over a window of one metric's readings; the value says whether they give a
 # number or a truth value. This table is the one place a window function is registered.

@@ -29,9 +29,9 @@ from pydantic import (
     model_validator,
 )
 
+from fieldkit.units import Duration
 from gateway.engine import expr as ex
 from gateway.errors import ConfigError
-from gateway.units import Duration
 
 # Placeholders a message or command template may use besides the rule's labels.
 TEMPLATE_FIELDS = frozenset({"device", "value", "alert", "group", "severity", "threshold"})

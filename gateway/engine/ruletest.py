@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fieldkit.units import Duration, format_duration
 from gateway.engine.engine import Engine, EngineConfig
 from gateway.engine.events import AlertEvent, CommandEvent, Event
 from gateway.engine.rules import load_rule_files, load_yaml, locate, read_rule_text
 from gateway.errors import ConfigError
-from gateway.units import Duration, format_duration
 
 _ITEM_RE = re.compile(
     r"^(?P<start>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)"

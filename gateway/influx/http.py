@@ -30,8 +30,8 @@ from urllib.parse import urlencode
 
 import urllib3
 
+from fieldkit.units import Precision
 from gateway.config import Influx, InfluxApi
-from gateway.units import Precision
 
 _V1_PRECISION = {Precision.S: "s", Precision.MS: "ms", Precision.US: "u", Precision.NS: "n"}
 # Longest server message kept (it goes into dead letters and one log line).

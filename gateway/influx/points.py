@@ -27,9 +27,9 @@ from typing import Any
 
 import orjson
 
+from fieldkit.units import Precision
 from gateway.influx.lineproto import key, line, measurement, tag_set
 from gateway.influx.lineproto import timestamp as to_timestamp
-from gateway.units import Precision
 
 EVENTS = "events"
 HEALTH = "fieldgate"

@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from fieldkit.units import Precision
 from gateway.backoff import Backoff
 from gateway.config import GatewayConfig, Influx
 from gateway.influx.http import Writer, WriteResult, make_writer
@@ -50,7 +51,6 @@ from gateway.log.reader import LogReader
 from gateway.log.schema import KIND_EVENT
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
-from gateway.units import Precision
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from fieldkit.units import format_size
 from gateway.status.state import WINDOW, Actuator, DeviceRow, Snapshot, Tone
-from gateway.units import format_size
 
 SPARKS = "▁▂▃▄▅▆▇█"
 _STYLE = {Tone.BAD: "bold red", Tone.GOOD: "green", Tone.WARN: "yellow", Tone.INFO: "cyan",
