@@ -41,6 +41,7 @@ import orjson  # noqa: E402
 from influxdb_client import InfluxDBClient  # noqa: E402
 from influxdb_client.client.write_api import WriteOptions  # noqa: E402
 
+from bench.harness.accounting import rss_bytes  # noqa: E402
 from bench.harness.children import CTX  # noqa: E402
 from bench.harness.gateway import GATEWAY_ID, BenchGateway, checkout  # noqa: E402
 from bench.harness.mqtt import paho_client  # noqa: E402
@@ -85,14 +86,17 @@ def _metric(gw: BenchGateway, name: str) -> float | None:
     return gw.metric(name, attempts=1, timeout=5)
 
 
-def wait_depth_zero(gw: BenchGateway, sinks: list[str], timeout: float) -> float:
-    """Seconds from now until every sink's depth is 0."""
+def wait_depth_zero(gw: BenchGateway, sinks: list[str], timeout: float) -> tuple[float, int]:
+    """Seconds from now until every sink's depth is 0, and the gateway's peak RSS sampled
+    meanwhile (while draining only: not its start-up or shutdown)."""
     start = time.monotonic()
+    peak = 0
     while time.monotonic() - start < timeout:
+        peak = max(peak, rss_bytes(gw.pid))
         depths = [_metric(gw, f'fieldgate_log_undelivered_readings{{sink="{s}"}}')
                   for s in sinks]
         if all(d == 0 for d in depths):
-            return time.monotonic() - start
+            return time.monotonic() - start, peak
         if gw.proc is not None and gw.proc.poll() is not None:
             raise RuntimeError(gw.log())
         time.sleep(0.05)
@@ -101,7 +105,7 @@ def wait_depth_zero(gw: BenchGateway, sinks: list[str], timeout: float) -> float
 
 def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str],
           root: Path = ROOT, **sections: Any) -> tuple[float, int, BenchGateway]:
-    """Seconds for a gateway on a copy of ``master`` to drain it, its peak RSS (sampled)."""
+    """Seconds for a gateway on a copy of ``master`` to drain it, its peak RSS meanwhile."""
     log = work / f"{name}.db"
     shutil.copy(master, log)
     gw = launch(work, log, site, root=root, **sections)
@@ -109,10 +113,10 @@ def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str]
     started = time.monotonic()
     while _metric(gw, 'fieldgate_link_connected{link="site"}') is None:
         time.sleep(0.02)
-    wait_depth_zero(gw, sinks, timeout=1800)
+    _, peak_rss = wait_depth_zero(gw, sinks, timeout=1800)
     seconds = time.monotonic() - started
     gw.stop(timeout=30)
-    return seconds, gw.peak_rss(), gw
+    return seconds, peak_rss, gw
 
 
 def baseline(master: Path, n: int, vm: VictoriaMetrics) -> float:

@@ -27,6 +27,11 @@ def rusage_cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def rss_bytes(pid: int) -> int:
+    """The process's resident set now."""
+    return int(psutil.Process(pid).memory_info().rss)
+
+
 def write_bytes(pid: int | str = "self") -> int:
     """Bytes the process sent to storage (/proc/<pid>/io): flash wear."""
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
