@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness.accounting import rusage_cpu as _cpu  # noqa: E402
 from devices.cli import _builtin_fleet  # noqa: E402
 from devices.generator import FleetModel  # noqa: E402
 from fieldmqtt import MqttSession, Published, SessionConfig  # noqa: E402
@@ -38,11 +39,6 @@ _LATE = re.compile(r"(\d+) messages went out more than 1 s late")
 # Far beyond what one process publishes: the emulator runs flat out, everything is late.
 FULL_SPEED = 10_000_000
 BARE_WINDOW = 10_000
-
-
-def _cpu(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
 
 
 def model_only(qos: int, seconds: float) -> float:

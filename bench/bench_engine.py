@@ -22,20 +22,23 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import orjson
-
-from gateway.engine import Batch, Engine, load_rule_files
-from gateway.engine.reference import ReferenceEvaluator
-from gateway.engine.replay import Replay
-from gateway.engine.rules import RuleFile
-from gateway.recorded import read_columns
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from bench.harness.table import print_measures  # noqa: E402
+from gateway.engine import Batch, Engine, load_rule_files  # noqa: E402
+from gateway.engine.reference import ReferenceEvaluator  # noqa: E402
+from gateway.engine.replay import Replay  # noqa: E402
+from gateway.engine.rules import RuleFile  # noqa: E402
+from gateway.recorded import read_columns  # noqa: E402
 
 RULES = [
     ("Hot", "temp > 35", {}),
@@ -162,9 +165,7 @@ def main() -> None:
     slow = int(np.argmax(ticks))
     print(f"slowest tick {ticks[slow] * 1000:.1f} ms with {tick_events[slow]} events; "
           f"events per tick median {int(np.median(tick_events))}, max {max(tick_events)}")
-    print(f"{'measure':44} {'value':>14}  target")
-    for label, value, target in rows:
-        print(f"{label:44} {value:>14}  {target}")
+    print_measures(rows)
     if args.replay_readings:
         bench_replay(args.replay_readings)
 
@@ -243,14 +244,14 @@ def bench_replay(readings: int) -> None:
     new_rate, old_rate = readings / new_s, prefix / old_s
     print(f"\nreplay: {readings:,} readings ({size / 1e6:.0f} MB JSONL, 1000 devices, temp+hum), "
           f"greenhouse rules with labels, {events} events, {run.summary.used:,} values used")
-    print(f"{'measure':44} {'value':>14}  target")
-    print(f"{'replay readings/s (file -> events)':44} {new_rate:>14,.0f}  >= 1,000,000")
-    print(f"{'  per CPU second (this process)':44} {readings / new_cpu:>14,.0f}  ")
-    print(f"{'  metric values/s (2 per reading)':44} {2 * new_rate:>14,.0f}  ")
-    print(f"{'  tick-by-tick ingest (staged=False)':44} {readings / tick_s:>14,.0f}  ")
-    print(f"{'  per-reading path, same file (' + format(prefix, ',') + ')':44} "
-          f"{old_rate:>14,.0f}  ")
-    print(f"{'  speed-up':44} {new_rate / old_rate:>13,.1f}x  ")
+    print_measures([
+        ("replay readings/s (file -> events)", f"{new_rate:,.0f}", ">= 1,000,000"),
+        ("  per CPU second (this process)", f"{readings / new_cpu:,.0f}", ""),
+        ("  metric values/s (2 per reading)", f"{2 * new_rate:,.0f}", ""),
+        ("  tick-by-tick ingest (staged=False)", f"{readings / tick_s:,.0f}", ""),
+        (f"  per-reading path, same file ({prefix:,})", f"{old_rate:,.0f}", ""),
+        ("  speed-up", f"{new_rate / old_rate:,.1f}x", ""),
+    ])
 
 
 if __name__ == "__main__":

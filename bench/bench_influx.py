@@ -27,13 +27,10 @@
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
-import paho.mqtt.client as paho  # noqa: E402
-import psutil  # noqa: E402
-import yaml  # noqa: E402
 from influxdb_client import InfluxDBClient  # noqa: E402
 from influxdb_client.client.write_api import WriteOptions  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from bench.harness.accounting import rss_bytes  # noqa: E402
+from bench.harness.children import CTX  # noqa: E402
+from bench.harness.gateway import GATEWAY_ID, BenchGateway, checkout  # noqa: E402
+from bench.harness.mqtt import paho_client  # noqa: E402
 from gateway.config import LogSection  # noqa: E402
 from gateway.influx.lineproto import Precision  # noqa: E402
 from gateway.influx.points import ReadingEncoder  # noqa: E402
@@ -56,7 +53,6 @@ from gateway.log.store import LogStore, Message  # noqa: E402
 from gateway.mosquitto import Mosquitto, free_port  # noqa: E402
 from tests.tsdb import InfluxD, VictoriaMetrics  # noqa: E402
 
-GATEWAY_ID = "bench-gw"
 DEVICES = 100
 DB = "fieldgate"
 
@@ -78,87 +74,49 @@ def fill_log(path: Path, n: int) -> float:
     return t0
 
 
-class Gateway:
-    def __init__(self, work: Path, log: Path, site: Mosquitto, *, root: Path = ROOT,
-                 **sections: Any) -> None:
-        self.metrics_port = free_port()
-        cfg = {"gateway_id": GATEWAY_ID, "site": {"url": site.url},
-               "log": {"path": str(log), "max_bytes": "8GiB", "synchronous": "normal"},
-               "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"}, **sections}
-        conf = work / f"gw-{self.metrics_port}.yaml"
-        conf.write_text(yaml.safe_dump(cfg))
-        self.stderr = work / f"gw-{self.metrics_port}.stderr"
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(conf)],
-                                     cwd=root, stderr=self.stderr.open("wb"))
-        self.ps = psutil.Process(self.proc.pid)
-        self.peak_rss = 0
+def launch(work: Path, log: Path, site: Mosquitto, *, root: Path = ROOT,
+           **sections: Any) -> BenchGateway:
+    """`gateway run` on ``log`` (8 GiB cap, synchronous=normal) with the given sections."""
+    return BenchGateway(work, site, None, src=root, name=f"gw-{log.stem}",
+                        log={"path": str(log), "max_bytes": "8GiB", "synchronous": "normal"},
+                        **sections).launch()
 
-    def metric(self, name: str) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                        timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
 
-    def wait_depth_zero(self, sinks: list[str], timeout: float) -> float:
-        """Seconds from now until every sink's depth is 0 (sampling RSS meanwhile)."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
-            depths = [self.metric(f'fieldgate_log_undelivered_readings{{sink="{s}"}}')
-                      for s in sinks]
-            if all(d == 0 for d in depths):
-                return time.monotonic() - start
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.stderr.read_text())
-            time.sleep(0.05)
-        raise RuntimeError(f"not drained in {timeout} s: {self.stderr.read_text()[-2000:]}")
+def _metric(gw: BenchGateway, name: str) -> float | None:
+    return gw.metric(name, attempts=1, timeout=5)
 
-    def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
 
-    def wait_up(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.metric('fieldgate_link_connected{link="site"}') == 1.0:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(self.stderr.read_text())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def wait_depth_zero(gw: BenchGateway, sinks: list[str], timeout: float) -> tuple[float, int]:
+    """Seconds from now until every sink's depth is 0, and the gateway's peak RSS sampled
+    meanwhile (while draining only: not its start-up or shutdown)."""
+    start = time.monotonic()
+    peak = 0
+    while time.monotonic() - start < timeout:
+        peak = max(peak, rss_bytes(gw.pid))
+        depths = [_metric(gw, f'fieldgate_log_undelivered_readings{{sink="{s}"}}')
+                  for s in sinks]
+        if all(d == 0 for d in depths):
+            return time.monotonic() - start, peak
+        if gw.proc is not None and gw.proc.poll() is not None:
+            raise RuntimeError(gw.log())
+        time.sleep(0.05)
+    raise RuntimeError(f"not drained in {timeout} s: {gw.log()[-2000:]}")
 
 
 def drain(work: Path, master: Path, site: Mosquitto, name: str, sinks: list[str],
-          root: Path = ROOT, **sections: Any) -> tuple[float, int, Gateway]:
+          root: Path = ROOT, **sections: Any) -> tuple[float, int, BenchGateway]:
+    """Seconds for a gateway on a copy of ``master`` to drain it, its peak RSS meanwhile."""
     log = work / f"{name}.db"
     shutil.copy(master, log)
-    gw = Gateway(work, log, site, root=root, **sections)
+    gw = launch(work, log, site, root=root, **sections)
     # Depth is only on /metrics once the gateway is wired; time from the process start.
     started = time.monotonic()
-    while gw.metric('fieldgate_link_connected{link="site"}') is None:
+    while _metric(gw, 'fieldgate_link_connected{link="site"}') is None:
         time.sleep(0.02)
-    gw.wait_depth_zero(sinks, timeout=1800)
+    _, peak_rss = wait_depth_zero(gw, sinks, timeout=1800)
     seconds = time.monotonic() - started
-    gw.stop()
-    return seconds, gw.peak_rss, gw
-
-
-def checkout(ref: str, work: Path) -> Path:
-    """The tree of git ``ref`` in ``work``, to run its gateway beside this one."""
-    root = work / "before"
-    root.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    return root
+    gw.stop(timeout=30)
+    return seconds, peak_rss, gw
 
 
 def baseline(master: Path, n: int, vm: VictoriaMetrics) -> float:
@@ -225,7 +183,7 @@ def encode_cpu(master: Path) -> tuple[float, float]:
 
 
 def _paced(port: int, rate: int, seconds: float, t0: float) -> None:
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c = paho_client()
     c.max_inflight_messages_set(0)
     c.connect("127.0.0.1", port)
     c.loop_start()
@@ -249,19 +207,19 @@ def paced_cpu(work: Path, site: Mosquitto, rate: int, seconds: float,
               **sections: Any) -> float:
     """Gateway CPU seconds for `rate` readings/s over `seconds`, idle start excluded."""
     log = work / f"paced-{free_port()}.db"
-    gw = Gateway(work, log, site, **sections)
-    gw.wait_up()
+    gw = launch(work, log, site, **sections)
+    gw.wait_links("site", timeout=30)
     time.sleep(1.0)
     before = gw.cpu()
-    pub = mp.get_context("spawn").Process(target=_paced, args=(site.port, rate, seconds,
+    pub = CTX.Process(target=_paced, args=(site.port, rate, seconds,
                                                               time.time() - 60))
     pub.start()
     pub.join()
     if sections.get("influx"):
-        gw.wait_depth_zero(["influx"], 60)
+        wait_depth_zero(gw, ["influx"], 60)
     after = gw.cpu()
-    readings = gw.metric("fieldgate_readings_total")
-    gw.stop()
+    readings = _metric(gw, "fieldgate_readings_total")
+    gw.stop(timeout=30)
     if readings != rate * seconds:
         print(f"  paced: gateway logged {readings} of {rate * seconds} readings")
     return after - before

@@ -26,7 +26,6 @@ run.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import select
 import sys
 import tempfile
@@ -41,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mqtt5  # noqa: E402
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from bench.harness.children import Child  # noqa: E402
+from bench.harness.mqtt import paho_client  # noqa: E402
 from fieldmqtt import Message, MqttSession, SessionConfig  # noqa: E402
 from gateway.mosquitto import Mosquitto  # noqa: E402
 
@@ -150,8 +149,7 @@ def sub_paho(conn: Any, port: int, client_id: str, expect: int) -> None:
         if state["n"] >= expect:
             done.set()
 
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                    protocol=paho.MQTTv5)
+    c = paho_client(client_id)
     c.on_message = on_message
     c.connect("127.0.0.1", port, clean_start=False)
     c.loop_start()
@@ -218,7 +216,6 @@ def publish_all(port: int, n: int, payload: bytes) -> None:
 
 
 def part_broker(n: int, rounds: int) -> None:
-    ctx = mp.get_context("spawn")
     print(f"2. Mosquitto, subscriber process CPU µs per QoS 1 message incl. PUBACK "
           f"(drain of {n} queued; best of {rounds})")
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,16 +228,11 @@ def part_broker(n: int, rounds: int) -> None:
                         cid = f"bench-{name}-{label[0]}-{r}"
                         register(broker.port, cid)
                         publish_all(broker.port, n, payload)
-                        here, there = ctx.Pipe()
-                        proc = ctx.Process(target=target, args=(there, broker.port, cid, n))
-                        proc.start()
-                        if not here.poll(180):
-                            proc.kill()
-                            raise RuntimeError(f"{name}: no result")
-                        kind, value = here.recv()
-                        proc.join(10)
-                        if kind != "ok":
-                            raise RuntimeError(f"{name}: {value}")
+                        child = Child(target, broker.port, cid, n)
+                        try:
+                            value = child.expect("ok", 180)
+                        finally:
+                            child.stop()
                         best[name] = min(best.get(name, float("inf")), value)
                 print(f"   {label:<8} paho public path {best['paho']:7.2f}   "
                       f"session.py (mqtt5) {best['session']:7.2f}   "

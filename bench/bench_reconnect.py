@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,38 +35,20 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
-import yaml  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from gateway.mosquitto import Mosquitto, free_port  # noqa: E402
+from bench.harness.gateway import BenchGateway  # noqa: E402
+from bench.harness.mqtt import paho_client  # noqa: E402
+from gateway.mosquitto import Mosquitto  # noqa: E402
 
 GATEWAY_ID = "bench-reconnect"
-READY = "Ready: site subscriptions in place"
 PACE = 0.01   # one reading (and one baseline message) every 10 ms
 POLL = 0.01   # how often the metrics endpoint is read after the restart
-
-
-def _client(client_id: str = "") -> paho.Client:
-    return paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                       protocol=paho.MQTTv5)
-
-
-def _metric(port: int, name: str) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 class Paced(threading.Thread):
     """Publishes a message every PACE seconds on its own client until stopped."""
 
-    def __init__(self, c: paho.Client, topic: str) -> None:
+    def __init__(self, c: Any, topic: str) -> None:
         super().__init__(daemon=True)
         self.c, self.topic, self.stop = c, topic, threading.Event()
 
@@ -84,7 +64,7 @@ class Watcher:
 
     def __init__(self, port: int, topics: list[str]) -> None:
         self.first: dict[str, float] = {}
-        self.c = _client()
+        self.c = paho_client()
         self.c.on_message = self._on_message
         subscribed = threading.Event()
         self.c.on_subscribe = lambda *_: subscribed.set()
@@ -107,26 +87,15 @@ def run(outage: float, runs: int) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-reconnect-"))
     site = Mosquitto(tmp, "site").start()
     cloud = Mosquitto(tmp, "cloud").start()
-    metrics_port = free_port()
-    cfg = {"gateway_id": GATEWAY_ID, "site": {"url": site.url}, "cloud": {"url": cloud.url},
-           "log": {"path": str(tmp / "log.db")},
-           "metrics": {"listen": f"127.0.0.1:{metrics_port}"}}
-    config = tmp / "gateway.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    stderr = tmp / "gateway.stderr"
-    gw = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
+    # The gateway's defaults: the reconnect policy is what is measured.
+    gw = BenchGateway(tmp, site, cloud, gateway_id=GATEWAY_ID)
     pubs: list[Paced] = []
     try:
-        deadline = time.monotonic() + 60
-        while READY not in stderr.read_text():
-            if gw.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not get ready: {stderr.read_text()}")
-            time.sleep(0.02)
-        site_pub = _client()
+        gw.start()
+        site_pub = paho_client()
         site_pub.connect("127.0.0.1", site.port)
         site_pub.loop_start()
-        base_pub = _client("baseline-1s")
+        base_pub = paho_client("baseline-1s")
         base_pub.reconnect_delay_set(min_delay=1, max_delay=1)
         base_pub.connect("127.0.0.1", cloud.port)
         base_pub.loop_start()
@@ -146,8 +115,8 @@ def run(outage: float, runs: int) -> int:
             limit = t0 + 120
             while time.monotonic() < limit and (
                     link_up is None or len(watcher.first) < 2):
-                if link_up is None and _metric(
-                        metrics_port, 'fieldgate_link_connected{link="cloud"}') == 1.0:
+                if link_up is None and gw.metric(
+                        'fieldgate_link_connected{link="cloud"}', attempts=1, timeout=2) == 1.0:
                     link_up = time.monotonic() - t0
                 time.sleep(POLL)
             first = {t: at - t0 for t, at in watcher.first.items()}
@@ -177,11 +146,8 @@ def run(outage: float, runs: int) -> int:
     finally:
         for p in pubs:
             p.stop.set()
-        gw.terminate()
-        try:
-            gw.wait(15)
-        except subprocess.TimeoutExpired:
-            gw.kill()
+        if gw.proc is not None:
+            gw.stop(timeout=15)
         cloud.stop()
         site.stop()
 
