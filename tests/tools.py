@@ -196,9 +196,10 @@ class GatewayProcess:
 
     # -- stop -------------------------------------------------------------------------------
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Signal the process and reap it (recording its exit code and peak RSS); killed
-        and ``subprocess.TimeoutExpired`` raised if it is not gone within ``timeout``."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process and reap it (recording its exit code and peak RSS); killed,
+        and AssertionError with its log, if it is not gone within ``timeout`` (a graceful
+        stop may take ~7 s of bounded waits: drain, PUBACKs, a round trip per link)."""
         proc = self._running()
         if proc.returncode is None and proc.poll() is None:
             proc.send_signal(sig)
@@ -211,7 +212,9 @@ class GatewayProcess:
                     self.ru_maxrss_kib = usage.ru_maxrss
                 elif time.monotonic() > deadline:
                     self.kill()
-                    raise subprocess.TimeoutExpired(proc.args, timeout)
+                    raise AssertionError(f"the gateway did not stop within {timeout:g} s of "
+                                         f"signal {sig}; the end of its log:\n"
+                                         f"{self.log()[-4000:]}")
                 else:
                     time.sleep(pause)
                     pause = min(0.05, pause * 2)
