@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, NamedTuple
@@ -425,6 +426,19 @@ def _round(values: np.ndarray, digits: int) -> list[float]:
     return result
 
 
+def _reading_maker(keys: tuple[str, ...]) -> Callable[..., list[dict[str, Any]]]:
+    """A function making readings from columns of values, one dict per row, by a dict
+    display with ``keys`` as literals (their repr): about three times as fast as
+    ``dict(zip(keys, row))``, which is a third of the cost of a reading."""
+    params = [f"c{i}" for i in range(len(keys))]
+    names = [f"v{i}" for i in range(len(keys))]
+    display = ", ".join(f"{key!r}: {name}" for key, name in zip(keys, names, strict=True))
+    source = (f"lambda {', '.join(params)}: [{{{display}}} "
+              f"for {', '.join(names)}, in zip({', '.join(params)}, strict=True)]")
+    maker: Callable[..., list[dict[str, Any]]] = eval(source, {"zip": zip})  # noqa: S307
+    return maker
+
+
 class _Kind:
     """The batched readings of one device type: the state of its devices as arrays, one
     row per device (rows of devices on the per-reading path are left unused)."""
@@ -438,6 +452,7 @@ class _Kind:
         self.metric_topics = [[f"sensors/{d.id}/{name}" for name in spec.metrics]
                               for d in members]
         self.keys = ("ts", *spec.metrics)
+        self.make_readings = _reading_maker(self.keys)
         self.metrics = list(spec.metrics.items())
         self.draws = sum((m.walk != 0) + (m.noise != 0) for m in spec.metrics.values())
         self.walks = {name: np.zeros(len(members)) for name, m in self.metrics if m.walk}
@@ -505,12 +520,14 @@ class _Kind:
                 value = np.where(value < m.max, value, m.max)
             columns.append(_round(value, m.digits))
         keys, qos, spec = self.keys, self.spec.qos, self.spec
-        readings = [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
+        readings = self.make_readings(*columns)
         rows_l, times_l = rows.tolist(), times.tolist()
         ids = [self.ids[r] for r in rows_l]
         if spec.format is PayloadFormat.JSON:
-            out.extend(map(Outgoing, times_l, [self.topics[r] for r in rows_l],
-                           map(orjson.dumps, readings), repeat(qos), ids, readings))
+            # tuple.__new__ skips Outgoing's Python-level __new__ (a third of the cost).
+            out.extend(map(tuple.__new__, repeat(Outgoing), zip(
+                times_l, [self.topics[r] for r in rows_l], map(orjson.dumps, readings),
+                repeat(qos), ids, readings, repeat(None))))
         elif spec.format is PayloadFormat.ARRAY:
             for t, row, reading in zip(times_l, rows_l, readings, strict=True):
                 device = self.members[row]
