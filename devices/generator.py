@@ -85,10 +85,12 @@ class _Device:
 
 class FleetModel:
     def __init__(self, fleet: Fleet, *, seed: int | None = None, start: float = 0.0,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, batched: bool = True) -> None:
         """``start``: epoch of simulated time 0; ``scale``: simulated seconds per wall
         second (a fleet at scale 10 publishes ten times as often; timestamps stay wall
-        time, the physics runs on simulated time)."""
+        time, the physics runs on simulated time); ``batched=False`` makes every reading
+        on the per-reading path: the same messages, several times slower (the reference
+        the batched path is tested against)."""
         self.fleet = fleet
         self.seed = fleet.seed if seed is None else seed
         self.start = start
@@ -128,7 +130,7 @@ class FleetModel:
         # Devices whose readings are made in batches: no faults, no actuator effects, no
         # counters (those depend on state that changes reading by reading, and stay on the
         # per-reading path below, which is the definition the batch path must match).
-        self._batched = np.array([not d.faults and not any(m.effects or m.counter
+        self._batched = np.array([batched and not d.faults and not any(m.effects or m.counter
                                                            for m in d.spec.metrics.values())
                                   for d in self.devices], dtype=bool)
         self._all_batched = bool(self._batched.all())
@@ -415,11 +417,12 @@ def _round(values: np.ndarray, digits: int) -> list[float]:
     float unless v x 10^d lies within a rounding error of a half (or is huge), and those
     few are rounded by Python itself."""
     scale = 10.0 ** digits
-    scaled = values * scale
-    # fl(v x 10^d) is within |v x 10^d| x 2^-53 of the exact product: a wide margin.
-    near = np.abs(scaled - np.floor(scaled) - 0.5) < np.abs(scaled) * 1e-14 + 1e-9
-    near |= ~(np.abs(scaled) < _ROUND_EXACT)
-    result: list[float] = (np.rint(scaled) / scale).tolist()
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and nan go to Python below
+        scaled = values * scale
+        # fl(v x 10^d) is within |v x 10^d| x 2^-53 of the exact product: a wide margin.
+        near = np.abs(scaled - np.floor(scaled) - 0.5) < np.abs(scaled) * 1e-14 + 1e-9
+        near |= ~(np.abs(scaled) < _ROUND_EXACT)
+        result: list[float] = (np.rint(scaled) / scale).tolist()
     if near.any():
         for i in np.flatnonzero(near).tolist():
             result[i] = round(float(values[i]), digits)
