@@ -23,6 +23,10 @@ from devices.fleet import DeviceType, Fault, FaultKind, Fleet, Malformed, Metric
 
 # Normal draws made per numpy call; larger blocks amortise the call, cost memory per device.
 _NORMALS_BLOCK = 256
+# Batched devices refill their normals in larger blocks (each refill is a Python call per
+# device): up to this many per block, within this many normals (8 bytes each) per type.
+_BATCHED_BLOCK_MAX = 2048
+_BATCHED_NORMALS_BUDGET = 4_000_000
 
 
 class Outgoing(NamedTuple):
@@ -50,10 +54,10 @@ class _Normals:
         self._block: list[float] = []
         self._at = 0
 
-    def block(self) -> np.ndarray:
-        """The next draws of the stream, for callers that keep their own buffer (the
-        stream is the same whatever the block sizes: numpy draws them one after another)."""
-        return self._gen.standard_normal(_NORMALS_BLOCK)
+    def block(self, size: int) -> np.ndarray:
+        """The next ``size`` draws of the stream, for callers that keep their own buffer
+        (the stream is the same whatever the block sizes: numpy draws one after another)."""
+        return self._gen.standard_normal(size)
 
     def next(self) -> float:
         if self._at >= len(self._block):
@@ -456,12 +460,16 @@ class _Kind:
                               for d in members]
         self.keys = ("ts", *spec.metrics)
         self.make_readings = _reading_maker(self.keys)
+        # Readings are split at "},{", which only a metric name could hold otherwise.
+        self.splittable = not any("}" in key for key in self.keys)
         self.metrics = list(spec.metrics.items())
         self.draws = sum((m.walk != 0) + (m.noise != 0) for m in spec.metrics.values())
         self.walks = {name: np.zeros(len(members)) for name, m in self.metrics if m.walk}
         # Each device's normals, in the order its own generator makes them: a row holds
         # what is left of the last block plus a new one (see _refill).
-        self.normals = np.zeros((len(members), _NORMALS_BLOCK + self.draws))
+        self.block = max(_NORMALS_BLOCK,
+                         min(_BATCHED_BLOCK_MAX, _BATCHED_NORMALS_BUDGET // len(members)))
+        self.normals = np.zeros((len(members), self.block + self.draws))
         self.used = np.zeros(len(members), dtype=np.intp)
         self.made = np.zeros(len(members), dtype=np.intp)
         self.steps = np.arange(self.draws)
@@ -477,8 +485,8 @@ class _Kind:
         normals = self.normals[row]
         left = made - used
         normals[:left] = normals[used:made]
-        normals[left:left + _NORMALS_BLOCK] = self.members[row].rng.block()
-        self.used[row], self.made[row] = 0, left + _NORMALS_BLOCK
+        normals[left:left + self.block] = self.members[row].rng.block(self.block)
+        self.used[row], self.made[row] = 0, left + self.block
 
     def readings(self, model: FleetModel, order: np.ndarray, times: np.ndarray,
                  out: list[Outgoing]) -> list[Outgoing]:
@@ -529,7 +537,7 @@ class _Kind:
         if spec.format is PayloadFormat.JSON:
             # tuple.__new__ skips Outgoing's Python-level __new__ (a third of the cost).
             out.extend(map(tuple.__new__, repeat(Outgoing), zip(
-                times_l, [self.topics[r] for r in rows_l], map(orjson.dumps, readings),
+                times_l, [self.topics[r] for r in rows_l], self._payloads(readings),
                 repeat(qos), ids, readings, repeat(None))))
         elif spec.format is PayloadFormat.ARRAY:
             for t, row, reading in zip(times_l, rows_l, readings, strict=True):
@@ -541,10 +549,22 @@ class _Kind:
                                         device.id, {"batch": batch}))
         else:
             names = keys[1:]
+            # Each value as orjson writes it: one call for all, split at the commas.
+            numbers = iter(orjson.dumps(
+                [reading[name] for reading in readings for name in names])[1:-1].split(b","))
             for t, row, reading in zip(times_l, rows_l, readings, strict=True):
                 ts = reading["ts"]
                 for name, topic in zip(names, self.metric_topics[row], strict=True):
                     value = reading[name]
-                    out.append(Outgoing(t, topic, orjson.dumps(value), qos, self.ids[row],
+                    out.append(Outgoing(t, topic, next(numbers), qos, self.ids[row],
                                         {"ts": ts, name: value}))
         return out
+
+    def _payloads(self, readings: list[dict[str, Any]]) -> list[bytes]:
+        """``[orjson.dumps(r) for r in readings]``, made by one orjson call split at the
+        braces. Not only faster: orjson starts each output at 1 KiB of malloc'ed memory, and
+        a few thousand of those per batch make glibc give the heap back to the system and
+        fault it in again on every batch (three times the cost of the readings here)."""
+        if not self.splittable or not readings:
+            return list(map(orjson.dumps, readings))
+        return list(map(b"{%b}".__mod__, orjson.dumps(readings)[2:-2].split(b"},{")))
