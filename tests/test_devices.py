@@ -332,6 +332,7 @@ def test_batched_readings_are_the_per_reading_ones():
                      "peak_hour": 9, "drift_per_hour": 0.7, "min": 19, "max": 21, "digits": 3},
             "flat": {"baseline": -2.5, "digits": 0},
             "hum": {"baseline": 50, "noise": 5, "min": 0, "max": 100}}},
+        "odd": {"count": 2, "interval": "3s", "metrics": {"a},{b": {"baseline": 1, "noise": 1}}},
         "a": {"count": 3, "interval": "2.5s", "format": "array", "batch": 4,
               "metrics": {"p": {"baseline": 1000, "noise": 2, "walk": 1}}},
         "n": {"count": 4, "interval": "700ms", "format": "number", "qos": 0,
