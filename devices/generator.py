@@ -470,6 +470,7 @@ class _Kind:
         self.block = max(_NORMALS_BLOCK,
                          min(_BATCHED_BLOCK_MAX, _BATCHED_NORMALS_BUDGET // len(members)))
         self.normals = np.zeros((len(members), self.block + self.draws))
+        self.sizes = np.full(len(members), min(_NORMALS_BLOCK, self.block), dtype=np.intp)
         self.used = np.zeros(len(members), dtype=np.intp)
         self.made = np.zeros(len(members), dtype=np.intp)
         self.steps = np.arange(self.draws)
@@ -485,8 +486,12 @@ class _Kind:
         normals = self.normals[row]
         left = made - used
         normals[:left] = normals[used:made]
-        normals[left:left + self.block] = self.members[row].rng.block(self.block)
-        self.used[row], self.made[row] = 0, left + self.block
+        size = int(self.sizes[row])
+        normals[left:left + size] = self.members[row].rng.block(size)
+        self.used[row], self.made[row] = 0, left + size
+        # Blocks grow from the per-reading path's size: a short run draws (and touches the
+        # memory of) few normals, a long one few blocks.
+        self.sizes[row] = min(2 * size, self.block)
 
     def readings(self, model: FleetModel, order: np.ndarray, times: np.ndarray,
                  out: list[Outgoing]) -> list[Outgoing]:
