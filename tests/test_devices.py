@@ -8,13 +8,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from devices.commands import CommandVerifier, device_key, seal, unseal
 from devices.fleet import FleetError, load_fleet, parse_fleet
-from devices.generator import FleetModel
+from devices.generator import FleetModel, _round
 from devices.simulator import Simulator
 from gateway.log.schema import connect
 from tests.mqtt_helpers import CloudCollector, subscribe_and_wait
@@ -317,3 +320,42 @@ def test_each_example_fleet_has_example_rules_that_fit_it():
                     state = command["params"]["state"]
                     state = {True: "on", False: "off"}.get(state, state)
                     assert state in actuators[command["action"]].states, (fleet_name, command)
+
+
+def test_batched_readings_are_the_per_reading_ones():
+    """Devices without faults, actuator effects or counters are computed in numpy batches;
+    they must make exactly the messages of the per-reading path, in the same order, with
+    several device types, formats and intervals, a faulted device among them, and limits."""
+    fleet = parse_fleet({"seed": 4, "types": {
+        "j": {"count": 5, "interval": "1s", "metrics": {
+            "temp": {"baseline": 20, "noise": 0.5, "walk": 0.1, "daily_amplitude": 3,
+                     "peak_hour": 9, "drift_per_hour": 0.7, "min": 19, "max": 21, "digits": 3},
+            "flat": {"baseline": -2.5, "digits": 0},
+            "hum": {"baseline": 50, "noise": 5, "min": 0, "max": 100}}},
+        "odd": {"count": 2, "interval": "3s", "metrics": {"a},{b": {"baseline": 1, "noise": 1}}},
+        "a": {"count": 3, "interval": "2.5s", "format": "array", "batch": 4,
+              "metrics": {"p": {"baseline": 1000, "noise": 2, "walk": 1}}},
+        "n": {"count": 4, "interval": "700ms", "format": "number", "qos": 0,
+              "metrics": {"v": {"baseline": 230, "noise": 1}, "f": {"baseline": 50}}},
+    }, "faults": [{"kind": "spike", "device": "j-2", "metric": "temp", "probability": 0.2},
+                  {"kind": "burst", "device": "n-3", "at": "20s", "count": 3}]})
+    fast = FleetModel(fleet, start=START + 0.25, scale=3.0)
+    slow = FleetModel(fleet, start=START + 0.25, scale=3.0, batched=False)
+    made = 0
+    for until, limit in [(5, None), (30, 7), (30, 50), (31, 1), (200, 1000), (200, None),
+                         (400, 3), (900, None)]:
+        got, want = fast.due(until, limit), slow.due(until, limit)
+        assert got == want
+        made += len(got)
+        assert fast.next_due() == slow.next_due()
+    assert made > 2000
+    assert fast.fault_log == slow.fault_log
+
+
+@given(st.lists(st.floats(allow_nan=False, min_value=-1e22, max_value=1e22), max_size=50)
+       | st.lists(st.sampled_from([2.675, 0.125, 0.5, 1.5, -0.0, 1e15 + 0.5, 2.0**52 + 1,
+                                   1800000000.0005, -1.005, float("inf")]), max_size=20),
+       st.integers(0, 9))
+def test_vectorised_rounding_is_pythons(values, digits):
+    assert _round(np.array(values, dtype=np.float64), digits) == [round(v, digits)
+                                                                    for v in values]
