@@ -249,7 +249,7 @@ def _from_rows(rows: Iterator[_Row]) -> Columns:
 
 # -- the scan: compact lines of one layout, parsed by array operations -------------------
 
-_Q, _COLON, _COMMA, _LBRACE, _RBRACE, _MINUS, _DOT, _ZERO = (ord(c) for c in '":,{}-.0')
+_Q, _COMMA, _LBRACE, _RBRACE, _MINUS, _DOT, _ZERO = (ord(c) for c in '",{}-.0')
 # Longest name and number the scan takes; longer ones go to the bulk decoder.
 _MAX_NAME, _MAX_NUMBER = 64, 24
 # Decimal digits a number may have to be exact as an integer mantissa (< 2**53): with a
@@ -302,10 +302,11 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
     pair_of = [0]
     for key in keys[:-1]:
         pair_of.append(pair_of[-1] + (2 if key == "device" else 1))
-    raws = [key.encode() for key in keys]
-    k_open, k_close = q[:, [2 * p for p in pair_of]], q[:, [2 * p + 1 for p in pair_of]]
-    if ((k_close - k_open - 1) != np.array([len(raw) for raw in raws])).any() or \
-            (buf[k_close + 1] != _COLON).any() or not _same_keys(words, k_open + 1, raws):
+    # Each key's bytes, closing quote and colon after its opening quote (a key has no
+    # quote: no escapes), so its closing quote is the next one.
+    raws = [key.encode() + b'":' for key in keys]
+    k_open = q[:, [2 * p for p in pair_of]]
+    if not _same_keys(words, k_open + 1, raws):
         return None
     numbers: dict[str, F64] = {}
     names: npt.NDArray[np.void] | npt.NDArray[np.uint64] | None = None
@@ -313,7 +314,7 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
     for i, key in enumerate(keys):
         pair = pair_of[i]
         last = i == len(keys) - 1
-        close = k_close[:, i]
+        close = k_open[:, i] + (len(raws[i]) - 1)
         if key == "device":
             v_open, v_close = q[:, 2 * pair + 2], q[:, 2 * pair + 3]
             after = buf[v_close + 1]
