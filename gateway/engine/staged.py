@@ -18,6 +18,7 @@ ticks); a chunk with any repeat inside it or of a remembered timestamp is not st
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,18 +166,37 @@ def _share(res: Resolution, ring: MetricRing, dev: I64, ts: F64, val: F64, tick:
            n_ticks: int) -> _RingShare:
     """Aggregates per (tick, device, bucket) run, as ``SeriesStore._merge`` makes them."""
     bucket = bucket_of(ts, res.width)
-    starts = run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]) |
-                        (tick[1:] != tick[:-1]))
-    ends = run_ends(starts, dev.size)
-    agg = run_aggregates(ring.planes, ts, val, starts, ends)
-    bounds = np.searchsorted(tick[starts], np.arange(n_ticks + 1))
-    buckets = bucket[starts]
+    changed = (dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]) | (tick[1:] != tick[:-1])
+    if changed.all():
+        # Every run is one reading (a device reads at most once a tick, as a recording
+        # of one reading per device and second replayed at 1 s): its own aggregates.
+        agg = _singles(ring.planes, ts, val)
+    else:
+        starts = run_starts(changed)
+        agg = run_aggregates(ring.planes, ts, val, starts, run_ends(starts, dev.size))
+        dev, bucket, tick = dev[starts], bucket[starts], tick[starts]
+    bounds = np.searchsorted(tick, np.arange(n_ticks + 1))
     some = np.flatnonzero(bounds[1:] > bounds[:-1])
     oldest = np.zeros(n_ticks, dtype=np.int64)
     if some.size:
-        oldest[some] = np.minimum.reduceat(buckets, bounds[some])
+        oldest[some] = np.minimum.reduceat(bucket, bounds[some])
     return _RingShare(res, ring, bounds.tolist(), oldest.tolist(),
-                      dev[starts] * ring.slots + buckets % ring.slots, buckets, agg)
+                      dev * ring.slots + bucket % ring.slots, bucket, agg)
+
+
+def _singles(planes: Iterable[str], ts: F64, val: F64) -> dict[str, F64]:
+    """``run_aggregates`` of runs of one reading each (the same numbers, no reductions)."""
+    agg: dict[str, F64] = {}
+    for name in planes:
+        if name == "cnt":
+            agg[name] = np.ones(val.size)
+        elif name == "sumsq":
+            agg[name] = val * val
+        elif name in ("first_ts", "last_ts"):
+            agg[name] = ts
+        else:  # sum, min, max, first, last: the reading's value
+            agg[name] = val
+    return agg
 
 
 # Keys below this sort by stable radix passes (numpy's stable sort of 16-bit integers).
