@@ -284,10 +284,11 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
     words = np.ndarray((buf.size,), dtype="<u8", buffer=data + bytes(8), strides=(1,))
     per_line = 2 * len(keys) + 2
     # Lines from the quotes: line i's first quote is its second byte, so it ends two bytes
-    # before line i + 1's first quote. When each such end is a newline and there are no
-    # others, every line holds exactly its ``per_line`` quotes.
-    n = int(np.count_nonzero(buf == ord("\n")))
+    # before line i + 1's first quote. Each such end must be a newline, and every other
+    # byte of a line is checked below as part of a key, a value or the punctuation
+    # between them, so there is no other newline and each line holds its quotes.
     quotes = np.flatnonzero(buf == _Q)
+    n = quotes.size // per_line
     if n == 0 or quotes.size != n * per_line:
         return None
     q = quotes.reshape(n, per_line)
