@@ -442,7 +442,7 @@ def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64, length: I64) -
     # neither digit nor dot.
     chars = np.empty((width, n), dtype=np.uint8)
     for c in range(width):
-        np.take(buf, start + c, out=chars[c])
+        np.take(buf[c:], start, out=chars[c])
     inside = np.arange(width)[:, None] < length
     value = chars - np.uint8(_ZERO)  # 0..9 for digits (unsigned: others wrap past 9)
     digit = value < 10
