@@ -59,19 +59,21 @@ def read_columns(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Columns
         return
     first_line = 1
     with path.open("rb") as fh:
-        rest = b""
+        rest = b""  # a line begun at the end of the last block
         while True:
             block = fh.read(chunk_bytes)
-            data = rest + block
             if not block:
-                if data.strip():
-                    yield decode_jsonl(data, path, first_line)
+                if rest.strip():
+                    yield decode_jsonl(rest, path, first_line)
                 return
-            cut = data.rfind(b"\n") + 1
+            cut = block.rfind(b"\n") + 1
             if cut == 0:
-                rest = data
+                rest += block
                 continue
-            data, rest = data[:cut], data[cut:]
+            # Whole lines, copied once (a 4 MiB copy costs as much as a numpy pass).
+            data = block if cut == len(block) and not rest else \
+                b"".join((rest, memoryview(block)[:cut]))
+            rest = block[cut:]
             cols, lines = _decode(data, path, first_line)
             yield cols
             first_line += data.count(b"\n") if lines is None else lines
@@ -247,7 +249,7 @@ def _from_rows(rows: Iterator[_Row]) -> Columns:
 
 # -- the scan: compact lines of one layout, parsed by array operations -------------------
 
-_Q, _COLON, _COMMA, _LBRACE, _RBRACE, _MINUS, _DOT, _ZERO = (ord(c) for c in '":,{}-.0')
+_Q, _COMMA, _LBRACE, _RBRACE, _MINUS, _DOT, _ZERO = (ord(c) for c in '",{}-.0')
 # Longest name and number the scan takes; longer ones go to the bulk decoder.
 _MAX_NAME, _MAX_NUMBER = 64, 24
 # Decimal digits a number may have to be exact as an integer mantissa (< 2**53): with a
@@ -280,35 +282,46 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
     buf = np.frombuffer(data, dtype=np.uint8)
     # Every 8 bytes from each offset as one little-endian integer (overlapping, unaligned).
     words = np.ndarray((buf.size,), dtype="<u8", buffer=data + bytes(8), strides=(1,))
-    ends = np.flatnonzero(buf == ord("\n"))
-    n = ends.size
-    starts = np.r_[0, ends[:-1] + 1]
-    quotes = np.flatnonzero(buf == _Q)
     per_line = 2 * len(keys) + 2
-    if quotes.size != n * per_line or (np.searchsorted(quotes, ends) !=
-                                       per_line * np.arange(1, n + 1)).any():
+    # Lines from the quotes: line i's first quote is its second byte, so it ends two bytes
+    # before line i + 1's first quote. Each such end must be a newline, and every other
+    # byte of a line is checked below as part of a key, a value or the punctuation
+    # between them, so there is no other newline and each line holds its quotes.
+    quotes = np.flatnonzero(buf == _Q)
+    n = quotes.size // per_line
+    if n == 0 or quotes.size != n * per_line:
         return None
     q = quotes.reshape(n, per_line)
-    if (q[:, 0] != starts + 1).any() or (buf[starts] != _LBRACE).any() or \
+    starts = q[:, 0] - 1
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:] - 1
+    ends[-1] = buf.size - 1
+    if starts[0] != 0 or (buf[ends] != ord("\n")).any() or (buf[starts] != _LBRACE).any() or \
             (buf[ends - 1] != _RBRACE).any():
+        return None
+    # Where each key's quotes are: the device's value takes a second pair.
+    pair_of = [0]
+    for key in keys[:-1]:
+        pair_of.append(pair_of[-1] + (2 if key == "device" else 1))
+    # Each key's bytes, closing quote and colon after its opening quote (a key has no
+    # quote: no escapes), so its closing quote is the next one.
+    raws = [key.encode() + b'":' for key in keys]
+    k_open = q[:, [2 * p for p in pair_of]]
+    if not _same_keys(words, k_open + 1, raws):
         return None
     numbers: dict[str, F64] = {}
     names: npt.NDArray[np.void] | npt.NDArray[np.uint64] | None = None
     name_at = name_len = np.zeros(0, dtype=np.int64)
-    pair = 0  # quote pair of the key being read
     for i, key in enumerate(keys):
-        k_open, k_close = q[:, 2 * pair], q[:, 2 * pair + 1]
-        raw = key.encode()
-        if (k_close - k_open - 1 != len(raw)).any() or (buf[k_close + 1] != _COLON).any() \
-                or not _same_bytes(words, k_open + 1, raw):
-            return None
+        pair = pair_of[i]
         last = i == len(keys) - 1
+        close = k_open[:, i] + (len(raws[i]) - 1)
         if key == "device":
             v_open, v_close = q[:, 2 * pair + 2], q[:, 2 * pair + 3]
             after = buf[v_close + 1]
-            if (v_open != k_close + 2).any() or \
+            if (v_open != close + 2).any() or \
                     (after != (_RBRACE if last else _COMMA)).any() or \
-                    (v_close + 2 != (ends if last else q[:, 2 * pair + 4])).any():
+                    (v_close + 2 != (ends if last else k_open[:, i + 1])).any():
                 return None
             name_at, name_len = v_open + 1, v_close - v_open - 1
             names = _short_names(words, name_at, name_len)
@@ -316,21 +329,19 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
                 names = _names(buf, name_at, name_len)
             if names is None:
                 return None
-            pair += 2
             continue
-        first = k_close + 2
+        first = close + 2
         if last:
             stop = ends - 1
         else:
-            stop = q[:, 2 * pair + 2] - 1
+            stop = k_open[:, i + 1] - 1
             if (buf[stop] != _COMMA).any():
                 return None
-        parsed = _numbers(data, buf, words, first, stop - first)
+        parsed = _numbers(data, buf, first, stop - first)
         if parsed is None or (key == "ts" and (np.isnan(parsed).any() or np.isin(
                 buf[first], _BOOL_STARTS).any())):
             return None  # ts null, true or false: the plain decoder words it
         numbers[key] = parsed
-        pair += 1
     assert names is not None
     ts = numbers.pop("ts")
     for key in _NOT_METRICS & set(numbers):
@@ -362,12 +373,16 @@ def _scan(data: bytes) -> Columns | None:  # noqa: PLR0911 - each None is "not f
                    metric.astype(np.int64), flat)
 
 
-def _same_bytes(words: npt.NDArray[np.uint64], at: I64, raw: bytes) -> bool:
-    """Whether ``raw`` is at every offset ``at``, compared 8 bytes at a time."""
-    for off in range(0, len(raw), 8):
-        piece = raw[off: off + 8]
-        mask = np.uint64((1 << 8 * len(piece)) - 1)
-        if ((words[at + off] & mask) != int.from_bytes(piece, "little")).any():
+def _same_keys(words: npt.NDArray[np.uint64], at: I64, raws: list[bytes]) -> bool:
+    """Whether ``raws[k]`` is at every offset ``at[:, k]``, compared 8 bytes at a time
+    (one gather per 8 bytes of the longest key)."""
+    for off in range(0, max(map(len, raws)), 8):
+        cols = [k for k, raw in enumerate(raws) if len(raw) > off]
+        pieces = [raws[k][off: off + 8] for k in cols]
+        mask = np.array([(1 << 8 * len(p)) - 1 for p in pieces], dtype=np.uint64)
+        want = np.array([int.from_bytes(p, "little") for p in pieces], dtype=np.uint64)
+        got = words[(at if len(cols) == at.shape[1] else at[:, cols]) + off]
+        if ((got & mask) != want).any():
             return False
     return True
 
@@ -409,48 +424,50 @@ def _names(buf: npt.NDArray[np.uint8], start: I64, length: I64) -> npt.NDArray[n
     return out
 
 
-def _numbers(data: bytes, buf: npt.NDArray[np.uint8], words: npt.NDArray[np.uint64],
-             start: I64, length: I64) -> F64 | None:
+def _numbers(data: bytes, buf: npt.NDArray[np.uint8], start: I64, length: I64) -> F64 | None:
     """JSON numbers (true/false 1/0, null NaN) at ``start``/``length``; None when one is
-    not a JSON number or literal. ``words``: ``buf``'s 8-byte words (see ``_scan``)."""
+    not a JSON number or literal."""
     n = start.size
     if n == 0:
         return np.zeros(0)
     if length.min() < 1 or length.max() > _MAX_NUMBER:
         return None
     width = int(length.max())
-    # A number's first three bytes, from one 8-byte word: sign, lead digit, second digit
-    # (bytes past the buffer are zero in ``words``: not digits).
-    head = words[start]
-    neg = (head & np.uint64(0xFF)) == _MINUS
-    skip = neg.astype(np.uint64) * np.uint64(8)
-    lead = ((head >> skip) & np.uint64(0xFF)).astype(np.uint8) - np.uint8(_ZERO)
-    second = ((head >> (skip + np.uint64(8))) & np.uint64(0xFF)).astype(np.uint8) - \
-        np.uint8(_ZERO)
-    # Rows of a sliding view (no index matrix), from before the buffer's start if need be;
-    # right-aligned: the last digit is in the last column.
-    left = start + length - width
     at = start  # in ``data``
-    if left.min() < 0:
-        buf, left = np.r_[np.zeros(width, np.uint8), buf], left + width
-    # Column-major (width x numbers), so every step is a vector operation across numbers;
-    # padded with '0' on the left.
-    chars = np.ascontiguousarray(sliding_window_view(buf, width)[left].T)
-    np.copyto(chars, np.uint8(_ZERO), where=np.arange(width)[:, None] < width - length)
+    if int(start.max()) + width > buf.size:
+        buf = np.r_[buf, np.zeros(width, np.uint8)]
+    # Left-aligned, column-major (width x numbers) so every step is a vector operation
+    # across numbers, gathered a column at a time (faster than rows of a sliding view
+    # and a transpose); the bytes past a number (``inside`` is False there) count as
+    # neither digit nor dot.
+    chars = np.empty((width, n), dtype=np.uint8)
+    for c in range(width):
+        np.take(buf[c:], start, out=chars[c])
+    inside = np.arange(width)[:, None] < length
     value = chars - np.uint8(_ZERO)  # 0..9 for digits (unsigned: others wrap past 9)
     digit = value < 10
+    digit &= inside
     dot = chars == _DOT
+    dot &= inside
+    digits = np.add.reduce(digit, axis=0, dtype=np.uint8)
     dots = np.add.reduce(dot, axis=0, dtype=np.uint8)
-    others = width - np.add.reduce(digit, axis=0, dtype=np.uint8) - dots  # neither
-    plain = (others == neg) & (dots <= 1) & digit[-1] & (lead < 10)
-    plain &= ~((lead == 0) & (length > neg + 1) & (second < 10))  # no leading zeros
-    plain &= length - neg - dots <= _EXACT_DIGITS
-    # The mantissa: digits in order, skipping the dot (x10 and add at a digit, x1 and add 0
-    # elsewhere), a group of up to 4 columns at a time in 16 bits (at most 9999 and 10**4),
-    # then the groups in 64 bits; fraction digits: digits right of the dot.
+    neg = chars[0] == _MINUS
+    # The first digit (after the sign) is a digit, and a 0 only when no digit follows.
+    lead = np.where(neg, digit[1], digit[0]) if width > 1 else digit[0]
+    zero = np.where(neg, chars[1], chars[0]) == _ZERO if width > 1 else chars[0] == _ZERO
+    second = np.where(neg, digit[2], digit[1]) if width > 2 else \
+        (digit[1] & ~neg if width > 1 else np.zeros(n, dtype=bool))
+    place = (dot.view(np.uint8) * np.arange(1, width + 1, dtype=np.uint8)[:, None]).max(axis=0)
+    frac = np.where(place > 0, length - place.astype(np.int64), 0)
+    plain = (length - digits - dots == neg) & (dots <= 1) & lead & ~(zero & second)
+    plain &= (place == 0) | (frac > 0)  # no dot last
+    plain &= digits <= _EXACT_DIGITS
+    # The mantissa: digits in order, skipping the dot and what follows the number (x10
+    # and add at a digit, x1 and add 0 elsewhere), a group of up to 4 columns at a time
+    # in 16 bits (at most 9999 and 10**4), then the groups in 64 bits.
     k = min(width, _EXACT_DIGITS + 2)  # a plain number's columns: digits, dot, sign
-    add = value[-k:] * digit[-k:]
-    times = digit[-k:].astype(np.uint16) * np.uint16(9) + np.uint16(1)
+    add = value[:k] * digit[:k]
+    times = digit[:k].astype(np.uint16) * np.uint16(9) + np.uint16(1)
     x = np.zeros(n, dtype=np.int64)
     for g in range(0, k, 4):
         g_val = add[g].astype(np.uint16)
@@ -461,8 +478,6 @@ def _numbers(data: bytes, buf: npt.NDArray[np.uint8], words: npt.NDArray[np.uint
             np.multiply(g_times, times[c], out=g_times)
         np.multiply(x, g_times, out=x)
         np.add(x, g_val, out=x)
-    place = (dot.view(np.uint8) * np.arange(1, width + 1, dtype=np.uint8)[:, None]).max(axis=0)
-    frac = np.where(place > 0, width - place.astype(np.int64), 0)
     out = x.astype(np.float64) / _POW10F[np.minimum(frac, _POW10F.size - 1)]
     out = np.where(neg, -out, out)
     for i in np.flatnonzero(~plain).tolist():

@@ -255,6 +255,13 @@ def test_scan_reads_records_and_refuses_what_is_not_json():
             with pytest.raises(ValueError, match=":2: "):
                 decode_jsonl(odd, "f")  # the plain decoder words the error
     assert _scan(line + line.replace(b'"hum"', b'"hun"')) is None  # another layout
+    # Lines are found from the quotes: a newline between tokens (JSON whitespace) or in a
+    # number never passes for a line end, nor does a line with a key of another length.
+    for cut in (b'"gh-1",', b'"ts":', b"-21.4", b":null,", b"true"):
+        broken = line.replace(cut, cut[:2] + b"\n" + cut[2:])
+        assert _scan(line + broken) is None, broken
+        assert _scan(broken + line) is None, broken
+    assert _scan(line + line.replace(b'"door"', b'"doors"')) is None
     for name in (b"gh\x01", b"g\x1fh-1-long-name", b""):  # control characters, empty
         assert _scan(line + line.replace(b"gh-1", name)) is None, name
     long = _scan(line + line.replace(b"gh-1", b"greenhouse-1"))

@@ -289,7 +289,7 @@ class Engine:
             self.dropped_devices += int(np.count_nonzero(~known))
             fresh = batch.ts <= now[tick] + self.config.future_tolerance
             # ``tick`` does not decrease: each call's readings are one slice.
-            staged.arrived = (np.searchsorted(tick[fresh], np.arange(staged.ticks + 1)),
+            staged.arrived = (np.searchsorted(tick[fresh], np.arange(staged.ticks + 1)).tolist(),
                               batch.device[fresh], batch.ts[fresh])
         return staged
 

@@ -216,11 +216,15 @@ class Replay:
             if self.staged else None
         self.chunks_staged += staged is not None
         bounds = [*np.searchsorted(cols.row, firsts).tolist(), int(cols.value.size)]
-        for j, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        for j, ((lo, hi), number) in enumerate(zip(itertools.pairwise(bounds),
+                                                   numbers.tolist(), strict=True)):
             if hi == lo:
                 continue  # readings without values: no call
-            number = int(numbers[j])
-            yield from self._run_until(number)
+            if self._next == number - 1:  # the usual case: one tick to run first
+                yield from self._tick(number - 1)
+                self._next = number
+            else:
+                yield from self._run_until(number)
             if staged is not None:
                 self.engine.ingest_staged(staged, j, number * self.interval)
             else:

@@ -18,6 +18,7 @@ ticks); a chunk with any repeat inside it or of a remembered timestamp is not st
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,8 @@ class _RingShare:
 
     res: Resolution
     ring: MetricRing
-    bounds: I64  # [tick j's entries] = bounds[j]:bounds[j + 1]
+    bounds: list[int]  # [tick j's entries] = bounds[j]:bounds[j + 1]
+    oldest: list[int]  # tick j's oldest bucket (0 when it has none)
     at: I64  # flat position in the ring's planes (``MetricRing.merge_at``)
     buckets: I64
     agg: dict[str, F64]
@@ -54,9 +56,9 @@ class StagedIngest:
 
     ticks: int
     # Readings (not from the future) per tick, for device liveness: (bounds, dev, ts).
-    arrived: tuple[I64, I64, F64] | None = None
+    arrived: tuple[list[int], I64, F64] | None = None
     # Per metric: devices whose first counted reading comes at each tick (``seen``).
-    seen: list[tuple[int, I64, I64]] = field(default_factory=list)  # (metric, bounds, devs)
+    seen: list[tuple[int, list[int], I64]] = field(default_factory=list)  # (metric, bounds, devs)
     shares: list[_RingShare] = field(default_factory=list)
 
     def apply(self, store: SeriesStore, j: int, last_seen: F64) -> None:
@@ -71,19 +73,18 @@ class StagedIngest:
             if hi > lo:
                 store.seen[m][devs[lo:hi]] = True
         for share in self.shares:
-            lo, hi = int(share.bounds[j]), int(share.bounds[j + 1])
+            lo, hi = share.bounds[j], share.bounds[j + 1]
             if hi == lo:
                 continue
             res, ring = share.res, share.ring
             assert res.head is not None
-            buckets = share.buckets[lo:hi]
             # A bucket older than the ring is older than every window that reads it.
-            fits = buckets > res.head - ring.slots
-            if fits.all():
+            if share.oldest[j] > res.head - ring.slots:
                 ring.merge_at(share.at[lo:hi], {k: v[lo:hi] for k, v in share.agg.items()})
-            else:
-                ring.merge_at(share.at[lo:hi][fits],
-                              {k: v[lo:hi][fits] for k, v in share.agg.items()})
+                continue
+            fits = share.buckets[lo:hi] > res.head - ring.slots
+            ring.merge_at(share.at[lo:hi][fits],
+                          {k: v[lo:hi][fits] for k, v in share.agg.items()})
 
 
 def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
@@ -133,12 +134,15 @@ def stage(store: SeriesStore, dev: I64, met: I64, ts: F64, val: F64, tick: I64,
     key_starts = run_starts(k_s[1:] != k_s[:-1])
     c_s = tick[by_time]
     first_call = np.minimum.reduceat(c_s, key_starts)
-    by_call = np.argsort(first_call, kind="stable")
     key_met, key_dev = m_s[key_starts], d_s[key_starts]
-    for m in np.unique(key_met).tolist():
-        mine = by_call[key_met[by_call] == m]
-        out.seen.append((m, np.searchsorted(first_call[mine], np.arange(n_ticks + 1)),
-                         key_dev[mine]))
+    # Keys are in (metric, device) order: each metric's keys are one slice.
+    key_bounds = np.searchsorted(key_met, [int(m_s[lo]) for lo, _ in spans] + [n_met])
+    for m, (lo, hi) in zip([int(m_s[lo]) for lo, _ in spans],
+                           itertools.pairwise(key_bounds.tolist()), strict=True):
+        by_call = np.argsort(first_call[lo:hi], kind="stable")
+        out.seen.append((m, np.searchsorted(first_call[lo:hi][by_call],
+                                            np.arange(n_ticks + 1)).tolist(),
+                         key_dev[lo:hi][by_call]))
     # Per metric, call-major order: (metric, call, device, timestamp), arrival order on
     # ties, the order per-tick ingest sorts each call's readings into: a stable sort by
     # (metric, call) of the (metric, device, timestamp) order.
@@ -162,14 +166,37 @@ def _share(res: Resolution, ring: MetricRing, dev: I64, ts: F64, val: F64, tick:
            n_ticks: int) -> _RingShare:
     """Aggregates per (tick, device, bucket) run, as ``SeriesStore._merge`` makes them."""
     bucket = bucket_of(ts, res.width)
-    starts = run_starts((dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]) |
-                        (tick[1:] != tick[:-1]))
-    ends = run_ends(starts, dev.size)
-    agg = run_aggregates(ring.planes, ts, val, starts, ends)
-    bounds = np.searchsorted(tick[starts], np.arange(n_ticks + 1))
-    buckets = bucket[starts]
-    return _RingShare(res, ring, bounds, dev[starts] * ring.slots + buckets % ring.slots,
-                      buckets, agg)
+    changed = (dev[1:] != dev[:-1]) | (bucket[1:] != bucket[:-1]) | (tick[1:] != tick[:-1])
+    if changed.all():
+        # Every run is one reading (a device reads at most once a tick, as a recording
+        # of one reading per device and second replayed at 1 s): its own aggregates.
+        agg = _singles(ring.planes, ts, val)
+    else:
+        starts = run_starts(changed)
+        agg = run_aggregates(ring.planes, ts, val, starts, run_ends(starts, dev.size))
+        dev, bucket, tick = dev[starts], bucket[starts], tick[starts]
+    bounds = np.searchsorted(tick, np.arange(n_ticks + 1))
+    some = np.flatnonzero(bounds[1:] > bounds[:-1])
+    oldest = np.zeros(n_ticks, dtype=np.int64)
+    if some.size:
+        oldest[some] = np.minimum.reduceat(bucket, bounds[some])
+    return _RingShare(res, ring, bounds.tolist(), oldest.tolist(),
+                      dev * ring.slots + bucket % ring.slots, bucket, agg)
+
+
+def _singles(planes: Iterable[str], ts: F64, val: F64) -> dict[str, F64]:
+    """``run_aggregates`` of runs of one reading each (the same numbers, no reductions)."""
+    agg: dict[str, F64] = {}
+    for name in planes:
+        if name == "cnt":
+            agg[name] = np.ones(val.size)
+        elif name == "sumsq":
+            agg[name] = val * val
+        elif name in ("first_ts", "last_ts"):
+            agg[name] = ts
+        else:  # sum, min, max, first, last: the reading's value
+            agg[name] = val
+    return agg
 
 
 # Keys below this sort by stable radix passes (numpy's stable sort of 16-bit integers).
@@ -181,8 +208,8 @@ def sorted_by(keys: list[I64], ts: F64) -> I64:
     ``np.lexsort((ts, *reversed(keys)))``, by radix passes when the keys are small and
     the timestamps already ascend within equal keys (a recording in time order)."""
     if ts.size and all(int(k.max()) < _RADIX for k in keys):
-        order = np.arange(ts.size)
-        for k in reversed(keys):
+        order = np.argsort(keys[-1].astype(np.uint16), kind="stable")
+        for k in reversed(keys[:-1]):
             order = order[np.argsort(k[order].astype(np.uint16), kind="stable")]
         same = np.ones(ts.size - 1, dtype=bool)
         for k in keys:
