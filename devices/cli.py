@@ -323,10 +323,11 @@ def _gateways_summary(fleet: GatewayFleet, stats: FleetStats, report: Path | Non
                      "late": st.late, "withheld": [list(r) for r in gw.withheld
                                                    if r[1] <= st.last],
                      "resend_requests": st.resend_requests, "resent": st.resent})
-    shown = rows if len(rows) <= 10 else rows[:5] + rows[-5:]
+    shown = rows if len(rows) <= 10 else [*rows[:5], None, *rows[-5:]]
     for row in shown:
-        if row is rows[-5] and len(rows) > 10:
+        if row is None:
             click.echo(f"  ... {len(rows) - 10} more")
+            continue
         gaps = len(row["withheld"])  # type: ignore[arg-type]
         click.echo(f"  {row['gateway']}: seq {row['seq_first']}-{row['seq_last']}, "
                    f"{row['batches']} batches, {row['readings']} readings, "
