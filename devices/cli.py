@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import sys
@@ -15,6 +16,8 @@ import orjson
 
 from devices import __version__
 from devices.fleet import Fleet, FleetError, load_fleet, parse_fleet
+from devices.gateway_model import BATCH_MAX_READINGS, GatewayFleet
+from devices.gateways import FleetStats, GatewaySimulator
 from devices.generator import FleetModel
 from devices.simulator import Simulator
 from fieldkit.units import parse_duration
@@ -192,6 +195,161 @@ def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: s
     if stats.unacked:
         _fail(f"{stats.unacked} QoS 1 messages were never acknowledged: broker {broker!r} "
               "did not come back before the end of the run")
+
+
+@main.command("simulate-gateways")
+@click.option("--count", default=200, show_default=True, help="Gateways to simulate.")
+@click.option("--rate", default=100.0, show_default=True,
+              help="Readings/s per gateway.")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Cloud broker URL (where gateways uplink).")
+@click.option("--duration", default="0s", show_default=True,
+              help="How long to run (wall time); 0s runs until Ctrl-C.")
+@click.option("--seed", default=1, show_default=True,
+              help="Random seed: same seed and --start, same messages.")
+@click.option("--start", type=float, help="Epoch of the first reading (default: now).")
+@click.option("--prefix", default="gw-", show_default=True,
+              help="Gateway ids are PREFIX001, PREFIX002, ...")
+@click.option("--batch-interval", default="50ms", show_default=True,
+              help="How often a gateway sends a batch: its group commit (50 ms) with the "
+              "uplink's adaptive batching on a near broker; longer models a far broker or "
+              "`batching: delay`.")
+@click.option("--batch", "batch_max", default=BATCH_MAX_READINGS, show_default=True,
+              help="Most readings in one telemetry message (uplink.batch_max_readings).")
+@click.option("--gzip", "use_gzip", is_flag=True,
+              help="Compress batches (uplink.gzip; flagged content-encoding: gzip).")
+@click.option("--events-every", default=0, show_default=True,
+              help="Each gateway sends an alert event after every N readings (0: none).")
+@click.option("--gap-every", default=0, show_default=True,
+              help="Withhold every Nth telemetry batch of each gateway (as if the cloud "
+              "broker lost it): a seq gap the cloud sees; --resend can fill it (0: none).")
+@click.option("--resend", is_flag=True,
+              help="Answer gap-repair requests on fieldgate/{id}/resend from the messages "
+              "kept (--history).")
+@click.option("--history", default=10_000, show_default=True,
+              help="With --resend: seqs per gateway kept for resend requests (older ones "
+              "are answered as missing).")
+@click.option("--connections", default=1, show_default=True,
+              help="MQTT sessions the gateways share (gateway i on session i mod N); "
+              "--connections equal to --count gives each gateway its own, with its last "
+              "will.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the run's figures as JSON: totals and, per gateway, seqs "
+              "published, batches, readings, events, late and withheld ranges.")
+@click.option("--username", help="Broker user name.")
+@click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Broker password (first line of the file); needs --username.")
+@click.option("--password-env", help="Broker password (environment variable).")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="CA certificate(s) to check an mqtts:// broker with (default: the "
+              "system's).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the messages as JSONL instead of publishing (no broker).")
+def simulate_gateways(count: int, rate: float, broker: str, duration: str, seed: int,
+                      start: float | None, prefix: str, batch_interval: str, batch_max: int,
+                      use_gzip: bool, events_every: int, gap_every: int, resend: bool,
+                      history: int, connections: int, report_path: Path | None,
+                      username: str | None, password_file: Path | None,
+                      password_env: str | None, ca_file: Path | None, dry_run: bool) -> None:
+    """Publish many gateways' uplinks to a cloud broker: load for `gateway cloud ingest`.
+
+    Each simulated gateway sends what a real one does on fieldgate/{id}/: telemetry batches
+    (its own seq from 1, one batch per group commit), alert events, its retained status;
+    QoS 1. At the end: batches, readings, each gateway's seq range, late batches.
+
+    \b
+    Examples:
+      devices simulate-gateways --count 200 --rate 100 --broker mqtt://cloud:1883 \\
+          --duration 60s
+      devices simulate-gateways --count 20 --rate 50 --gap-every 100 --resend
+      devices simulate-gateways --count 2 --rate 10 --dry-run --duration 1s --start 0
+    """
+    seconds = _duration(duration)
+    try:
+        fleet = GatewayFleet(count=count, rate=rate, seed=seed,
+                             start=time.time() if start is None else start, prefix=prefix,
+                             use_gzip=use_gzip, events_every=events_every,
+                             gap_every=gap_every, history=history if resend else 0,
+                             interval=_duration(batch_interval), batch_max=batch_max)
+    except ValueError as err:
+        _fail(str(err), 2)
+    if dry_run:
+        if not seconds:
+            _fail("--dry-run needs --duration", 2)
+        for out in fleet.due(seconds):
+            body = out.payload
+            if ("content-encoding", "gzip") in out.props:
+                body = gzip.decompress(body)
+            click.echo(orjson.dumps({
+                "t": round(out.t, 6), "topic": out.topic, "content_type": out.content_type,
+                "properties": out.props, "withheld": out.withheld,
+                "payload": orjson.loads(body)}).decode())
+        return
+    password = _read_secret(password_file, password_env, "password")
+    stopping = False
+
+    def on_signal(_sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        sim = GatewaySimulator(fleet, broker=broker, connections=connections, resend=resend,
+                               say=lambda line: click.echo(line, err=True),
+                               username=username, password=password,
+                               ca_file=str(ca_file) if ca_file else None)
+        stats = sim.run(seconds, lambda: stopping)
+    except ValueError as err:
+        _fail(str(err), 2)
+    except (MqttError, OSError) as err:
+        _fail(f"cannot reach broker {broker!r}: {err}")
+    _gateways_summary(fleet, stats, report_path)
+    if stats.unacked:
+        _fail(f"{stats.unacked} QoS 1 messages were never acknowledged: broker {broker!r} "
+              "did not come back before the end of the run")
+
+
+def _gateways_summary(fleet: GatewayFleet, stats: FleetStats, report: Path | None) -> None:
+    elapsed = max(stats.elapsed, 1e-9)
+    click.echo(f"sent {stats.batches} batches ({stats.readings} readings, "
+               f"{stats.readings / elapsed:.0f}/s) and {stats.events} events from "
+               f"{fleet.count} gateways in {stats.elapsed:.1f} s "
+               f"({(stats.batches + stats.events) / elapsed:.0f} messages/s)"
+               + (f", reconnected {stats.reconnects} times" if stats.reconnects else ""))
+    rows = []
+    for gw, st in zip(fleet.gateways, stats.gateways, strict=True):
+        rows.append({"gateway": gw.id, "seq_first": st.first, "seq_last": st.last,
+                     "batches": st.batches, "readings": st.readings, "events": st.events,
+                     "late": st.late, "withheld": [list(r) for r in gw.withheld
+                                                   if r[1] <= st.last],
+                     "resend_requests": st.resend_requests, "resent": st.resent})
+    shown = rows if len(rows) <= 10 else [*rows[:5], None, *rows[-5:]]
+    for row in shown:
+        if row is None:
+            click.echo(f"  ... {len(rows) - 10} more")
+            continue
+        gaps = len(row["withheld"])  # type: ignore[arg-type]
+        click.echo(f"  {row['gateway']}: seq {row['seq_first']}-{row['seq_last']}, "
+                   f"{row['batches']} batches, {row['readings']} readings, "
+                   f"{row['events']} events"
+                   + (f", {gaps} batches withheld" if gaps else "")
+                   + (f", {row['resend_requests']} resend requests" if row["resend_requests"]
+                      else ""))
+    if stats.late:
+        click.echo(f"warning: {stats.late} messages went out more than 1 s late (worst "
+                   f"{stats.worst_lag:.1f} s): this machine cannot keep the fleet's rate",
+                   err=True)
+    if stats.refused_by_broker:
+        click.echo(f"warning: the broker refused {stats.refused_by_broker} messages",
+                   err=True)
+    if report is not None:
+        report.write_bytes(orjson.dumps({
+            "batches": stats.batches, "readings": stats.readings, "events": stats.events,
+            "late": stats.late, "worst_lag": round(stats.worst_lag, 3),
+            "refused_by_broker": stats.refused_by_broker, "unacked": stats.unacked,
+            "reconnects": stats.reconnects, "elapsed": round(stats.elapsed, 3),
+            "gateways": rows}, option=orjson.OPT_INDENT_2))
 
 
 @main.command()
