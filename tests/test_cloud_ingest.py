@@ -90,7 +90,7 @@ def test_check_detects_a_cloud_config_and_names_a_bad_field(tmp_path: Path) -> N
 
 
 def test_influx_site_is_refused_with_the_fix() -> None:
-    with pytest.raises(ConfigError, match="influx.site is not used here"):
+    with pytest.raises(ConfigError, match=r"influx\.site is not used here"):
         parse_cloud_config({"influx": {"site": "x"}})
 
 
