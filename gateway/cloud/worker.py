@@ -117,6 +117,7 @@ class IngestWorker:
         self._failing = False
         self._next_gap_check = 0.0
         self._stop = False
+        self._closing = False   # stopping, and done writing: read again for the goodbye
         self._allow = cfg.gateways
         group = cfg.group
         self.filters = [f"$share/{group}/fieldgate/+/telemetry",
@@ -129,12 +130,19 @@ class IngestWorker:
             session_expiry=cfg.session_expiry, manual_ack=True,
             receive_maximum=cfg.receive_maximum, max_inflight=100,
             on_connected=self._subscribe, on_subscribed=self._on_subscribed,
-            on_message=self._on_message, read_paused=lambda: self._stop,
+            on_message=self._on_message, read_paused=lambda: self._stop and not self._closing,
             on_state=lambda up: self.metrics.link_up.labels("cloud").set(int(up)))
 
     # -- MQTT -------------------------------------------------------------------------------
 
     def _subscribe(self) -> None:
+        # What came on an earlier connection cannot be acknowledged on this one: the
+        # broker sends it again (DUP), so the old copies are dropped, not written twice.
+        current = self.link.session.connection
+        def fresh(items: list[_Item]) -> list[_Item]:
+            return [i for i in items if i.message is None or i.message.connection == current]
+        self._pending = fresh(self._pending)
+        self._split = deque(kept for batch in self._split if (kept := fresh(batch)))
         self.link.subscribe([(f, None) for f in self.filters], qos=1)
 
     def _on_subscribed(self) -> None:
@@ -411,4 +419,5 @@ class IngestWorker:
             self._send(now)
             link.flush()
             poll_links([link], 0.05, [self._writes.fd])
+        self._closing = True
         link.close(wait=1.0)
