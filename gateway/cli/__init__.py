@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 from gateway import __version__
-from gateway.cli import demo, log, query, rules, run, site, status
+from gateway.cli import cloud, demo, log, query, rules, run, site, status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,7 +31,7 @@ def main() -> None:
 
 COMMANDS: tuple[click.Command, ...] = (
     run.run, run.check, run.config_group, demo.demo, status.status, site.site_group,
-    rules.rules_group, log.log_group, query.query_group,
+    rules.rules_group, log.log_group, query.query_group, cloud.cloud_group,
 )
 for _command in COMMANDS:
     main.add_command(_command)

@@ -53,13 +53,21 @@ def run(config_path: Path, log_level: str) -> None:
 
 @click.command("check")
 @config_option
-def check(config_path: Path) -> None:
+@click.option("--cloud", is_flag=True, help="The file is a `gateway cloud ingest` config "
+              "(also detected: broker: or group: and no gateway_id:).")
+def check(config_path: Path, cloud: bool) -> None:
     """Validate a config file without touching the network; prints "ok" or one line per problem.
 
     \b
     Example:
       gateway check -c gateway.yaml
+      gateway check --cloud -c cloud.yaml
     """
+    from gateway.cli.cloud import check_cloud, is_cloud_config
+
+    if cloud or is_cloud_config(config_path):
+        check_cloud(config_path)
+        return
     cfg = load(config_path)
     problems = check_config(cfg)
     if cfg.rules:
@@ -81,11 +89,19 @@ def config_group() -> None:
 
 
 @config_group.command("sample")
-def config_sample() -> None:
+@click.option("--cloud", is_flag=True, help="The `gateway cloud ingest` worker's config "
+              "instead (deploy/cloud.example.yaml).")
+def config_sample(cloud: bool) -> None:
     """Print a commented sample config built from the config models.
 
     \b
     Example:
       gateway config sample > /etc/fieldgate/gateway.yaml
+      gateway config sample --cloud > /etc/fieldgate/cloud.yaml
     """
+    if cloud:
+        from gateway.cloud.config import sample_cloud_config
+
+        click.echo(sample_cloud_config(), nl=False)
+        return
     click.echo(sample_config(), nl=False)
