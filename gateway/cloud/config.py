@@ -14,10 +14,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fieldkit.units import Duration
 from gateway.config import Influx, Link, Metrics
-from gateway.config.checks import _link_problems
+from gateway.config.checks import link_problems
 from gateway.config.loading import UniqueKeyLoader, validation_problems
-from gateway.config.models import _Section
-from gateway.config.sample import _render
+from gateway.config.models import Section
+from gateway.config.sample import render_model
 from gateway.config.secrets import exposure
 from gateway.errors import ConfigError, SecretError
 
@@ -33,7 +33,7 @@ class IngestMetrics(Metrics):
         "need one each (`--metrics` on the command line); null turns it off")
 
 
-class CloudConfig(_Section):
+class CloudConfig(Section):
     """`gateway cloud ingest`: the cloud broker's uplink into InfluxDB."""
 
     broker: Link = Field(default_factory=Link, description="The cloud broker the gateways "
@@ -126,7 +126,7 @@ def load_cloud_config(path: Path) -> CloudConfig:
 
 def check_cloud_config(cfg: CloudConfig) -> list[str]:
     """Offline checks beyond the schema (files, secrets, the state file's directory)."""
-    problems = _link_problems("broker", cfg.broker)
+    problems = link_problems("broker", cfg.broker)
     for what, read in (("password", cfg.influx.password), ("token", cfg.influx.token)):
         try:
             read()
@@ -161,4 +161,4 @@ def sample_cloud_config() -> str:
         "# Durations take ms/s/m/h/d. Secrets come from *_file or *_env.",
         "",
     ]
-    return "\n".join(header + _render(CloudConfig, values, 0)) + "\n"
+    return "\n".join(header + render_model(CloudConfig, values, 0)) + "\n"

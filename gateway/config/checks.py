@@ -20,7 +20,7 @@ def check_config(cfg: GatewayConfig) -> list[str]:
         links.append(("cloud", cfg.cloud))
     problems: list[str] = []
     for name, link in links:
-        problems += _link_problems(name, link)
+        problems += link_problems(name, link)
     try:
         cfg.commands.key()
     except SecretError as err:
@@ -31,7 +31,7 @@ def check_config(cfg: GatewayConfig) -> list[str]:
     return problems
 
 
-def _link_problems(name: str, link: Link) -> list[str]:
+def link_problems(name: str, link: Link) -> list[str]:
     """A broker link: its password readable, its TLS files present and usable."""
     problems: list[str] = []
     try:

@@ -27,7 +27,7 @@ from gateway.config.tls import client_context
 _TEMPLATE_PART = re.compile(r"^\{(device|metric)\}$")
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
@@ -43,7 +43,7 @@ class _Section(BaseModel):
         return data
 
 
-class Link(_Section):
+class Link(Section):
     """Connection to an MQTT broker."""
 
     url: str = Field(
@@ -137,7 +137,7 @@ class PayloadFormat(StrEnum):
     NUMBER = "number"
 
 
-class Subscription(_Section):
+class Subscription(Section):
     """A topic template on the site broker."""
 
     topic: str = Field(description="Topic template with {device} and optional {metric}")
@@ -170,7 +170,7 @@ class Subscription(_Section):
         return self
 
 
-class Ingest(_Section):
+class Ingest(Section):
     """Decoding and validation of inbound payloads; what fails goes to the dead-letter table."""
 
     max_payload: ByteSize = Field(64 * 1024, ge=16, le=256 * 1024**2,
@@ -215,7 +215,7 @@ class Sync(StrEnum):
     FULL = "full"
 
 
-class LogSection(_Section):
+class LogSection(Section):
     """The durable local log (SQLite, WAL)."""
 
     path: Path = Field(Path("/var/lib/fieldgate/log.db"), description="Log database file")
@@ -250,7 +250,7 @@ class Batching(StrEnum):
     DELAY = "delay"        # always gather for batch_max_delay: fewest messages, most latency
 
 
-class Uplink(_Section):
+class Uplink(Section):
     """Forwarding to the cloud broker under fieldgate/<gateway_id>/."""
 
     batch_max_readings: int = Field(500, ge=1, description="Most readings in one message")
@@ -283,7 +283,7 @@ class Uplink(_Section):
                                       description="How often the status message is renewed")
 
 
-class Commands(_Section):
+class Commands(Section):
     """Commands to devices on the site broker (devices/<id>/cmd), signed when a key is set."""
 
     key_file: Path | None = Field(
@@ -302,7 +302,7 @@ class Commands(_Section):
         return value.encode() if value is not None else None
 
 
-class EngineSection(_Section):
+class EngineSection(Section):
     """The rule engine (active when `rules` names at least one file)."""
 
     tick: Duration = Field(1.0, gt=0, le=60, description="How often every rule is evaluated")
@@ -314,7 +314,7 @@ class EngineSection(_Section):
     max_devices: int = Field(100_000, gt=0, description="Devices the engine tracks at most")
 
 
-class Metrics(_Section):
+class Metrics(Section):
     """Prometheus /metrics endpoint."""
 
     listen: str | None = Field(
@@ -337,7 +337,7 @@ class InfluxApi(StrEnum):
     V2 = "v2"
 
 
-class Influx(_Section):
+class Influx(Section):
     """Writing readings, events and the gateway's health to InfluxDB (the influx sink).
 
     Measurements: telemetry (tags gateway, site, device and device_labels; a float field
@@ -428,7 +428,7 @@ class Influx(_Section):
         return self.site or gateway_id
 
 
-class GatewayConfig(_Section):
+class GatewayConfig(Section):
     """Fieldgate gateway configuration."""
 
     gateway_id: Annotated[str, Field(

@@ -17,7 +17,7 @@ def _yaml_value(value: Any) -> str:
     return text.strip().removesuffix("...").strip()
 
 
-def _render(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
+def render_model(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
     pad = "  " * indent
     lines: list[str] = []
     for name, field in model.model_fields.items():
@@ -27,7 +27,7 @@ def _render(model: type[BaseModel], values: dict[str, Any], indent: int) -> list
         sub = _submodel(field.annotation)
         if sub is not None and isinstance(value, dict):
             lines.append(f"{pad}{name}:")
-            lines.extend(_render(sub, value, indent + 1))
+            lines.extend(render_model(sub, value, indent + 1))
         elif isinstance(value, list) and value:
             lines.append(f"{pad}{name}:")
             lines.extend(f"{pad}  - {_yaml_value(item)}" for item in value)
@@ -59,4 +59,4 @@ def sample_config() -> str:
         "# Sizes take B/KiB/MiB/GiB, durations ms/s/m/h/d. Secrets come from *_file or *_env.",
         "",
     ]
-    return "\n".join(header + _render(GatewayConfig, values, 0)) + "\n"
+    return "\n".join(header + render_model(GatewayConfig, values, 0)) + "\n"
