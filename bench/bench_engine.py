@@ -34,11 +34,12 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
 from bench.harness.table import print_measures  # noqa: E402
-from gateway.engine import Batch, Engine, load_rule_files  # noqa: E402
+from gateway.engine import Batch, Engine  # noqa: E402
 from gateway.engine.reference import ReferenceEvaluator  # noqa: E402
 from gateway.engine.replay import Replay  # noqa: E402
 from gateway.engine.rules import RuleFile  # noqa: E402
 from gateway.recorded import read_columns  # noqa: E402
+from gateway.rulefiles import load_rule_files  # noqa: E402
 
 RULES = [
     ("Hot", "temp > 35", {}),

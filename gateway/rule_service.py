@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import glob
 import logging
 import time
 
@@ -20,13 +19,14 @@ import orjson
 
 from gateway.commands import REJECTED, CommandDeviceError, CommandSender, Prepared
 from gateway.config import GatewayConfig, Ingest
-from gateway.engine import CommandEvent, Engine, EngineConfig, load_rule_files
+from gateway.engine import CommandEvent, Engine, EngineConfig
 from gateway.engine.rules import DeviceCheck, Group
 from gateway.errors import ConfigError
 from gateway.ingest.decode import valid_device_id
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.records import Event, Reading
+from gateway.rulefiles import load_rule_globs
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +44,7 @@ def load_groups(patterns: list[str], *,
     """Rule groups from the files the config's globs name (sorted); a glob matching nothing
     is a problem too, and so is a command device that does not render to a device id of at
     most ``max_device_id`` characters. Raises ConfigError with every problem found."""
-    paths: list[str] = []
-    problems = []
-    for pattern in patterns:
-        found = sorted(glob.glob(pattern))
-        if not found:
-            problems.append(f"rules: {pattern!r} matches no file")
-        paths.extend(p for p in found if not p.endswith(".test.yaml"))
-    try:
-        groups = load_rule_files(list(dict.fromkeys(paths)),
-                                 device_check=device_check(max_device_id))
-    except ConfigError as err:
-        problems.extend(err.problems)
-        groups = []
-    if problems:
-        raise ConfigError(problems)
-    return groups
+    return load_rule_globs(patterns, device_check=device_check(max_device_id))
 
 
 class RuleService:

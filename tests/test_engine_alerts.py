@@ -177,8 +177,8 @@ def test_reload_keeps_state_of_unchanged_rules_and_data():
 
 
 def test_failed_reload_keeps_old_rules(tmp_path):
-    from gateway.engine import load_rule_files
     from gateway.errors import ConfigError
+    from gateway.rulefiles import load_rule_files
 
     path = tmp_path / "r.yaml"
     path.write_text("groups: [{name: g, rules: [{alert: A, expr: temp > 30}]}]\n")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engine.rules import load_rule_files, parse_rule_file
+from gateway.engine.rules import RuleSet, parse_rule_file, parse_rule_files
 from gateway.errors import ConfigError
+from gateway.rulefiles import load_rule_files
 
 GOOD = """\
 groups:
@@ -99,3 +100,30 @@ def test_files_and_unique_group_names(tmp_path: Path):
     assert "group 'greenhouse' is also defined at" in text
     assert "missing.yaml: cannot read rule file" in text
     assert len(load_rule_files([a])) == 1
+
+
+def test_rules_come_as_text_with_a_source_name():
+    """The engine reads no file: several rule texts, each named by its source, are checked
+    together, a repeated group reported where it repeats and where it was first defined."""
+    assert len(parse_rule_files([("a.yaml", GOOD)])) == 1
+    with pytest.raises(ConfigError) as info:
+        parse_rule_files([("site/a.yaml", GOOD), ("site/b.yaml", "groups: [\n"),
+                          ("site/c.yaml", GOOD)])
+    assert info.value.problems[0].startswith("site/b.yaml:")
+    assert info.value.problems[1] == ("site/c.yaml:2: group 'greenhouse' is also defined at "
+                                      "site/a.yaml:2; group names must be unique")
+
+
+def test_problems_keep_file_order_across_unreadable_files(tmp_path: Path):
+    """A file that cannot be read is reported in its place among the others' mistakes."""
+    bad = "groups:\n  - name: g\n    rules: []\n"
+    a, c = tmp_path / "a.yaml", tmp_path / "c.yaml"
+    a.write_text(bad)
+    c.write_text(bad)
+    missing = tmp_path / "b.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_rule_files([a, missing, c])
+    assert [p.split(":")[0] for p in info.value.problems] == [str(a), str(missing), str(c)]
+    rules = RuleSet()
+    rules.add(GOOD, "x.yaml")
+    assert [g.name for g in rules.groups()] == ["greenhouse"]

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engine.rules import load_rule_files
-from gateway.engine.ruletest import companion_test, expand_series, run_test_file
+from gateway.engine.rules import parse_rule_files
+from gateway.engine.ruletest import expand_series, parse_test_file, run_tests
 from gateway.errors import ConfigError
+from gateway.rulefiles import companion_test, load_rule_files, run_test_file
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 
@@ -115,6 +116,27 @@ tests:
     (result,) = run_test_file(path)
     assert result.problems == ("alert 'Hott' is not defined in r.yaml",)
 
+
+def test_a_test_runs_from_text_alone():
+    """The engine runs a rule test given the test file's text and the rules it names, as
+    text; no file is read (gateway.rulefiles does that for `gateway rules test`)."""
+    spec = parse_test_file("""\
+rule_files: [r.yaml]
+tests:
+  - name: hot
+    devices: {d1: {series: {temp: "29 31"}}}
+    alerts:
+      - {at: 1s, alert: Hot, devices: [d1]}
+  - name: cold
+    devices: {d1: {series: {temp: "20"}}}
+    alerts:
+      - {at: 0s, alert: Hot, devices: [d1]}
+""", "mem/r.test.yaml")
+    results = run_tests(spec, "mem/r.test.yaml", parse_rule_files([("mem/r.yaml", RULE)]))
+    assert [(r.file, r.name, r.passed) for r in results] == [
+        ("mem/r.test.yaml", "hot", True), ("mem/r.test.yaml", "cold", False)]
+    with pytest.raises(ConfigError, match=r"^mem/t\.yaml:1: rule_files: Field required"):
+        parse_test_file("tests: []\n", "mem/t.yaml")
 
 def test_broken_test_file_names_file_and_line(tmp_path: Path):
     path = write(tmp_path, """\

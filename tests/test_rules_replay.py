@@ -13,9 +13,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.engine import load_rule_files
 from gateway.engine.replay import Replay, columns_of, replay, replay_clock
 from gateway.recorded import _bulk, _from_rows, _jsonl_rows, _scan, decode_jsonl, read_columns
+from gateway.rulefiles import load_rule_files
 from tests.test_rules_cli import gateway
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,8 +35,8 @@ def rules_check(files: tuple[Path, ...]) -> None:
     Example:
       gateway rules check rules/*.yaml
     """
-    from gateway.engine import load_rule_files
     from gateway.rule_service import device_check
+    from gateway.rulefiles import load_rule_files
 
     files = tuple(f for f in files if not f.name.endswith(".test.yaml"))
     if not files:
@@ -62,7 +62,7 @@ def rules_test(files: tuple[Path, ...]) -> None:
     Example:
       gateway rules test rules/*.yaml
     """
-    from gateway.engine.ruletest import companion_test, run_test_file
+    from gateway.rulefiles import companion_test, run_test_file
 
     tests: list[Path] = []
     for path in files:
@@ -156,8 +156,8 @@ def _parse_labels(specs: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
 
 def _replay_groups(rule_files: tuple[Path, ...], cfg: GatewayConfig | None) -> list[Group]:
     """The rules to replay: --rules files, else the config's; one line per problem, exit 2."""
-    from gateway.engine import load_rule_files
     from gateway.rule_service import device_check, load_groups
+    from gateway.rulefiles import load_rule_files
 
     try:
         if rule_files:

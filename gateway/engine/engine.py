@@ -1,6 +1,7 @@
 """The rule engine: readings in (columnar batches), alert/command/device events out.
 
-Typical use by the daemon::
+Typical use by the daemon (``load_rule_files`` is gateway.rulefiles': the engine reads no
+files)::
 
     engine = Engine(load_rule_files(paths), config=EngineConfig())
     engine.ingest(engine.batch(readings), now)      # as readings arrive

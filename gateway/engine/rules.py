@@ -2,20 +2,17 @@
 
 A mistake is reported as ``file:line: rule NAME: field: what is wrong`` using the YAML
 node marks, so an operator can jump to it. Loading parses every expression; nothing is
-evaluated here.
+evaluated here. Rules arrive as text with a source name; gateway.rulefiles reads the files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -38,8 +35,6 @@ TEMPLATE_FIELDS = frozenset({"device", "value", "alert", "group", "severity", "t
 # Widest field width or precision in a template format spec: a message is a line, and an
 # unbounded width ({value:>2000000000}) would allocate gigabytes at the first alert.
 MAX_FORMAT_WIDTH = 100
-# Largest rule file read: a rule file is a few kilobytes; this bounds parsing memory.
-MAX_RULE_FILE_BYTES = 1024 * 1024
 _SPEC_NUMBER_RE = re.compile(r"\d+")
 # Says what is wrong with a device id ("" when it is usable). The engine does no I/O and
 # knows no ingest rules: the gateway passes ingest's own check (gateway.ingest.decode).
@@ -323,51 +318,48 @@ def _one_line(text: str) -> str:
                    for part in text)
 
 
-def read_rule_text(path: str | Path) -> str:
-    """A rule file's text; ConfigError (one line, with the line number) when it is not
-    readable, too large or not UTF-8."""
-    try:
-        # Opened without blocking and checked on the open file: a FIFO would block the open
-        # or the read forever, a device never end; a symlink to a regular file is fine.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError([f"{path}: not a regular file"])
-            raw = fh.read(MAX_RULE_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read rule file ({exc.strerror})"]) from None
-    if len(raw) > MAX_RULE_FILE_BYTES:
-        raise ConfigError([f"{path}: rule file larger than {MAX_RULE_FILE_BYTES // 1024} KiB; "
-                           "split it into several files"])
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                           "save the file as UTF-8"]) from None
+class RuleSet:
+    """Rule files added one at a time, as text; group names must be unique across all of
+    them, and every repeat is reported at its own line. ``device_check``: as for
+    parse_rule_file. Problems are kept in the order the files were added."""
 
+    def __init__(self, *, device_check: DeviceCheck | None = None) -> None:
+        self._device_check = device_check
+        self._groups: list[Group] = []
+        self._problems: list[str] = []
+        self._seen: dict[str, str] = {}
 
-def load_rule_files(paths: list[str | Path], *,
-                    device_check: DeviceCheck | None = None) -> list[Group]:
-    """Load and check files; group names must be unique across all of them, and every
-    repeat is reported at its own line. ``device_check``: as for parse_rule_file."""
-    groups: list[Group] = []
-    problems: list[str] = []
-    seen: dict[str, str] = {}
-    for path in paths:
+    def add(self, text: str, source: str) -> None:
+        """Parse and check one file's text; ``source`` names it in every problem."""
         try:
-            parsed, lines = _parse(read_rule_text(path), str(path), device_check)
+            parsed, lines = _parse(text, source, self._device_check)
         except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
+            self._problems.extend(exc.problems)
+            return
         for group, line in zip(parsed.groups, lines, strict=True):
-            where = f"{path}:{line}"
-            if group.name in seen:
-                problems.append(f"{where}: group {group.name!r} is also defined at "
-                                f"{seen[group.name]}; group names must be unique")
+            where = f"{source}:{line}"
+            if group.name in self._seen:
+                self._problems.append(f"{where}: group {group.name!r} is also defined at "
+                                      f"{self._seen[group.name]}; group names must be unique")
             else:
-                seen[group.name] = where
-            groups.append(group)
-    if problems:
-        raise ConfigError(problems)
-    return groups
+                self._seen[group.name] = where
+            self._groups.append(group)
+
+    def add_problems(self, problems: list[str]) -> None:
+        """Problems found before parsing (a file that could not be read)."""
+        self._problems.extend(problems)
+
+    def groups(self) -> list[Group]:
+        """Every group added; ConfigError with every problem when there was any."""
+        if self._problems:
+            raise ConfigError(list(self._problems))
+        return list(self._groups)
+
+
+def parse_rule_files(files: Iterable[tuple[str, str]], *,
+                     device_check: DeviceCheck | None = None) -> list[Group]:
+    """The groups of several rule files given as ``(source, text)`` pairs; see RuleSet."""
+    rules = RuleSet(device_check=device_check)
+    for source, text in files:
+        rules.add(text, source)
+    return rules.groups()

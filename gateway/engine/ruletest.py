@@ -1,8 +1,9 @@
 """Rule tests beside the rule files, in the spirit of ``promtool test rules``.
 
 A test file names rule files, input series per device and metric in a compact notation,
-and the alerts and commands expected at given times. ``run_test_file`` runs the engine
-tick by tick over the series and returns one result per test with a readable diff.
+and the alerts and commands expected at given times. ``run_tests`` runs the engine
+tick by tick over the series and returns one result per test with a readable diff. The
+test file and its rule files arrive as text (gateway.rulefiles reads them).
 
 Series notation (one value per ``interval``, starting at time 0)::
 
@@ -17,7 +18,6 @@ import difflib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fieldkit.units import Duration, format_duration
 from gateway.engine.engine import Engine, EngineConfig
 from gateway.engine.events import AlertEvent, CommandEvent, Event
-from gateway.engine.rules import load_rule_files, load_yaml, locate, read_rule_text
+from gateway.engine.rules import Group, load_yaml, locate
 from gateway.errors import ConfigError
 
 _ITEM_RE = re.compile(
@@ -109,8 +109,9 @@ def _event_line(at: float, kind: str, alert: str, device: str, action: str | Non
     return f"{format_duration(at) if at else '0s'} {kind} {alert} {device}{tail}"
 
 
-def load_test_file(path: Path) -> RuleTestFile:
-    data = load_yaml(read_rule_text(path), str(path))
+def parse_test_file(text: str, source: str) -> RuleTestFile:
+    """A rule test file from its text; ``source`` names it in every problem (ConfigError)."""
+    data = load_yaml(text, source)
     try:
         spec = RuleTestFile.model_validate(data)
         for test in spec.tests:
@@ -123,23 +124,21 @@ def load_test_file(path: Path) -> RuleTestFile:
             loc = tuple(p for p in err["loc"] if isinstance(p, int | str))
             line, _ = locate(data, loc)
             where = ".".join(str(p) for p in loc)
-            problems.append(f"{path}:{line}: {where}: {err['msg']}")
+            problems.append(f"{source}:{line}: {where}: {err['msg']}")
         raise ConfigError(problems) from None
     except ValueError as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
+        raise ConfigError([f"{source}: {exc}"]) from None
     return spec
 
 
-def run_test_file(path: str | Path) -> list[RuleTestResult]:
-    """Run every test in ``path``; a broken test or rule file raises ConfigError."""
-    path = Path(path)
-    spec = load_test_file(path)
-    groups = load_rule_files([path.parent / f for f in spec.rule_files])
+def run_tests(spec: RuleTestFile, source: str, groups: list[Group]) -> list[RuleTestResult]:
+    """Run every test of ``spec`` (from the file ``source``) against ``groups``, the rules
+    of the files it names (gateway.rulefiles.run_test_file reads both from disk)."""
     config = EngineConfig.model_validate({"offline_after": None, **spec.engine})
-    return [_run(path, spec, test, Engine(groups, config=config)) for test in spec.tests]
+    return [_run(source, spec, test, Engine(groups, config=config)) for test in spec.tests]
 
 
-def _run(path: Path, spec: RuleTestFile, test: RuleTest, engine: Engine) -> RuleTestResult:
+def _run(source: str, spec: RuleTestFile, test: RuleTest, engine: Engine) -> RuleTestResult:
     readings: list[tuple[float, str, str, float]] = []
     for device, inp in test.devices.items():
         engine.set_device_labels(device, inp.labels)
@@ -177,7 +176,7 @@ def _run(path: Path, spec: RuleTestFile, test: RuleTest, engine: Engine) -> Rule
         tick_no += 1
     if test.events is not None:
         problems.extend(_compare_events(test.events, events))
-    return RuleTestResult(str(path), test.name, tuple(problems))
+    return RuleTestResult(source, test.name, tuple(problems))
 
 
 def _compare_events(expected: list[EventCheck], events: list[Event]) -> list[str]:
@@ -198,7 +197,3 @@ def _compare_events(expected: list[EventCheck], events: list[Event]) -> list[str
             for e, (line, params) in zip(expected, actual, strict=True)
             if e.params is not None and e.params != params]
 
-
-def companion_test(rule_file: Path) -> Path:
-    """Where the test of ``rules/x.yaml`` lives: ``rules/x.test.yaml``."""
-    return rule_file.with_name(rule_file.name.removesuffix(".yaml") + ".test.yaml")
