@@ -26,6 +26,7 @@ import gzip
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -35,7 +36,7 @@ import orjson
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.config import Batching, GatewayConfig
-from gateway.log.reader import LogReader
+from gateway.log.reader import LogReader, Row
 from gateway.log.schema import KIND_EVENT
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
@@ -84,6 +85,24 @@ def verdict(code: int) -> Verdict:
     if code < 0x80:
         return Verdict.DELIVERED
     return _VERDICTS.get(code, Verdict.RETRY)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One uplink message built from log rows (``UplinkSink.message``)."""
+
+    topic: str
+    payload: bytes
+    props: list[tuple[str, str]]
+    content_type: str
+    first: int     # first seq in it
+    end: int       # seq after the last one
+    readings: int
+    size: int      # bytes of the records (before gzip)
+
+    def wire_size(self) -> int:
+        """Bytes of the PUBLISH packet (what the broker's Maximum Packet Size bounds)."""
+        return packet_size(self.topic, self.payload, _props_size(self.props, self.content_type))
 
 
 @dataclass(slots=True)
@@ -289,24 +308,11 @@ class UplinkSink:
                 self._next = max(self._next, self._store.next_seq)
                 self._waiting_since = None
                 return sent
-            last = rows[-1].seq + rows[-1].n - 1
-            props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
-            if rows[0].kind == KIND_EVENT:
-                payload = rows[0].body
-                topic = f"{self._events_prefix}{orjson.loads(payload).get('type', 'unknown')}"
-                content_type = "application/cloudevents+json"
-            else:
-                payload = self._head + b",".join([r.body for r in rows]) + b"]}"
-                topic = self._telemetry_topic
-                content_type = "application/json"
-            size = sum(len(r.body) for r in rows)
-            if up.gzip:
-                payload = gzip.compress(payload, compresslevel=5)
-                props.append(("content-encoding", "gzip"))
-            readings = sum(r.n for r in rows)
-            end = rows[-1].seq + rows[-1].n
+            out = self.message(rows)
+            topic, payload, props = out.topic, out.payload, out.props
+            size, readings, end = out.size, out.readings, out.end
             limit = self.link.server_max_packet
-            wire = packet_size(topic, payload, _props_size(props, content_type))
+            wire = out.wire_size()
             if limit is not None and wire > limit:
                 if len(rows) > 1:   # the estimate was short: fewer rows, at once
                     self._split = (end, max(1, size // 2))
@@ -325,7 +331,7 @@ class UplinkSink:
                 self._settle()
                 continue
             mid = self.link.publish(topic, payload, qos=1, user_properties=props,
-                                    content_type=content_type)
+                                    content_type=out.content_type)
             batch = _Batch(mid, rows[0].seq, end, readings, len(rows), size, topic)
             self._inflight.append(batch)
             self._by_mid[mid] = batch
@@ -333,6 +339,29 @@ class UplinkSink:
             self._waiting_since = now if self._store.next_seq > self._next else None
             sent = True
         return sent
+
+    def message(self, rows: Sequence[Row], extra: Sequence[tuple[str, str]] = ()) -> Outgoing:
+        """The uplink message for ``rows`` (a run of telemetry rows or one event, as
+        ``LogReader.read`` returns them): topic, payload and properties, byte for byte what
+        the uplink sends; the resend answers with the same (``extra`` user properties
+        appended)."""
+        last = rows[-1].seq + rows[-1].n - 1
+        props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
+        if rows[0].kind == KIND_EVENT:
+            payload = rows[0].body
+            topic = f"{self._events_prefix}{orjson.loads(payload).get('type', 'unknown')}"
+            content_type = "application/cloudevents+json"
+        else:
+            payload = self._head + b",".join([r.body for r in rows]) + b"]}"
+            topic = self._telemetry_topic
+            content_type = "application/json"
+        if self._up.gzip:
+            payload = gzip.compress(payload, compresslevel=5)
+            props.append(("content-encoding", "gzip"))
+        props.extend(extra)
+        return Outgoing(topic, payload, props, content_type, rows[0].seq,
+                        rows[-1].seq + rows[-1].n, sum(r.n for r in rows),
+                        sum(len(r.body) for r in rows))
 
     def _max_inflight(self) -> int:
         # The broker's Receive Maximum bounds our unacknowledged publishes (room for status).
