@@ -40,8 +40,9 @@ from gateway.log.reader import LogReader, Row
 from gateway.log.schema import KIND_EVENT
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
-from gateway.mqtt.link import MqttLink, packet_size, puback_reason
+from gateway.mqtt.link import InboundMessage, MqttLink, packet_size, puback_reason
 from gateway.records import BatchState
+from gateway.resend import Resender
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,24 @@ class UplinkSink:
             backoff=Backoff(self._up.backoff_min, self._up.backoff_max),
             max_inflight=self._up.max_inflight + 4,  # room for status messages
             will=(self._status_topic, self._status("offline", reason="connection lost")),
-            on_connected=self._publish_status,
+            on_connected=self._on_connected,
+            on_message=self._on_message,
             on_published=self._on_published,
             on_state=lambda up: metrics.link_up.labels("cloud").set(int(up)),
         )
 
-    # -- status -------------------------------------------------------------------------------
+        self._resend = Resender(self, LogReader(cfg.log.path), metrics, cfg.gateway_id)
+
+    # -- status, and requests from the cloud ----------------------------------------------------
+
+    def _on_connected(self) -> None:
+        # Subscribed before the online status goes out: the broker handles a connection's
+        # packets in order, so a consumer that sees "online" can ask for a resend.
+        self.link.subscribe([(self._resend.topic, None)], qos=1)
+        self._publish_status()
+
+    def _on_message(self, msg: InboundMessage) -> None:
+        self._resend.on_message(msg)
 
     def _status(self, state: str, **extra: Any) -> bytes:
         counters = self._store.counter_snapshot()
@@ -186,9 +199,11 @@ class UplinkSink:
     # -- acknowledgements -----------------------------------------------------------------------
 
     def _on_published(self, mid: int, reason: int) -> None:
+        if self._resend.on_published(mid, reason):
+            return
         batch = self._by_mid.pop(mid, None)
         if batch is None:
-            return  # a status message
+            return  # a status message or a resend's answer
         action = verdict(reason)
         if action is Verdict.DELIVERED:
             batch.state = BatchState.SETTLED
@@ -290,7 +305,7 @@ class UplinkSink:
         """Publish what is due; True if anything was published."""
         up = self._up
         sent = False
-        while len(self._inflight) < self._max_inflight() and now >= self._retry_at:
+        while self.live_inflight() < self._live_window() and now >= self._retry_at:
             if self._inflight and self._inflight[0].state is BatchState.REFUSED:
                 return sent
             available = self._store.next_seq - self._next
@@ -367,6 +382,23 @@ class UplinkSink:
         # The broker's Receive Maximum bounds our unacknowledged publishes (room for status).
         return max(1, min(self._up.max_inflight, self.link.server_receive_maximum - 2))
 
+    def _live_window(self) -> int:
+        """The window less what a resend holds of it (at most half, see gateway.resend)."""
+        return self._max_inflight() - self._resend.inflight
+
+    # -- what a resend uses (gateway.resend.UplinkSide) -----------------------------------------
+
+    def window(self) -> int:
+        """Batches the uplink and a resend together may have unacknowledged."""
+        return self._max_inflight()
+
+    def live_inflight(self) -> int:
+        return len(self._inflight)
+
+    def batch_bounds(self) -> tuple[int, int]:
+        """(readings, bytes) of records one message may carry."""
+        return self._up.batch_max_readings, self._batch_bytes()
+
     def _batch_bytes(self) -> int:
         limit = self._up.batch_max_bytes
         if self._split is not None:
@@ -377,7 +409,7 @@ class UplinkSink:
         return max(1, limit - len(self._head) - 2)
 
     def _can_publish(self, now: float) -> bool:
-        return (self.link.connected and len(self._inflight) < self._max_inflight()
+        return (self.link.connected and self.live_inflight() < self._live_window()
                 and now >= self._retry_at
                 and not (self._inflight and self._inflight[0].state is BatchState.REFUSED))
 
@@ -390,11 +422,17 @@ class UplinkSink:
                 wake = min(wake, max(0.0, self._waiting_since + self._up.batch_max_delay - now))
         elif self._retry_at > now:
             wake = min(wake, self._retry_at - now)
+        if self._resend.due():
+            wake = 0.0
         return min(wake, _POLL_MAX)
 
     def step(self, now: float) -> None:
         if self.link.connected:
+            # A resend takes its share of the window first, the live uplink the rest.
+            resent = self._resend.pump(after_uplink=False)
             self._publish_due(now)
+            if self._resend.pump(after_uplink=True) or resent:
+                self.link.flush()
             if now - self._last_status >= self._up.status_interval:
                 self._publish_status()
         self._failures.update(self.link.failures)
@@ -413,6 +451,7 @@ class UplinkSink:
                               qos=1, retain=True, content_type="application/json")
         self.link.close(wait=1.0)
         self._reader.close()
+        self._resend.close()
 
 
 def _props_size(user: list[tuple[str, str]], content_type: str) -> int:
