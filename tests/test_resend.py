@@ -332,3 +332,60 @@ def test_a_cloud_broker_killed_after_acknowledging_loses_batches_and_a_resend_re
         worker.close()
     finally:
         cloud.stop()
+
+
+def test_resent_batches_hold_at_most_half_the_brokers_receive_maximum(
+        site, make_gateway, tmp_path: Path):
+    """Behind 50 ms of latency (the whole window on the wire before a PUBACK returns), with
+    live readings flowing: the broker's Receive Maximum 6 leaves the uplink a window of 4
+    (room for status); a resend holds at most 2 of it, the live uplink the rest."""
+    import mqtt5
+
+    from tests.mqtt_helpers import MqttTap
+
+    cloud = Mosquitto(tmp_path, "tight-cloud", extra="max_inflight_messages 6\n").start()
+    tap = MqttTap(cloud.port, latency=0.05)
+    try:
+        gw = make_gateway(site, None, cloud={"url": tap.url},
+                          uplink={"batch_max_readings": 50})
+        gw.start()
+        worker = Worker(cloud.port, gw.gateway_id)
+        assert worker.online.wait(30 * SLACK)
+        _publish(site, 3000, per_message=50)
+        _delivered(gw, worker, 3000)
+        stop = threading.Event()
+
+        def live() -> None:
+            pub = Publisher(site.port)
+            i = 0
+            while not stop.is_set():
+                pub.publish("sensors/dev-2/telemetry", orjson.dumps({"i": i}))
+                i += 1
+                pub.wait()
+            pub.close()
+
+        thread = threading.Thread(target=live, daemon=True)
+        thread.start()
+        try:
+            worker.ask("r-window", 1, 3000)
+            reply = worker.reply(b"r-window", 120)
+        finally:
+            stop.set()
+            thread.join(30)
+        assert reply["resent"] == 3000
+        outstanding: dict[int, bool] = {}   # packet id -> is a resend
+        most_resent = most = 0
+        for way, p in tap.packets(1):
+            if way == "c2s" and isinstance(p, mqtt5.PublishPacket) and p.qos:
+                outstanding[p.packet_id] = any(k == "resend" for k, _ in p.user_properties)
+                most = max(most, len(outstanding))
+                most_resent = max(most_resent, sum(outstanding.values()))
+            elif way == "s2c" and isinstance(p, mqtt5.PubAckPacket):
+                outstanding.pop(p.packet_id, None)
+        assert most <= 6, f"{most} PUBLISH unacknowledged at once (Receive Maximum 6)"
+        assert most_resent == 2, f"a resend held {most_resent} of a window of 4"
+        assert gw.stop() == 0
+        worker.close()
+    finally:
+        tap.close()
+        cloud.stop()
