@@ -18,6 +18,10 @@ when no batch awaits its PUBACK and gathers while one does (``adaptive``, Nagle'
 batches grow with the cloud's round trip), or always gathers for ``batch_max_delay``
 (``delay``). An event never waits for a batch: once one is in the log, everything before it
 and the event itself go in the same turn of the loop (order per sink is kept).
+
+Gap repair: the cloud link subscribes to ``fieldgate/<gateway_id>/resend``; a request is
+answered by ``gateway.resend.Resender`` with messages built here (``message``), inside this
+sink's window (``window``, ``live_inflight``), never moving the cursor.
 """
 
 from __future__ import annotations
