@@ -120,6 +120,14 @@ class GatewayMetrics:
                                             "to the dead-letter table", registry=r)
         self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
                                      "after a rejection", registry=r)
+        # Gap repair (gateway/resend.py).
+        self.resend_requests = Counter("fieldgate_resend_requests", "Resend requests from the "
+                                       "cloud by result: done, busy, error (malformed or out "
+                                       "of bounds), unanswered (busy or error over the answer "
+                                       "rate limit)", ["result"], registry=r)
+        self.resent_records = Counter("fieldgate_resent_records", "Records re-sent on request "
+                                      "and acknowledged by the cloud broker (the uplink's "
+                                      "cursor does not move)", registry=r)
         # The influx sink (gateway/sinks/influx.py).
         self.influx_requests = Counter(
             "fieldgate_influx_requests", "Write requests to InfluxDB by outcome: ok, "

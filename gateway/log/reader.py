@@ -134,6 +134,24 @@ class LogReader:
                 seq = row.seq + keep
         return out
 
+    def read_within(self, from_seq: int, end: int, *, max_readings: int,
+                    max_bytes: int) -> list[Row]:
+        """``read`` bounded above too: only records with seq in [``from_seq``, ``end``),
+        rows cut to fit. Records the log no longer holds are skipped, so the first row may
+        start after ``from_seq``; an empty list: nothing is left below ``end``."""
+        if end <= from_seq:
+            return []
+        rows = self.read(from_seq, max_readings=min(max_readings, end - from_seq),
+                         max_bytes=max_bytes)
+        out: list[Row] = []
+        for row in rows:
+            if row.seq >= end:
+                break
+            keep = min(row.n, end - row.seq)
+            out.append(row if keep == row.n else Row(
+                row.seq, keep, b",".join(split_readings(row.body)[:keep]), row.kind))
+        return out
+
     def read_run(self, from_seq: int, *, max_readings: int, max_bytes: int) -> Run | None:
         """What ``read`` returns, as one ``Run`` of bodies (the influx sink's path)."""
         rows = self.read(from_seq, max_readings=max_readings, max_bytes=max_bytes)

@@ -404,12 +404,13 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 user_properties: list[tuple[str, str]] | None = None,
-                content_type: str | None = None) -> int:
+                content_type: str | None = None, correlation_data: bytes | None = None) -> int:
         """Send or queue a publish; returns its packet id (PUBACK comes to ``on_published``;
         0 for QoS 0). QoS 1 publishes made while disconnected go out after the next CONNACK,
-        never before."""
+        never before. ``correlation_data`` answers a request that carried it."""
         pid = self.session.publish(topic, payload, qos=qos, retain=retain,
-                                   content_type=content_type, user_properties=user_properties)
+                                   content_type=content_type, user_properties=user_properties,
+                                   correlation_data=correlation_data)
         return pid or 0
 
     def _round_trip(self) -> None:

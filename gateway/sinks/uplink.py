@@ -18,6 +18,10 @@ when no batch awaits its PUBACK and gathers while one does (``adaptive``, Nagle'
 batches grow with the cloud's round trip), or always gathers for ``batch_max_delay``
 (``delay``). An event never waits for a batch: once one is in the log, everything before it
 and the event itself go in the same turn of the loop (order per sink is kept).
+
+Gap repair: the cloud link subscribes to ``fieldgate/<gateway_id>/resend``; a request is
+answered by ``gateway.resend.Resender`` with messages built here (``message``), inside this
+sink's window (``window``, ``live_inflight``), never moving the cursor.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import gzip
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -35,12 +40,13 @@ import orjson
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.config import Batching, GatewayConfig
-from gateway.log.reader import LogReader
+from gateway.log.reader import LogReader, Row
 from gateway.log.schema import KIND_EVENT
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
-from gateway.mqtt.link import MqttLink, packet_size, puback_reason
+from gateway.mqtt.link import InboundMessage, MqttLink, packet_size, puback_reason
 from gateway.records import BatchState
+from gateway.resend import Resender
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,24 @@ def verdict(code: int) -> Verdict:
     if code < 0x80:
         return Verdict.DELIVERED
     return _VERDICTS.get(code, Verdict.RETRY)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One uplink message built from log rows (``UplinkSink.message``)."""
+
+    topic: str
+    payload: bytes
+    props: list[tuple[str, str]]
+    content_type: str
+    first: int     # first seq in it
+    end: int       # seq after the last one
+    readings: int
+    size: int      # bytes of the records (before gzip)
+
+    def wire_size(self) -> int:
+        """Bytes of the PUBLISH packet (what the broker's Maximum Packet Size bounds)."""
+        return packet_size(self.topic, self.payload, _props_size(self.props, self.content_type))
 
 
 @dataclass(slots=True)
@@ -139,12 +163,24 @@ class UplinkSink:
             backoff=Backoff(self._up.backoff_min, self._up.backoff_max),
             max_inflight=self._up.max_inflight + 4,  # room for status messages
             will=(self._status_topic, self._status("offline", reason="connection lost")),
-            on_connected=self._publish_status,
+            on_connected=self._on_connected,
+            on_message=self._on_message,
             on_published=self._on_published,
             on_state=lambda up: metrics.link_up.labels("cloud").set(int(up)),
         )
 
-    # -- status -------------------------------------------------------------------------------
+        self._resend = Resender(self, LogReader(cfg.log.path), metrics, cfg.gateway_id)
+
+    # -- status, and requests from the cloud ----------------------------------------------------
+
+    def _on_connected(self) -> None:
+        # Subscribed before the online status goes out: the broker handles a connection's
+        # packets in order, so a consumer that sees "online" can ask for a resend.
+        self.link.subscribe([(self._resend.topic, None)], qos=1)
+        self._publish_status()
+
+    def _on_message(self, msg: InboundMessage) -> None:
+        self._resend.on_message(msg)
 
     def _status(self, state: str, **extra: Any) -> bytes:
         counters = self._store.counter_snapshot()
@@ -167,9 +203,11 @@ class UplinkSink:
     # -- acknowledgements -----------------------------------------------------------------------
 
     def _on_published(self, mid: int, reason: int) -> None:
+        if self._resend.on_published(mid, reason):
+            return
         batch = self._by_mid.pop(mid, None)
         if batch is None:
-            return  # a status message
+            return  # a status message or a resend's answer
         action = verdict(reason)
         if action is Verdict.DELIVERED:
             batch.state = BatchState.SETTLED
@@ -271,7 +309,7 @@ class UplinkSink:
         """Publish what is due; True if anything was published."""
         up = self._up
         sent = False
-        while len(self._inflight) < self._max_inflight() and now >= self._retry_at:
+        while self.live_inflight() < self._live_window() and now >= self._retry_at:
             if self._inflight and self._inflight[0].state is BatchState.REFUSED:
                 return sent
             available = self._store.next_seq - self._next
@@ -289,24 +327,11 @@ class UplinkSink:
                 self._next = max(self._next, self._store.next_seq)
                 self._waiting_since = None
                 return sent
-            last = rows[-1].seq + rows[-1].n - 1
-            props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
-            if rows[0].kind == KIND_EVENT:
-                payload = rows[0].body
-                topic = f"{self._events_prefix}{orjson.loads(payload).get('type', 'unknown')}"
-                content_type = "application/cloudevents+json"
-            else:
-                payload = self._head + b",".join([r.body for r in rows]) + b"]}"
-                topic = self._telemetry_topic
-                content_type = "application/json"
-            size = sum(len(r.body) for r in rows)
-            if up.gzip:
-                payload = gzip.compress(payload, compresslevel=5)
-                props.append(("content-encoding", "gzip"))
-            readings = sum(r.n for r in rows)
-            end = rows[-1].seq + rows[-1].n
+            out = self.message(rows)
+            topic, payload, props = out.topic, out.payload, out.props
+            size, readings, end = out.size, out.readings, out.end
             limit = self.link.server_max_packet
-            wire = packet_size(topic, payload, _props_size(props, content_type))
+            wire = out.wire_size()
             if limit is not None and wire > limit:
                 if len(rows) > 1:   # the estimate was short: fewer rows, at once
                     self._split = (end, max(1, size // 2))
@@ -325,7 +350,7 @@ class UplinkSink:
                 self._settle()
                 continue
             mid = self.link.publish(topic, payload, qos=1, user_properties=props,
-                                    content_type=content_type)
+                                    content_type=out.content_type)
             batch = _Batch(mid, rows[0].seq, end, readings, len(rows), size, topic)
             self._inflight.append(batch)
             self._by_mid[mid] = batch
@@ -334,9 +359,49 @@ class UplinkSink:
             sent = True
         return sent
 
+    def message(self, rows: Sequence[Row], extra: Sequence[tuple[str, str]] = ()) -> Outgoing:
+        """The uplink message for ``rows`` (a run of telemetry rows or one event, as
+        ``LogReader.read`` returns them): topic, payload and properties, byte for byte what
+        the uplink sends; the resend answers with the same (``extra`` user properties
+        appended)."""
+        last = rows[-1].seq + rows[-1].n - 1
+        props = [("seq_first", str(rows[0].seq)), ("seq_last", str(last))]
+        if rows[0].kind == KIND_EVENT:
+            payload = rows[0].body
+            topic = f"{self._events_prefix}{orjson.loads(payload).get('type', 'unknown')}"
+            content_type = "application/cloudevents+json"
+        else:
+            payload = self._head + b",".join([r.body for r in rows]) + b"]}"
+            topic = self._telemetry_topic
+            content_type = "application/json"
+        if self._up.gzip:
+            payload = gzip.compress(payload, compresslevel=5)
+            props.append(("content-encoding", "gzip"))
+        props.extend(extra)
+        return Outgoing(topic, payload, props, content_type, rows[0].seq,
+                        rows[-1].seq + rows[-1].n, sum(r.n for r in rows),
+                        sum(len(r.body) for r in rows))
+
     def _max_inflight(self) -> int:
         # The broker's Receive Maximum bounds our unacknowledged publishes (room for status).
         return max(1, min(self._up.max_inflight, self.link.server_receive_maximum - 2))
+
+    def _live_window(self) -> int:
+        """The window less what a resend holds of it (at most half, see gateway.resend)."""
+        return self._max_inflight() - self._resend.inflight
+
+    # -- what a resend uses (gateway.resend.UplinkSide) -----------------------------------------
+
+    def window(self) -> int:
+        """Batches the uplink and a resend together may have unacknowledged."""
+        return self._max_inflight()
+
+    def live_inflight(self) -> int:
+        return len(self._inflight)
+
+    def batch_bounds(self) -> tuple[int, int]:
+        """(readings, bytes) of records one message may carry."""
+        return self._up.batch_max_readings, self._batch_bytes()
 
     def _batch_bytes(self) -> int:
         limit = self._up.batch_max_bytes
@@ -348,7 +413,7 @@ class UplinkSink:
         return max(1, limit - len(self._head) - 2)
 
     def _can_publish(self, now: float) -> bool:
-        return (self.link.connected and len(self._inflight) < self._max_inflight()
+        return (self.link.connected and self.live_inflight() < self._live_window()
                 and now >= self._retry_at
                 and not (self._inflight and self._inflight[0].state is BatchState.REFUSED))
 
@@ -361,11 +426,17 @@ class UplinkSink:
                 wake = min(wake, max(0.0, self._waiting_since + self._up.batch_max_delay - now))
         elif self._retry_at > now:
             wake = min(wake, self._retry_at - now)
+        if self._resend.due():
+            wake = 0.0
         return min(wake, _POLL_MAX)
 
     def step(self, now: float) -> None:
         if self.link.connected:
+            # A resend takes its share of the window first, the live uplink the rest.
+            resent = self._resend.pump(after_uplink=False)
             self._publish_due(now)
+            if self._resend.pump(after_uplink=True) or resent:
+                self.link.flush()
             if now - self._last_status >= self._up.status_interval:
                 self._publish_status()
         self._failures.update(self.link.failures)
@@ -384,6 +455,7 @@ class UplinkSink:
                               qos=1, retain=True, content_type="application/json")
         self.link.close(wait=1.0)
         self._reader.close()
+        self._resend.close()
 
 
 def _props_size(user: list[tuple[str, str]], content_type: str) -> int:
