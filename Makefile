@@ -36,6 +36,8 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_devices.py
 	$(PY) bench/bench_influx.py
 	$(PY) bench/bench_mqtt_codec.py
+	$(PY) bench/bench_reconnect.py
+	$(PY) bench/bench_cloud.py
 
 sample: $(VENV)/.dev
 	$(PY) -m gateway config sample > deploy/gateway.example.yaml

@@ -110,11 +110,12 @@ class SessionConfig:
 
 
 class _Outgoing:
-    __slots__ = ("data", "packet", "sent", "tried")
+    # The packet only: it is encoded again when it goes (rarely: a resend, or a publish that
+    # waited for the window). Keeping the encoded bytes too would hold every payload twice.
+    __slots__ = ("packet", "sent", "tried")
 
-    def __init__(self, packet: mqtt5.PublishPacket, data: bytes) -> None:
+    def __init__(self, packet: mqtt5.PublishPacket) -> None:
         self.packet = packet
-        self.data = data
         self.sent = False   # written on the current connection
         self.tried = False  # written on some connection: a resend carries DUP
 
@@ -347,7 +348,7 @@ class MqttSession:
         if pid is None:
             self._send(data)
             return None
-        out = self._outbox[pid] = _Outgoing(packet, data)
+        out = self._outbox[pid] = _Outgoing(packet)
         if self.connected and self._sent < self.window:
             out.sent = out.tried = True
             self._sent += 1
@@ -448,7 +449,6 @@ class MqttSession:
             out.sent = False
             if p.session_present and out.tried and not out.packet.duplicate:
                 out.packet = _with_dup(out.packet)
-                out.data = out.packet.write()
         self._events.append(Connected(p.session_present, p.receive_max, p.max_packet_size,
                                       self.keepalive, p.assigned_client_id))
 
@@ -584,7 +584,7 @@ class MqttSession:
             if not out.sent:
                 out.sent = out.tried = True
                 self._sent += 1
-                self._send(out.data)
+                self._send(out.packet.write())
 
     def _send(self, data: bytes) -> None:
         self._wbuf += data
