@@ -270,6 +270,10 @@ def test_bad_messages_are_dead_lettered_and_never_block(
     pub = FleetPublisher(cloud_broker.port)
     pub.send("fieldgate/gw-1/telemetry", b"not json")
     pub.batch("intruder", readings("intruder", 1, 5))
+    # seq properties the readings do not bear out: one past SQLite's integers (it crashed
+    # the worker, again on every redelivery), one that would hide every later gap.
+    pub.batch("gw-1", readings("gw-1", 6, 1), extra=[("seq_last", str(2**70))])
+    pub.batch("gw-1", readings("gw-1", 7, 1), extra=[("seq_last", str(2**62))])
     pub.batch("gw-1", readings("gw-1", 1, 5))
     pub.send("fieldgate/gw-1/status", orjson.dumps({"state": "online", "gateway": "gw-1",
                                                     "readings": 5}), retain=True)
@@ -279,6 +283,7 @@ def test_bad_messages_are_dead_lettered_and_never_block(
     assert influxd.points(db, "fieldgate")[0]["online"] == 1
     assert worker.metric('fieldgate_ingest_dead_letters_total{reason="not_json"}') == 1
     assert worker.metric('fieldgate_ingest_dead_letters_total{reason="unknown_gateway"}') == 1
+    assert worker.metric('fieldgate_ingest_dead_letters_total{reason="bad_shape"}') == 2
     assert worker.stop() == 0
     shown = subprocess.run([sys.executable, "-m", "gateway", "cloud", "dlq", "-c", str(config)],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout

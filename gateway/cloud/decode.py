@@ -86,13 +86,20 @@ def _inflate(payload: bytes) -> bytes:
     return out
 
 
+# The largest seq taken: exact in a JSON number (a double) and in SQLite's INTEGER.
+MAX_SEQ = 2**53
+
+
 def _seq(value: object, what: str) -> int:
-    try:
-        seq = int(str(value))
-    except ValueError:
-        raise BadMessage(Reason.SHAPE, f"{what} {value!r} is not an integer") from None
-    if seq < 1:
-        raise BadMessage(Reason.SHAPE, f"{what} {seq} is below 1")
+    """A seq: a positive integer (or its decimal digits, in a user property) below 2**53."""
+    if type(value) is int:
+        seq = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
+        seq = int(value)
+    else:
+        raise BadMessage(Reason.SHAPE, f"{what} {str(value)[:40]!r} is not an integer")
+    if not 1 <= seq <= MAX_SEQ:
+        raise BadMessage(Reason.SHAPE, f"{what} {seq} is not in 1..{MAX_SEQ}")
     return seq
 
 
@@ -129,13 +136,15 @@ def _telemetry(gateway: str, body: dict[str, Any], props: dict[str, str]) -> Upl
                 or type(reading.get("seq")) is not int:
             raise BadMessage(Reason.SHAPE, "a reading without seq, device and ts: "
                              f"{str(reading)[:200]}")
-    if "seq_first" in props and "seq_last" in props:
-        first, last = _seq(props["seq_first"], "seq_first"), _seq(props["seq_last"], "seq_last")
-    else:  # a publisher that does not say: the readings do
-        seqs = [r["seq"] for r in readings]
-        first, last = _seq(min(seqs), "seq"), _seq(max(seqs), "seq")
-    if last < first:
-        raise BadMessage(Reason.SHAPE, f"seq_last {last} below seq_first {first}")
+    seqs = [r["seq"] for r in readings]
+    first, last = _seq(min(seqs), "seq"), _seq(max(seqs), "seq")
+    # The properties, when there, must say what the readings say: a message that claims
+    # seqs it does not carry would move the high-water mark past real gaps.
+    if "seq_first" in props or "seq_last" in props:
+        said = (_seq(props.get("seq_first"), "seq_first"), _seq(props.get("seq_last"), "seq_last"))
+        if said != (first, last):
+            raise BadMessage(Reason.SHAPE, f"seq_first/seq_last {said[0]}..{said[1]} do not "
+                             f"match the readings' seqs {first}..{last}")
     return Uplink(Kind.TELEMETRY, gateway, first, last, readings, {})
 
 

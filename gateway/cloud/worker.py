@@ -332,7 +332,7 @@ class IngestWorker:
                 self.state.dead_letter(item.message.topic, Reason.REJECTED.value,
                                        f"HTTP {result.status}: {result.message}",
                                        item.message.payload, time.time())
-            self._written(items)
+            self._written(items, accepted=False)
             return
         if not self._failing:
             log.warning("Cannot write to %s (%s); keeping %d messages unacknowledged and "
@@ -344,8 +344,10 @@ class IngestWorker:
         self._retry_at = now + (result.retry_after if result.retry_after is not None
                                 else self._retry.next_delay())
 
-    def _written(self, items: list[_Item]) -> None:
-        """Points accepted (or dead-lettered): seqs recorded, then the messages acked."""
+    def _written(self, items: list[_Item], *, accepted: bool = True) -> None:
+        """Points accepted (or, ``accepted`` False, the message dead-lettered): seqs
+        recorded (a dead letter's are accounted for, not a gap to repair), then the messages
+        acked. Only accepted points count on /metrics."""
         ranges: dict[str, list[tuple[int, int]]] = {}
         for item in items:
             if item.first:
@@ -353,7 +355,8 @@ class IngestWorker:
         if ranges:
             self._gap_items(self.state.record(ranges, time.time()))
         for item in items:
-            self.metrics.points.labels(item.kind).inc(item.points)
+            if accepted:
+                self.metrics.points.labels(item.kind).inc(item.points)
             if item.message is not None:
                 self._ack(item.message)
 
