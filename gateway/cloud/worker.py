@@ -232,7 +232,7 @@ class IngestWorker:
                 severity = "warning"
             else:
                 message = (f"{r.count} seqs ({r.first}..{r.last}) from gateway {r.gateway} "
-                           "lost: the gateway no longer has them")
+                           "lost: the gateway says it no longer has them, or did not answer")
                 severity = "critical"
             log.warning("%s", message[0].upper() + message[1:])
             event = {"type": GAP_EVENT, "id": f"{r.gateway}-gap-{r.first}-{r.last}-{r.news}",
