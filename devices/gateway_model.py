@@ -71,6 +71,11 @@ class Gateway:
     withheld: list[tuple[int, int]] = field(default_factory=list)
 
 
+# One process simulates at most this many gateways (state per gateway: ~1 KiB; more, from
+# one process, would not keep their rate anyway).
+MAX_GATEWAYS = 100_000
+
+
 class GatewayFleet:
     def __init__(self, *, count: int, rate: float, seed: int, start: float,
                  prefix: str = "gw-", use_gzip: bool = False, events_every: int = 0,
@@ -80,8 +85,9 @@ class GatewayFleet:
         """``history``: seqs per gateway kept for resend requests (0: none kept);
         ``interval``: seconds between a gateway's batches; ``batch_max``: most readings in
         one telemetry message."""
-        if count < 1:
-            raise ValueError("--count must be at least 1")
+        if not 1 <= count <= MAX_GATEWAYS:
+            raise ValueError(f"--count must be 1..{MAX_GATEWAYS:,} (more: run several "
+                             "generators, each with its own --prefix)")
         if not rate > 0 or not math.isfinite(rate):
             raise ValueError("--rate must be a positive number of readings/s per gateway")
         if events_every < 0:

@@ -273,7 +273,8 @@ def test_dry_run_is_deterministic_by_seed():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--rate", "0"], "--rate must be a positive number"),
-    (["--count", "0"], "--count must be at least 1"),
+    (["--count", "0"], "--count must be 1..100,000"),
+    (["--count", "100000000"], "--count must be 1..100,000"),
     (["--gap-every", "1"], "--gap-every must be 0 (no gaps) or 2 or more"),
     (["--broker", "http://x"], "write mqtt://host:port"),
     (["--connections", "5", "--count", "2"], "--connections must be 1..2"),
