@@ -106,6 +106,9 @@ def test_decoder_takes_the_uplink_and_names_what_is_wrong() -> None:
         ("fieldgate/gw-1/telemetry", orjson.dumps({"gateway": "gw-1", "readings": [{}]}),
          Reason.SHAPE),
         ("sensors/x", b"{}", Reason.TOPIC),
+        ("fieldgate/gw-1/telemetry",   # a device id the edge would refuse: not a tag
+         orjson.dumps({"gateway": "gw-1", "readings": [{**rows[0], "device": "d1 x,y=z"}]}),
+         Reason.SHAPE),
     ]
     for topic, payload, reason in cases:
         with pytest.raises(BadMessage) as err:

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from gateway.ingest.decode import valid_device_id
+
 # Largest payload after gzip is undone (a gzip bomb must not take the worker's memory).
 _MAX_INFLATED = 64 * 1024 * 1024
 
@@ -86,6 +88,8 @@ def _inflate(payload: bytes) -> bytes:
     return out
 
 
+# Longest device id taken: the edge's largest ingest.max_device_id.
+_MAX_DEVICE_ID = 1024
 # The largest seq taken: exact in a JSON number (a double) and in SQLite's INTEGER.
 MAX_SEQ = 2**53
 
@@ -136,6 +140,9 @@ def _telemetry(gateway: str, body: dict[str, Any], props: dict[str, str]) -> Upl
                 or type(reading.get("seq")) is not int:
             raise BadMessage(Reason.SHAPE, "a reading without seq, device and ts: "
                              f"{str(reading)[:200]}")
+        wrong = valid_device_id(reading["device"], _MAX_DEVICE_ID)
+        if wrong is not None:  # the edge refuses such ids; a tag would be garbage
+            raise BadMessage(Reason.SHAPE, wrong)
     seqs = [r["seq"] for r in readings]
     first, last = _seq(min(seqs), "seq"), _seq(max(seqs), "seq")
     # The properties, when there, must say what the readings say: a message that claims
