@@ -46,6 +46,7 @@ from bench.harness.children import CTX  # noqa: E402
 from bench.harness.gateway import GATEWAY_ID, BenchGateway, checkout  # noqa: E402
 from bench.harness.mqtt import paho_client  # noqa: E402
 from gateway.config import LogSection  # noqa: E402
+from gateway.events import render  # noqa: E402
 from gateway.influx.lineproto import Precision  # noqa: E402
 from gateway.influx.points import ReadingEncoder  # noqa: E402
 from gateway.log.reader import LogReader  # noqa: E402
@@ -60,7 +61,7 @@ DB = "fieldgate"
 def fill_log(path: Path, n: int) -> float:
     """N readings of 3 metrics, one per message (as sensors send them); returns t0."""
     store = LogStore(LogSection(path=path, max_bytes=8 * 1024**3, synchronous="normal"),
-                     GATEWAY_ID)
+                     GATEWAY_ID, event_body=render)
     t0 = float(int(time.time()) - 3600)
     chunk = 20_000
     for start in range(0, n, chunk):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from gateway.commands import ACK_FILTER, CommandSender, is_ack_topic
 from gateway.config import GatewayConfig
 from gateway.errors import FieldgateError
-from gateway.events import Event
+from gateway.events import Event, render
 from gateway.ingest.service import Answers, IngestService
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
@@ -109,7 +109,7 @@ class Gateway:
         enabled = [name for name, (configured, _) in SINKS.items() if configured(cfg)]
         self._pid = PidLock(pid_path(cfg))
         try:
-            self.store = LogStore(cfg.log, cfg.gateway_id, enabled)
+            self.store = LogStore(cfg.log, cfg.gateway_id, enabled, event_body=render)
         except FieldgateError:
             self._pid.release()
             raise

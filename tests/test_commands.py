@@ -22,9 +22,9 @@ from gateway import commands as gateway_side
 from gateway.commands import CommandSender, device_key, seal, signature
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
-from gateway.log.store import LogStore
 from gateway.mqtt.link import poll_links
 from tests.mqtt_helpers import Publisher
+from tests.tools import open_log
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "site-master-key-for-tests"
@@ -117,7 +117,7 @@ def _restarted(gw: Gateway) -> Gateway:
     """The same gateway after a restart: its log closed, and the command side built again
     from what the log holds (the link is only published on)."""
     gw.store.close()
-    gw.store = LogStore(gw.cfg.log, gw.cfg.gateway_id)
+    gw.store = open_log(gw.cfg.log, gw.cfg.gateway_id)
     gw.commands = CommandSender(gw.cfg.gateway_id, gw.cfg.commands.key(), gw.ingest.link,
                                 gw.store, ack_timeout=gw.cfg.commands.ack_timeout,
                                 max_pending=gw.cfg.commands.max_pending)

@@ -15,11 +15,12 @@ from gateway import dlq
 from gateway.config import LogSection
 from gateway.ingest.decode import DeadLetter, Reason
 from gateway.log.schema import connect
-from gateway.log.store import DLQ_TOPIC_CUT, DLQ_TOPIC_MAX, LogStore, Message
+from gateway.log.store import DLQ_TOPIC_CUT, DLQ_TOPIC_MAX, Message
 from gateway.mosquitto import Mosquitto
 from gateway.sinks.influx import DLQ_TOPIC as INFLUX_DLQ_TOPIC
 from tests.conftest import ROOT
 from tests.mqtt_helpers import Publisher, client, subscribe_and_wait
+from tests.tools import open_log
 
 
 def _config(tmp_path: Path, site: Mosquitto) -> Path:
@@ -65,7 +66,7 @@ def test_replay_sends_site_messages_only_not_what_sinks_refused(tmp_path: Path) 
     site = Mosquitto(tmp_path, "site").start()
     try:
         config = _config(tmp_path, site)
-        store = LogStore(LogSection(path=tmp_path / "log.db"), "gw-1")
+        store = open_log(LogSection(path=tmp_path / "log.db"), "gw-1")
         assert store.add_dead_letters([
             ("sensors/d1/telemetry", "bad_json", "not JSON", b"{oops"),
             (INFLUX_DLQ_TOPIC, "sink_rejected", "influx: HTTP 400: field type conflict",
@@ -98,7 +99,7 @@ def test_replay_sends_site_messages_only_not_what_sinks_refused(tmp_path: Path) 
 
 
 def test_a_dead_letters_topic_is_kept_to_1_kib_and_the_detail_says_so(tmp_path: Path) -> None:
-    store = LogStore(LogSection(path=tmp_path / "log.db"), "gw-1")
+    store = open_log(LogSection(path=tmp_path / "log.db"), "gw-1")
     # A topic far past the bound, of 3-byte characters so the cut falls inside one.
     long_topic = "sensors/" + "温" * 2000 + "/telemetry"
     short_topic = "sensors/d1/telemetry"

@@ -12,11 +12,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import GatewayConfig
 from gateway.events import Event
 from gateway.ingest.redelivery import message_key
-from gateway.log.store import LogStore, Message
+from gateway.log.store import Message
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt.link import poll_links
 from gateway.sinks.uplink import UplinkSink
 from tests.mqtt_helpers import subscribe_and_wait
+from tests.tools import open_log
 
 
 def _msg(i: int) -> Message:
@@ -43,7 +44,7 @@ def test_events_are_cloudevents_on_their_topic_in_log_order(cloud, tmp_path):
     sub.loop_start()
     subscribe_and_wait(sub, [("fieldgate/gw-ev/#", 1)])
 
-    store = LogStore(cfg.log, cfg.gateway_id, ["uplink"])
+    store = open_log(cfg.log, cfg.gateway_id, ["uplink"])
     sink = UplinkSink(cfg, store, GatewayMetrics())
     store.append([_msg(i) for i in range(3)])
     seqs = store.append_events([Event("io.fieldgate.alert.fired", "d", 1_800_000_000.5,

@@ -17,6 +17,7 @@ from gateway.influx.http import retry_after
 from gateway.log.store import LogStore, Message
 from gateway.metrics import GatewayMetrics
 from gateway.sinks.influx import NAME, InfluxSink, Outcome, classify
+from tests.tools import open_log
 from tests.tsdb import InfluxD
 
 DB = "fieldgate"
@@ -60,7 +61,7 @@ def _drive(sink: InfluxSink, until: Callable[[], bool], timeout: float = 30) -> 
 
 def test_413_splits_until_the_server_takes_it(tmp_path, small_influx):
     cfg = _config(tmp_path, small_influx)
-    store = LogStore(cfg.log, cfg.gateway_id, [NAME])
+    store = open_log(cfg.log, cfg.gateway_id, [NAME])
     metrics = GatewayMetrics()
     sink = InfluxSink(cfg, store, metrics)
     t0 = float(int(time.time()) - 60)
@@ -76,7 +77,7 @@ def test_413_splits_until_the_server_takes_it(tmp_path, small_influx):
 
 def test_events_become_annotation_points(tmp_path, small_influx):
     cfg = _config(tmp_path, small_influx, site="north")
-    store = LogStore(cfg.log, cfg.gateway_id, [NAME])
+    store = open_log(cfg.log, cfg.gateway_id, [NAME])
     sink = InfluxSink(cfg, store, GatewayMetrics())
     now = float(int(time.time()) - 10)
     store.append_events([
@@ -104,7 +105,7 @@ def test_events_become_annotation_points(tmp_path, small_influx):
 def test_down_server_keeps_the_cursor_and_wakes_only_to_retry(tmp_path, small_influx):
     cfg = _config(tmp_path, small_influx)
     small_influx.stop()
-    store = LogStore(cfg.log, cfg.gateway_id, [NAME])
+    store = open_log(cfg.log, cfg.gateway_id, [NAME])
     metrics = GatewayMetrics()
     sink = InfluxSink(cfg, store, metrics)
     _readings(store, 10, time.time())

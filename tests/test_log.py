@@ -15,6 +15,7 @@ from gateway.log.reader import LogReader
 from gateway.log.stats import log_stats
 from gateway.log.store import LogStore, Message
 from gateway.records import DeadLetter, Reason
+from tests.tools import open_log
 
 NOW = time.time()
 
@@ -51,11 +52,11 @@ def _bodies(store: LogStore, path) -> list[dict]:
 
 
 def test_append_assigns_consecutive_seqs_and_survives_reopen(tmp_path):
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     result = store.append([_msg(i) for i in range(5)], now=NOW)
     assert (result.accepted, result.readings) == (5, 5)
     store.close()
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     assert store.next_seq == 6
     store.append([_msg(5)], now=NOW)
     got = _bodies(store, tmp_path / "log.db")
@@ -66,31 +67,31 @@ def test_append_assigns_consecutive_seqs_and_survives_reopen(tmp_path):
 
 
 def test_cursor_ack_is_durable(tmp_path):
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     assert store.cursor("uplink") == 1
     store.append([_msg(i) for i in range(3)], now=NOW)
     store.ack("uplink", 3)
     store.close()
-    assert LogStore(_cfg(tmp_path), "gw", ["uplink"]).cursor("uplink") == 3
+    assert open_log(_cfg(tmp_path), "gw", ["uplink"]).cursor("uplink") == 3
 
 
 def test_log_belongs_to_one_gateway(tmp_path):
-    LogStore(_cfg(tmp_path), "gw-a").close()
+    open_log(_cfg(tmp_path), "gw-a").close()
     with pytest.raises(LogError, match="belongs to gateway 'gw-a'"):
-        LogStore(_cfg(tmp_path), "gw-b")
+        open_log(_cfg(tmp_path), "gw-b")
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / "log.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(LogCorruptError) as info:
-        LogStore(_cfg(tmp_path), "gw", ["uplink"])
+        open_log(_cfg(tmp_path), "gw", ["uplink"])
     assert str(tmp_path / "log.db") in str(info.value)
     assert "move it aside" in str(info.value)
 
 
 def test_drop_oldest_prefers_delivered_then_counts(tmp_path):
     cap = 256 * 1024
-    store = LogStore(_cfg(tmp_path, max_bytes=cap), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_bytes=cap), "gw", ["uplink"])
     store.cursor("uplink")
     store.append([_msg(i) for i in range(2000)], now=NOW)
     store.ack("uplink", 2001)          # all 2000 delivered
@@ -113,7 +114,7 @@ def test_cap_holds_the_real_file_size(tmp_path):
     rows of every size and the file (database and WAL) stays within the cap and the WAL
     limit."""
     cap = 1024 * 1024
-    store = LogStore(_cfg(tmp_path, max_bytes=cap), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_bytes=cap), "gw", ["uplink"])
     for round_ in range(40):
         pad = "x" * (round_ * 37 % 900)
         msgs = [Message("sensors/d/telemetry", b"{}", 0,
@@ -136,7 +137,7 @@ def _file_used(tmp_path) -> int:
 
 
 def test_refuse_accepts_a_prefix_then_nothing(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
     store.cursor("uplink")
     result = store.append([_msg(i) for i in range(8000)], now=NOW)
     assert 0 < result.accepted < 8000
@@ -149,7 +150,7 @@ def test_refuse_accepts_a_prefix_then_nothing(tmp_path):
 
 
 def test_dead_letters_are_stored_bounded_and_counted(tmp_path):
-    store = LogStore(_cfg(tmp_path, dlq_max_rows=3, dlq_max_payload=8), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, dlq_max_rows=3, dlq_max_payload=8), "gw", ["uplink"])
     bad = [Message("t/x", b"0123456789abcdef", 1, DeadLetter(Reason.BAD_JSON, "not JSON"), 5.0)
            for _ in range(5)]
     result = store.append(bad, now=NOW)
@@ -163,7 +164,7 @@ def test_dead_letters_are_stored_bounded_and_counted(tmp_path):
 
 
 def test_expiry_drops_old_records_and_counts_undelivered(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
     store.cursor("uplink")
     store.append([_msg(i) for i in range(10)], now=NOW - 100)
     store.ack("uplink", 5)             # 4 delivered, 6 not
@@ -177,7 +178,7 @@ def test_redelivery_is_recognised_by_packet_id_whatever_the_window(tmp_path):
     """A broker with an unlimited in-flight window (Mosquitto max_inflight_messages 0) may
     redeliver any of 65535 messages: each is recognised, before and after a restart, dead
     letters too; a new message that reuses a packet id with other content is not."""
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     seen = _redeliveries(store)
     msgs = [_msg(i) for i in range(1, 5001)]
     bad = [Message("t/x", b"\xff", message_key("t/x", b"\xff", 6000 + i),
@@ -186,7 +187,7 @@ def test_redelivery_is_recognised_by_packet_id_whatever_the_window(tmp_path):
     assert all(seen.is_redelivery(m.key) for m in msgs + bad)
     assert all(seen.is_redelivery(m.key) for m in msgs[:10])  # redelivered twice
     store.close()
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     seen = _redeliveries(store)
     assert all(seen.is_redelivery(m.key) for m in msgs + bad)
     # Packet id 7 reused (its PUBACK went through) for a new message, then redelivered.
@@ -200,17 +201,17 @@ def test_redelivery_is_recognised_by_packet_id_whatever_the_window(tmp_path):
 
 
 def test_seq_never_goes_back_after_everything_was_removed(tmp_path):
-    store = LogStore(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
     store.append([_msg(i) for i in range(10)], now=NOW - 100)
     store.housekeeping(now=NOW, force=True)      # all expired
     store.close()
-    store = LogStore(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_age=60), "gw", ["uplink"])
     assert store.next_seq == 11
 
 
 def test_full_disk_is_survived_and_reported(tmp_path, caplog):
     """SQLite's own "database or disk is full" (max_page_count stands in for the disk)."""
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     store.append([_msg(0)], now=NOW)
     pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
     store._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
@@ -230,10 +231,10 @@ def test_full_disk_is_survived_and_reported(tmp_path, caplog):
 
 
 def test_a_removed_sink_does_not_pin_the_log(tmp_path, caplog):
-    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
     store.cursor("uplink")
     store.close()
-    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", [])
+    store = open_log(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", [])
     assert "not configured" in caplog.text
     for k in range(20):  # 10x the cap: nothing waits for the removed sink
         assert store.append([_msg(i) for i in range(k * 1000, k * 1000 + 1000)],
@@ -242,19 +243,19 @@ def test_a_removed_sink_does_not_pin_the_log(tmp_path, caplog):
 
 
 def test_component_state_survives_a_restart(tmp_path):
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     assert store.load_state("alerts") is None
     store.save_state("alerts", b'{"TooHot/gh-1": "firing"}')
     store.save_state("alerts", b'{"TooHot/gh-1": "resolved"}')
     store.close()
-    assert LogStore(_cfg(tmp_path), "gw", ["uplink"]).load_state("alerts") == \
+    assert open_log(_cfg(tmp_path), "gw", ["uplink"]).load_state("alerts") == \
         b'{"TooHot/gh-1": "resolved"}'
 
 
 def test_events_get_seqs_between_readings(tmp_path):
     from gateway.events import Event
 
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     store.append([_msg(0)], now=NOW)
     assert store.append_events([Event("io.fieldgate.test", "d", NOW), Event("x", "d", NOW)],
                                now=NOW) == [2, 3]
@@ -265,7 +266,7 @@ def test_events_get_seqs_between_readings(tmp_path):
 def test_full_disk_while_logging_events_and_state_is_survived(tmp_path):
     from gateway.events import Event
 
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     store.append([_msg(0)], now=NOW)
     pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
     store._conn.execute(f"PRAGMA max_page_count = {pages}")
@@ -280,7 +281,7 @@ def test_full_disk_while_logging_events_and_state_is_survived(tmp_path):
 def test_an_idle_log_writes_nothing(tmp_path):
     """Housekeeping on an idle gateway must not write (each write is flash wear and, with
     synchronous=FULL, an fsync): only moved cursors, expiry and counted drops are written."""
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     store.cursor("uplink")
     store.append([_msg(i) for i in range(10)], now=NOW)
     store.ack("uplink", 5)
@@ -304,7 +305,7 @@ def test_housekeeping_survives_a_clock_step_back(tmp_path, monkeypatch):
     mono = [1000.0]
     monkeypatch.setattr(store_mod.time, "time", lambda: wall[0])
     monkeypatch.setattr(store_mod.time, "monotonic", lambda: mono[0])
-    store = LogStore(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_bytes=256 * 1024, when_full="refuse"), "gw", ["uplink"])
     store.cursor("uplink")
     store.append([_msg(i) for i in range(8000)])
     assert store.full
@@ -319,11 +320,11 @@ def test_housekeeping_survives_a_clock_step_back(tmp_path, monkeypatch):
 def test_counters_agree_with_the_data_after_a_crash(tmp_path):
     """Dead-letter and drop counters are committed with the rows they count, and the
     readings total is derived from seq: reopening without a clean close loses none."""
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     bad = [Message("t/x", b"{", 0, DeadLetter(Reason.BAD_JSON, "not JSON"), 5.0)] * 3
     store.append([_msg(i) for i in range(1, 101)] + bad, now=NOW)
     # No close(), no housekeeping: as if SIGKILLed right after the commit.
-    again = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    again = open_log(_cfg(tmp_path), "gw", ["uplink"])
     assert again.counters["readings"] == 100
     assert again.counters["dead_letters.bad_json"] == 3
     assert log_stats(again._conn)["counters"]["readings"] == 100
@@ -335,7 +336,7 @@ def test_events_and_state_commit_together_or_not_at_all(tmp_path):
     log either, so a restart cannot see "fired" without the state that says so."""
     from gateway.events import Event
 
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     fired = Event("io.fieldgate.alert.fired", "d", NOW, {"rule": "Hot"})
     assert store.append_events_with_state([fired], [("engine", b"1"), ("commands", b"a")],
                                           now=NOW) == [1]
@@ -353,7 +354,7 @@ def test_the_wal_is_bounded(tmp_path):
     """The WAL is checkpointed and cut back, so the log's disk use is the cap plus a bound."""
     from gateway.log.schema import JOURNAL_LIMIT, WAL_PAGES
 
-    store = LogStore(_cfg(tmp_path, max_bytes=64 * 1024 * 1024), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path, max_bytes=64 * 1024 * 1024), "gw", ["uplink"])
     wal = tmp_path / "log.db-wal"
     biggest = 0
     for k in range(100):
@@ -366,7 +367,7 @@ def test_the_wal_is_bounded(tmp_path):
 def test_a_commit_is_one_compressed_row_read_back_in_any_slices(tmp_path):
     """A group commit is stored as compressed rows; readers get exactly the readings they
     ask for, whatever the bounds and wherever a cursor falls inside a row."""
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     msgs = [_msg(i) for i in range(3000)]
     store.append(msgs, now=NOW)
     rows = store._conn.execute("SELECT n, codec, length(body) FROM records").fetchall()
@@ -404,7 +405,7 @@ def test_a_log_written_by_the_previous_version_is_upgraded_and_read(tmp_path):
     old.execute("INSERT INTO records VALUES (1, 2, 0, ?, ?, ?)", (NOW, key,
                 b'{"seq":1,"device":"d","ts":1.0,"v":1},{"seq":2,"device":"d","ts":2.0,"v":2}'))
     old.close()
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
     assert _redeliveries(store).is_redelivery(key)
     store.append([_msg(7)], now=NOW)
     assert [r["seq"] for r in _bodies(store, tmp_path / "log.db")] == [1, 2, 3]
@@ -431,7 +432,7 @@ def test_an_identical_message_a_whole_packet_id_cycle_later_is_not_a_redelivery(
     ids for the same bytes. A DUP of an unlogged message must not match the id's use a
     whole cycle back; a DUP of one logged in the last commits still matches, across a
     restart too."""
-    store = LogStore(_cfg(tmp_path), "gw", ["uplink"])
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
 
     def door(mid: int) -> Message:
         return Message("sensors/door/open", b"0", message_key("sensors/door/open", b"0", mid),
@@ -446,6 +447,6 @@ def test_an_identical_message_a_whole_packet_id_cycle_later_is_not_a_redelivery(
     assert not seen.is_redelivery(unlogged.key)
     assert seen.is_redelivery(recent.key)
     store.close()
-    seen = _redeliveries(LogStore(_cfg(tmp_path), "gw", ["uplink"]))
+    seen = _redeliveries(open_log(_cfg(tmp_path), "gw", ["uplink"]))
     assert not seen.is_redelivery(unlogged.key)
     assert seen.is_redelivery(recent.key)

@@ -13,11 +13,11 @@ import yaml
 
 from gateway.commands import CommandDeviceError, CommandSender
 from gateway.config import LogSection
-from gateway.log.store import LogStore
 from tests.mqtt_helpers import CloudCollector, Publisher
 from tests.test_rules_check_hostile import one_problem
 from tests.test_rules_cli import gateway
 from tests.test_rules_e2e import Events
+from tests.tools import open_log
 
 RULES = """\
 groups:
@@ -64,7 +64,7 @@ def test_gateway_check_refuses_a_wildcard_command_device(tmp_path):
 
 @pytest.mark.parametrize("device", ["+", "gh-1/#", "a/b", "", "x" * 129])
 def test_prepare_refuses_a_device_that_is_no_device_id(tmp_path: Path, device):
-    store = LogStore(LogSection(path=tmp_path / "log.db"), "gw")
+    store = open_log(LogSection(path=tmp_path / "log.db"), "gw")
     sender = CommandSender("gw", None, None, store)  # type: ignore[arg-type] - never publishes
     with pytest.raises(CommandDeviceError) as err:
         sender.prepare(device, "fan", {})

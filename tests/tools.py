@@ -24,6 +24,8 @@ import psutil
 import pytest
 import yaml
 
+from gateway.events import render
+from gateway.log.store import LogStore
 from gateway.mosquitto import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +233,8 @@ class GatewayProcess:
             raise RuntimeError("the gateway process was not launched")
         return self.proc
 
+
+
+def open_log(*args: Any, **kwargs: Any) -> LogStore:
+    """A LogStore as the daemon opens it: events rendered as CloudEvents."""
+    return LogStore(*args, event_body=render, **kwargs)

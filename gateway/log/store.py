@@ -25,7 +25,6 @@ from pathlib import Path
 
 from gateway.config import LogSection
 from gateway.errors import LogError
-from gateway.events import render
 from gateway.log.append import (
     DLQ_TOPIC_CUT,
     DLQ_TOPIC_MAX,
@@ -61,9 +60,10 @@ class LogStore:
     """Append-only durable log of readings with one cursor per sink."""
 
     def __init__(self, cfg: LogSection, gateway_id: str, sinks: Sequence[str] = (), *,
-                 event_body: EventBody = render) -> None:
+                 event_body: EventBody) -> None:
         """``event_body`` renders an event as the body the log keeps and the sinks forward
-        (CloudEvents JSON, ``gateway.events.render``)."""
+        (the daemon gives ``gateway.events.render``: CloudEvents JSON; the log knows no
+        format of its own)."""
         self._cfg = cfg
         self._path: Path = cfg.path
         self._conn = connect(cfg.path, synchronous=cfg.synchronous.value.upper())
