@@ -3,7 +3,8 @@
 
 1. A cloud broker killed (SIGKILL, persistence off) after it acknowledged batches the worker
    never got: the worker sees the hole in the gateway's seqs, asks the gateway for it, the
-   gateway re-sends it from its log, and InfluxDB ends with every reading exactly once.
+   gateway re-sends it from its log, and InfluxDB ends with every reading exactly once
+   (and the same kill mid-stream, the worker connected).
 2. The full loop `devices simulate` -> site broker -> `gateway run` -> cloud broker ->
    `gateway cloud ingest` -> InfluxDB -> the dashboard's queries (deploy/grafana/), with no
    influx sink at the edge: the panels show what the gateway's log holds.
@@ -16,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +154,51 @@ def test_cloud_broker_killed_after_acknowledging_the_gap_is_repaired_into_influx
             worker.stop(signal.SIGKILL)
         cloud.stop()
 
+
+
+def test_cloud_broker_killed_mid_stream_with_the_worker_connected_loses_nothing(
+        site: Mosquitto, make_gateway: Any, influxd: InfluxD,  # noqa: F811
+        tmp_path: Path) -> None:
+    """The same kill while readings flow and the worker is connected: what the broker had
+    acknowledged and not delivered, and what the worker held unacknowledged, is gone from the
+    cloud; gaps (if the kill made one) are repaired, and InfluxDB ends with every reading
+    once (readings 1 ms apart: no two may share a written millisecond)."""
+    cloud = Mosquitto(tmp_path, "cloud-volatile", extra="persistence false\n").start()
+    db = _db(influxd, "mid")
+    config = write_config(tmp_path / "cloud.yaml", broker_url=cloud.url,
+                          influx={"url": influxd.url, "database": db},
+                          state=tmp_path / "ingest.db", gap_wait="200ms",
+                          resend_timeout="10s")
+    worker = IngestProcess(config, "ingest-0", tmp_path)
+    try:
+        worker.start()
+        gw = make_gateway(site, cloud).start()
+        sender = threading.Thread(target=_publish, args=(site, 0, 20_000))
+        sender.start()
+        assert wait_for(lambda: influxd.count(db, field="i") >= 3000), worker.log()
+        assert cloud.proc is not None
+        cloud.proc.send_signal(signal.SIGKILL)
+        cloud.proc.wait()
+        cloud.start()
+        sender.join()
+        _publish(site, 20_000, 1000)
+        assert wait_for(lambda: worker.metric(
+            'fieldgate_ingest_high_water{gateway="gw-test"}') == 21_000), \
+            f"{worker.metrics()}\n{worker.log()}\n{gw.log()}"
+        assert gw.stop() == 0
+        logged = sorted((round(r["ts"] * 1000), r["i"]) for r in
+                        _logged_readings(tmp_path / "log.db"))
+        assert [i for _, i in logged] == list(range(21_000))
+        assert sorted(_in_influx(influxd, db)) == logged
+        assert worker.metric('fieldgate_ingest_gap_seqs_total{outcome="lost"}') == 0
+        assert worker.metric('fieldgate_ingest_gap_seqs_total{outcome="repaired"}') == \
+            worker.metric('fieldgate_ingest_gap_seqs_total{outcome="detected"}')
+        assert worker.stop() == 0
+        assert not worker.unexpected_errors(), worker.log()
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.stop(signal.SIGKILL)
+        cloud.stop()
 
 # --- 2. the full loop into the dashboard ---------------------------------------------------
 
