@@ -53,9 +53,10 @@ _KEY_END = re.compile(rb'"[ \t\n\r]*:')
 _CLOCK_RECHECK = 1.0
 
 
-# Readings without ts that arrive together get receive times this far apart: 1 ms, the
-# InfluxDB sink's default precision (a coarser influx.precision can still merge them).
-_RX_STEP = 0.001
+# Readings without ts that arrive together get receive times on distinct milliseconds
+# (1/_RX_MS s), the InfluxDB sink's default precision (a coarser influx.precision can still
+# merge them).
+_RX_MS = 1000
 # Devices whose last receive time is remembered; past this the memory starts again.
 _RX_DEVICES = 100_000
 
@@ -81,9 +82,9 @@ class Decoder:
         self._clock_from = float("-inf")
         # The receive time last given to each device's readings without ts: the clock is
         # read once per wake-up, and a backlog arrives in one, so each such reading gets at
-        # least _RX_STEP after the device's previous one (in order, none overwriting
-        # another in InfluxDB or counted as a duplicate by the rules).
-        self._rx_last: dict[str, float] = {}
+        # least a millisecond after the device's previous one (in order, none overwriting
+        # another in InfluxDB or counted as a duplicate by the rules); kept in whole ms.
+        self._rx_last: dict[str, int] = {}
 
     def decode(self, topic: str, payload: bytes, now: float) -> list[Reading] | DeadLetter:
         match = self._topics.match(topic)
@@ -157,11 +158,19 @@ class Decoder:
     def _received(self, device: str, now: float) -> float:
         """The receive time for a reading without ts: ``now``, or just after the device's
         previous one when that is not earlier."""
+        # On whole milliseconds (the precision points are written at, rounded): the sum
+        # last + 1 ms drifts in float and at x.5 ms two such times rounded alike, one
+        # reading overwriting the other in InfluxDB.
         last = self._rx_last.get(device)
-        ts = now if last is None or now > last else last + _RX_STEP
+        now_ms = round(now * _RX_MS)
+        if last is None or now_ms > last:
+            ts, ms = now, now_ms
+        else:
+            ms = last + 1
+            ts = ms / _RX_MS
         if len(self._rx_last) >= _RX_DEVICES and last is None:
             self._rx_last.clear()
-        self._rx_last[device] = ts
+        self._rx_last[device] = ms
         return ts
 
     def _reading(self, device: str, obj: dict[str, Any], now: float, index: int) -> Reading:
