@@ -306,8 +306,10 @@ class MqttLink:
     def _connect(self, address: AddressInfo) -> None:
         try:
             self.session.connect(address)
-        except (ConnectionLostError, OSError) as err:
-            self._failed(str(err), refused=False)
+        except ConnectionLostError as err:
+            self._failed(self._why(err), refused=False)
+        except OSError as err:
+            self._failed(err.strerror or str(err), refused=False)
 
     def _connected(self) -> None:
         self._was_up = True
