@@ -43,9 +43,9 @@ from gateway.cloud.config import CloudConfig
 from gateway.cloud.decode import BadMessage, Kind, Reason, Uplink, decode
 from gateway.cloud.metrics import WorkerMetrics
 from gateway.cloud.state import GapNews, GapReport, IngestState, Request
-from gateway.cloud.writes import WriteThread
 from gateway.influx.http import Writer, WriteResult, make_writer
 from gateway.influx.points import ReadingEncoder, event_line, health_line
+from gateway.influx.thread import WriteThread
 from gateway.mqtt.link import MqttLink, poll_links
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class IngestWorker:
         self.state = IngestState(cfg.state_path, dlq_max_rows=cfg.dlq_max_rows)
         self.metrics.watch_dead_letters(self.state.dead_letter_counts)
         self._precision = cfg.influx.precision
-        self._writes = WriteThread(writer if writer is not None else make_writer(cfg.influx))
+        self._writes = WriteThread(writer if writer is not None else make_writer(cfg.influx),
+                                   "ingest-write")
         self._encoders: dict[str, ReadingEncoder] = {}
         self._pending: list[_Item] = []
         self._split: deque[list[_Item]] = deque()   # halves of a refused batch, next first

@@ -33,8 +33,6 @@ of failures is logged once when it starts and once when writes resume.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -47,6 +45,7 @@ from gateway.backoff import Backoff
 from gateway.config import GatewayConfig, Influx
 from gateway.influx.http import Writer, WriteResult, make_writer
 from gateway.influx.points import ReadingEncoder, event_line, health_line
+from gateway.influx.thread import WriteThread
 from gateway.log.reader import LogReader
 from gateway.log.schema import KIND_EVENT
 from gateway.log.store import LogStore
@@ -131,71 +130,6 @@ class _Batch:
     chunks: list[_Chunk] = field(default_factory=list)  # next to write first
 
 
-class _Worker:
-    """Runs one blocking write at a time on its own thread; the result is handed back to
-    the loop, which a byte on a pipe wakes (``fd``)."""
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        self._cond = threading.Condition()
-        self._job: bytes | None = None
-        self._result: WriteResult | None = None
-        self._closing = False
-        self.busy = False
-        self._thread = threading.Thread(target=self._run, name="influx-write", daemon=True)
-        self._thread.start()
-
-    @property
-    def fd(self) -> int:
-        return self._rfd
-
-    def submit(self, body: bytes) -> None:
-        assert not self.busy
-        self.busy = True
-        with self._cond:
-            self._job = body
-            self._cond.notify()
-
-    def result(self) -> WriteResult | None:
-        """The finished request's result, once (None while it runs or when idle)."""
-        try:
-            while os.read(self._rfd, 64):
-                pass
-        except BlockingIOError:
-            pass
-        with self._cond:
-            result, self._result = self._result, None
-        if result is not None:
-            self.busy = False
-        return result
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._job is None and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                body, self._job = self._job, None
-            assert body is not None
-            result = self._writer.write(body)
-            with self._cond:
-                self._result = result
-            os.write(self._wfd, b"!")
-
-    def close(self, timeout: float) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._writer.close()  # else the process exits under the stuck request
-        os.close(self._rfd)
-        os.close(self._wfd)
-
-
 class InfluxSink:
     """The loop's view: ``next_wake``, ``step``, ``finish``, and ``wake_fd`` to select on."""
 
@@ -217,7 +151,7 @@ class InfluxSink:
                                        device_labels=cfg.device_labels,
                                        precision=influx.precision)
         self._writer = writer if writer is not None else make_writer(influx)
-        self._worker = _Worker(self._writer)
+        self._worker = WriteThread(self._writer)
         self._reader = LogReader(cfg.log.path)
         self._next = store.cursor(NAME)   # next seq to put in a batch
         self._batch: _Batch | None = None  # being written

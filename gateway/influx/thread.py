@@ -1,6 +1,7 @@
 """One blocking InfluxDB write at a time on a thread of its own; the loop learns of the
-result through a pipe its select watches (as the edge influx sink does), so a slow server
-never stops the worker from reading, acknowledging or answering keepalives."""
+result through a pipe its select watches, so a slow server never stops the loop from
+reading, acknowledging or answering keepalives. Used by the edge influx sink and the cloud
+ingest worker."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from gateway.influx.http import Writer, WriteResult
 
 
 class WriteThread:
-    def __init__(self, writer: Writer) -> None:
+    def __init__(self, writer: Writer, name: str = "influx-write") -> None:
         self.writer = writer
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -20,7 +21,7 @@ class WriteThread:
         self._result: WriteResult | None = None
         self._closing = False
         self.busy = False
-        self._thread = threading.Thread(target=self._run, name="ingest-write", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
@@ -67,6 +68,6 @@ class WriteThread:
             self._cond.notify()
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            self.writer.close()
+            self.writer.close()  # else the process exits under the stuck request
         os.close(self._rfd)
         os.close(self._wfd)
