@@ -79,6 +79,18 @@ class FailureCount:
             self._seen = failures
 
 
+def serve(registry: CollectorRegistry, listen: str, how: str = "") -> None:
+    """/metrics of ``registry`` on ``listen`` (host:port); FieldgateError naming the setting
+    when it cannot be served (``how``: where else the user can set it, e.g. "--metrics")."""
+    try:
+        host, port = split_host_port(listen)
+        start_http_server(port, addr=host, registry=registry)
+    except (OSError, ValueError) as err:
+        where = f" ({how})" if how else ""
+        raise FieldgateError(f"metrics.listen {listen!r}: {err}; choose a free host:port"
+                             f"{where} or set it to null") from None
+
+
 class GatewayMetrics:
     """The gateway's metrics, in a registry of their own."""
 
@@ -155,9 +167,4 @@ class GatewayMetrics:
         self.registry.register(_PersistedCounters(source))
 
     def serve(self, listen: str) -> None:
-        try:
-            host, port = split_host_port(listen)
-            start_http_server(port, addr=host, registry=self.registry)
-        except (OSError, ValueError) as err:
-            raise FieldgateError(f"metrics.listen {listen!r}: {err}; choose a free host:port "
-                                 "or set it to null") from None
+        serve(self.registry, listen)

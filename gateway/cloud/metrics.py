@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.config import split_host_port
-from gateway.errors import FieldgateError
+from gateway.metrics import serve
 
 
 class _DeadLetters(Collector):
@@ -65,9 +64,4 @@ class WorkerMetrics:
         self.registry.register(_DeadLetters(source))
 
     def serve(self, listen: str) -> None:
-        try:
-            host, port = split_host_port(listen)
-            start_http_server(port, addr=host, registry=self.registry)
-        except (OSError, ValueError) as err:
-            raise FieldgateError(f"metrics.listen {listen!r}: {err}; choose a free host:port "
-                                 "(--metrics) or set it to null") from None
+        serve(self.registry, listen, "--metrics")
