@@ -192,25 +192,25 @@ def _package_of(module: str) -> str | None:
     return ".".join(parts[:2]) if len(parts) > 1 else None
 
 
-def _package_graph() -> dict[str, set[str]]:
+def _package_graph(extra: tuple[tuple[str, str], ...] = ()) -> dict[str, set[str]]:
+    """Which gateway package imports which; ``extra`` adds (importer, imported) module pairs
+    (the test of the test adds a wrong one)."""
     graph: dict[str, set[str]] = {}
+    pairs: list[tuple[str, str]] = list(extra)
     for path in _modules("gateway"):
         rel = path.relative_to(ROOT).with_suffix("")
         parts = list(rel.parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        own = _package_of(".".join(parts))
-        if own is None:
-            continue
-        for module in _imports(path):
-            other = _package_of(module)
-            if other is not None and other != own:
-                graph.setdefault(own, set()).add(other)
+        pairs += [(".".join(parts), module) for module in _imports(path)]
+    for importer, module in pairs:
+        own, other = _package_of(importer), _package_of(module)
+        if own is not None and other is not None and other != own:
+            graph.setdefault(own, set()).add(other)
     return graph
 
 
-def test_no_import_cycle_between_packages():
-    graph = _package_graph()
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
     cycles = []
     for start in graph:
         stack = [(start, [start])]
@@ -223,7 +223,44 @@ def test_no_import_cycle_between_packages():
                 elif nxt not in seen:
                     seen.add(nxt)
                     stack.append((nxt, [*path, nxt]))
-    assert not cycles, "import cycles between packages:\n" + "\n".join(sorted(set(cycles)))
+    return sorted(set(cycles))
+
+
+# The direction DESIGN.md draws: ingest -> log <- sinks. The log knows no transport, no
+# ingest, no sink and no event format; ingest and the sinks do not know each other.
+_FORBIDDEN = {
+    "gateway.log": ("gateway.mqtt", "gateway.ingest", "gateway.sinks", "gateway.events",
+                    "gateway.cloud", "gateway.commands", "gateway.rule_service"),
+    "gateway.ingest": ("gateway.sinks", "gateway.cloud"),
+    "gateway.sinks": ("gateway.ingest",),
+    "gateway.engine": ("gateway.log", "gateway.ingest", "gateway.sinks", "gateway.mqtt"),
+}
+
+
+def _wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{own} imports {other}" for own, banned in _FORBIDDEN.items()
+                  for other in graph.get(own, ()) if other.startswith(banned))
+
+
+def test_no_import_cycle_between_packages():
+    cycles = _cycles(_package_graph())
+    assert not cycles, "import cycles between packages:\n" + "\n".join(cycles)
+
+
+def test_imports_run_the_way_the_design_draws():
+    wrong = _wrong_way(_package_graph())
+    assert not wrong, "imports against the design:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize(("importer", "imported", "cycle"), [
+    ("gateway.log.store", "gateway.sinks.uplink", True),    # log -> sinks -> log
+    ("gateway.log.append", "gateway.ingest.decode", True),  # the old log <-> ingest cycle
+    ("gateway.ingest.service", "gateway.sinks.influx", False),  # ingest must not know a sink
+])
+def test_the_import_checks_catch_a_wrong_import(importer, imported, cycle):
+    graph = _package_graph(((importer, imported),))
+    assert _wrong_way(graph), f"{importer} -> {imported} passed the direction check"
+    assert bool(_cycles(graph)) is cycle
 
 
 def test_the_log_imports_neither_mqtt_nor_ingest_nor_sinks_nor_event_formats():
