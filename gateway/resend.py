@@ -142,7 +142,7 @@ def parse(msg: InboundMessage, default_reply: str) -> Request:
     first, last = body.get("from"), body.get("to")
     if not _seq(first) or not _seq(last):
         raise BadRequest("bad_range", '"from" and "to" must be sequence numbers (integers '
-                         '>= 1)', rid, reply_topic)
+                         f'>= 1, at most {MAX_SEQ})', rid, reply_topic)
     if last < first:
         raise BadRequest("bad_range", f'"to" {last} is before "from" {first}', rid,
                          reply_topic)
@@ -153,8 +153,13 @@ def parse(msg: InboundMessage, default_reply: str) -> Request:
     return Request(rid, first, last, reply_topic, correlation)
 
 
+# The largest seq a request may name: exact in a JSON number and in SQLite's INTEGER (2**63
+# reached the log's reader and stopped the gateway with an OverflowError).
+MAX_SEQ = 2**53
+
+
 def _seq(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEQ
 
 
 def _valid_topic(topic: str) -> bool:

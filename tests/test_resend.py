@@ -213,6 +213,11 @@ def test_malformed_requests_get_an_error_and_the_gateway_keeps_running(
     worker.send(orjson.dumps({"request_id": "r-zero", "from": 0, "to": 3}),
                 correlation=b"r-zero")
     assert "integers >= 1" in worker.reply(b"r-zero")["error"]
+    # Past SQLite's integers (JSON parses 2**63 as an int): it reached the log's reader and
+    # stopped the gateway.
+    worker.send(b'{"request_id": "r-vast", "from": 9223372036854775808, '
+                b'"to": 9223372036854775808}', correlation=b"r-vast")
+    assert "integers >= 1" in worker.reply(b"r-vast")["error"]
     worker.send(orjson.dumps({"from": 1, "to": 3}), correlation=b"c-3")
     assert "request_id" in worker.reply(b"c-3")["error"]
     worker.ask("r-wild", 1, 3, response_topic="worker/#")   # cannot be published to
@@ -221,8 +226,8 @@ def test_malformed_requests_get_an_error_and_the_gateway_keeps_running(
     # Still running, and a good request is answered.
     worker.ask("r-good", 1, 20)
     assert worker.reply(b"r-good")["resent"] == 20
-    assert gw.metric('fieldgate_resend_requests_total{result="error"}') == 8
-    # Logged once per kind of fault (bad_range came three times), not once per request.
+    assert gw.metric('fieldgate_resend_requests_total{result="error"}') == 9
+    # Logged once per kind of fault (bad_range came four times), not once per request.
     assert gw.log().count("Refused a resend request") == 6
     assert gw.log().count("Refused a resend request (bad_range)") == 1
     assert gw.stop() == 0
