@@ -6,9 +6,9 @@ import gzip
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -79,6 +79,14 @@ def main() -> None:
       devices simulate --fleet devices/fleets/greenhouse.yaml --duration 60s
     """
 
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set by SIGINT or SIGTERM: the run ends cleanly (last PUBACKs, a clean disconnect)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _sig, _frame: stop.set())
+    return stop
 
 @main.command()
 @click.option("--fleet", "fleet_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -155,21 +163,14 @@ def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: s
                                      "fault": out.fault}).decode())
         _write_faults(fault_log, model.fault_log)
         return
-    stopping = False
-
-    def on_signal(_sig: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = _stop_on_signals()
     try:
         sim = Simulator(model, broker=broker, key=key,
                         record=record.open("wb") if record else None,
                         say=lambda line: click.echo(line, err=True),
                         username=username, password=password,
                         ca_file=str(ca_file) if ca_file else None)
-        stats = sim.run(seconds, lambda: stopping)
+        stats = sim.run(seconds, stopping.is_set)
     except ValueError as err:
         _fail(str(err), 2)
         return
@@ -286,20 +287,13 @@ def simulate_gateways(count: int, rate: float, broker: str, duration: str, seed:
                 "payload": orjson.loads(body)}).decode())
         return
     password = _read_secret(password_file, password_env, "password")
-    stopping = False
-
-    def on_signal(_sig: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = _stop_on_signals()
     try:
         sim = GatewaySimulator(fleet, broker=broker, connections=connections, resend=resend,
                                say=lambda line: click.echo(line, err=True),
                                username=username, password=password,
                                ca_file=str(ca_file) if ca_file else None)
-        stats = sim.run(seconds, lambda: stopping)
+        stats = sim.run(seconds, stopping.is_set)
     except ValueError as err:
         _fail(str(err), 2)
     except (MqttError, OSError) as err:

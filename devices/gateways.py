@@ -19,18 +19,17 @@ from __future__ import annotations
 import random
 import secrets
 import select
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import orjson
 from mqtt5 import QoS, TopicFilter, Will
 
 from devices import __version__
 from devices import uplink_wire as wire
+from devices.broker import broker as broker_at
 from devices.gateway_model import GatewayFleet, Uplink
 from fieldmqtt import (
     Connected,
@@ -110,21 +109,10 @@ class GatewaySimulator:
                  resend: bool = False, say: Callable[[str], None] = print,
                  username: str | None = None, password: bytes | None = None,
                  ca_file: str | None = None) -> None:
-        url = urlsplit(broker)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError(f"{broker!r}: write mqtt://host:port or mqtts://host:port")
-        try:
-            port = url.port or (8883 if url.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise ValueError(f"{broker!r}: the port is not a number 1-65535") from None
-        if ca_file is not None and url.scheme != "mqtts":
-            raise ValueError(f"a CA file needs an mqtts:// broker, not {broker!r}")
-        if password is not None and username is None:
-            raise ValueError("a password needs a username")
+        where = broker_at(broker, ca_file=ca_file, username=username, password=password)
         if not 1 <= connections <= min(fleet.count, 10_000):
             raise ValueError(f"--connections must be 1..{min(fleet.count, 10_000)} "
                              "(at most one per gateway)")
-        tls = ssl.create_default_context(cafile=ca_file) if url.scheme == "mqtts" else None
         self.fleet = fleet
         self.stats = FleetStats([GatewayStats() for _ in range(fleet.count)])
         self._say = say
@@ -143,8 +131,8 @@ class GatewaySimulator:
                     reason="connection lost"), qos=QoS.AT_LEAST_ONCE, retain=True)
             name = fleet.gateways[c].id if connections == fleet.count else f"s{c}"
             self._conns.append(_Conn(MqttSession(SessionConfig(
-                host=url.hostname, port=port, client_id=f"fleetgen-{run}-{name}",
-                keepalive=_KEEPALIVE, username=username, password=password, tls=tls,
+                host=where.host, port=where.port, client_id=f"fleetgen-{run}-{name}",
+                keepalive=_KEEPALIVE, username=username, password=password, tls=where.tls,
                 will=will, max_inflight=_WINDOW)), members))
         self._by_fd: dict[int, _Conn] = {}
         self._poll = select.poll()

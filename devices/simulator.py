@@ -13,17 +13,16 @@ from __future__ import annotations
 import random
 import secrets
 import select
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
-from urllib.parse import urlsplit
 
 import orjson
 from mqtt5 import QoS, TopicFilter
 
+from devices.broker import broker as broker_at
 from devices.commands import CommandVerifier
 from devices.fleet import state_name
 from devices.generator import FleetModel, Outgoing
@@ -94,18 +93,7 @@ class Simulator:
         """``key`` is the site master key: the emulator plays every device, so it derives
         each device's command key from it (a real device holds only its own). ``ca_file``
         checks an mqtts:// broker against that CA instead of the system's."""
-        url = urlsplit(broker)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError(f"{broker!r}: write mqtt://host:port or mqtts://host:port")
-        try:
-            port = url.port or (8883 if url.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise ValueError(f"{broker!r}: the port is not a number 1-65535") from None
-        if ca_file is not None and url.scheme != "mqtts":
-            raise ValueError(f"a CA file needs an mqtts:// broker, not {broker!r}")
-        if password is not None and username is None:
-            raise ValueError("a password needs a username")
-        tls = ssl.create_default_context(cafile=ca_file) if url.scheme == "mqtts" else None
+        where = broker_at(broker, ca_file=ca_file, username=username, password=password)
         self.model = model
         self.stats = RunStats()
         self._record = record
@@ -115,10 +103,10 @@ class Simulator:
         # the broker keeps our subscription and queued commands across a lost connection,
         # and two emulators with the same seed do not take each other's session over.
         self._session = MqttSession(SessionConfig(
-            host=url.hostname, port=port,
+            host=where.host, port=where.port,
             client_id=f"fieldgate-devices-{model.seed}-{secrets.token_hex(4)}",
             keepalive=_KEEPALIVE, clean_start=False, session_expiry=_SESSION_EXPIRY,
-            username=username, password=password, tls=tls, max_inflight=_WINDOW,
+            username=username, password=password, tls=where.tls, max_inflight=_WINDOW,
             receive_maximum=_COMMANDS_IN_FLIGHT))
         self._commands = any(d.spec.actuators for d in model.devices)
         self._pending: deque[Outgoing] = deque()

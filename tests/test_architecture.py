@@ -269,3 +269,17 @@ def test_the_log_imports_neither_mqtt_nor_ingest_nor_sinks_nor_event_formats():
                if m.startswith(("gateway.mqtt", "gateway.ingest", "gateway.sinks", "fieldmqtt",
                                 "paho", "mqtt5", "gateway.events"))}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_emulator_uses_the_shared_mqtt_layer_only():
+    """No paho and no socket of its own in devices/ (where a hand-written packet writer
+    would have to live): its MQTT goes through fieldmqtt."""
+    used = set()
+    for path in _modules("devices"):
+        modules = _imports(path)
+        bad = {m for m in modules if m.split(".")[0] in {"paho", "socket", "mqtt5"}
+               # mqtt5's value types (QoS, TopicFilter, Will) for the session's arguments
+               and not (m == "mqtt5" and path.name in {"simulator.py", "gateways.py"})}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+        used |= modules
+    assert any(m.split(".")[0] == "fieldmqtt" for m in used)

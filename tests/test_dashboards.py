@@ -288,6 +288,53 @@ def _health(server: InfluxD) -> list[tuple[int, dict[str, Any]]]:
     return [(row[0], dict(zip(columns, row, strict=True))) for row in series[0]["values"]]
 
 
+def greenhouse_gateway(work: Path, site: Mosquitto, cloud: Mosquitto,
+                       **sections: Any) -> tuple[GatewayProcess, Path]:
+    """The gateway both dashboard runs start: the demo rules, labels, a command key; plus
+    ``sections`` (its sinks). Returns it and the key file the emulator signs answers with."""
+    key = work / "command.key"
+    key.write_text(secrets.token_hex(32))
+    key.chmod(0o600)
+    rules = work / "rules.yaml"
+    rules.write_text(RULES)
+    gw = GatewayProcess(
+        work, site, cloud, gateway_id=GATEWAY, rules=[str(rules)],
+        engine={"tick": "500ms", "offline_after": "3s"},
+        device_labels={"gh-*": {"zone": "north"}}, commands={"key_file": str(key)},
+        ingest={"clock_check": "off"}, **sections)
+    return gw, key
+
+
+def run_greenhouse(work: Path, site: Mosquitto, key: Path, gw: GatewayProcess,
+                   first_ms: float) -> None:
+    """The greenhouse fleet until the alert has fired and resolved and 10 s have passed
+    since ``first_ms`` (so the dead letters land in a later 10 s step of the panels), then
+    the bad payloads."""
+    log = work / "log.db"
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "devices", "simulate", "--fleet",
+         str(ROOT / "devices" / "fleets" / "greenhouse.yaml"), "--broker", site.url,
+         "--rate-scale", "6", "--key-file", str(key)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(work / "fleet.stderr").open("wb"))
+    try:
+        def alert_done() -> bool:
+            types = {e["type"] for e in _logged_events(log)}
+            return {"io.fieldgate.alert.fired", "io.fieldgate.alert.resolved"} <= types
+
+        _wait("TooHot fired and resolved", alert_done, gw)
+        _wait("10 s of readings", lambda: time.time() * 1000 > first_ms + 10_000, gw)
+        fleet.terminate()
+        assert fleet.wait(30) == 0, (work / "fleet.stderr").read_text()
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+            fleet.wait()
+    publisher = Publisher(site.port)
+    for payload in BAD_PAYLOADS:
+        publisher.publish("sensors/gh-1/telemetry", payload)
+    publisher.close()
+
+
 @pytest.fixture(scope="module")
 def logged(influxd: InfluxD,  # noqa: F811
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
@@ -298,45 +345,16 @@ def logged(influxd: InfluxD,  # noqa: F811
     influxd.create_database(DB)
     site = Mosquitto(work, "site").start()
     cloud = Mosquitto(work, "cloud").start()
-    key = work / "command.key"
-    key.write_text(secrets.token_hex(32))
-    key.chmod(0o600)
-    rules = work / "rules.yaml"
-    rules.write_text(RULES)
-    gw = GatewayProcess(
-        work, site, cloud, gateway_id=GATEWAY, rules=[str(rules)],
-        engine={"tick": "500ms", "offline_after": "3s"},
-        device_labels={"gh-*": {"zone": "north"}}, commands={"key_file": str(key)},
-        ingest={"clock_check": "off"},
+    gw, key = greenhouse_gateway(
+        work, site, cloud,
         influx={"url": influxd.url, "api": "v1", "database": DB, "site": "greenhouse",
                 "health_interval": "500ms", "batch_max_delay": "1s"})
     log = work / "log.db"
-    fleet: subprocess.Popen[bytes] | None = None
     try:
         gw.start()
         # The first health point comes before the first reading: counters start at 0.
         _wait("first health point", lambda: bool(_health(influxd)), gw)
-        first_ms = _health(influxd)[0][0]
-        fleet = subprocess.Popen(
-            [sys.executable, "-m", "devices", "simulate", "--fleet",
-             str(ROOT / "devices" / "fleets" / "greenhouse.yaml"), "--broker", site.url,
-             "--rate-scale", "6", "--key-file", str(key)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(work / "fleet.stderr").open("wb"))
-
-        def alert_done() -> bool:
-            types = {e["type"] for e in _logged_events(log)}
-            return {"io.fieldgate.alert.fired", "io.fieldgate.alert.resolved"} <= types
-
-        _wait("TooHot fired and resolved", alert_done, gw)
-        # On for 10 s past the first health point at least, so that the dead letters
-        # below land in a later 10 s step of the panels than that point.
-        _wait("10 s of readings", lambda: time.time() * 1000 > first_ms + 10_000, gw)
-        fleet.terminate()
-        assert fleet.wait(30) == 0, (work / "fleet.stderr").read_text()
-        publisher = Publisher(site.port)
-        for payload in BAD_PAYLOADS:
-            publisher.publish("sensors/gh-1/telemetry", payload)
-        publisher.close()
+        run_greenhouse(work, site, key, gw, _health(influxd)[0][0])
 
         def drained() -> bool:
             offline = {e["subject"] for e in _logged_events(log)
@@ -365,9 +383,6 @@ def logged(influxd: InfluxD,  # noqa: F811
                      readings=_logged_readings(log), events=_logged_events(log),
                      health=health)
     finally:
-        if fleet is not None and fleet.poll() is None:
-            fleet.kill()
-            fleet.wait()
         if gw.proc is not None and gw.proc.poll() is None:
             gw.kill()
         site.stop()

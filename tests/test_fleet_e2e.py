@@ -13,12 +13,8 @@
 from __future__ import annotations
 
 import re
-import secrets
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,6 @@ from tests.test_dashboards import (
     FLEET_DEVICES,
     GATEWAY,
     METRICS,
-    RULES,
     Check,
     Grafana,
     Logged,
@@ -54,11 +49,12 @@ from tests.test_dashboards import (
     annotations,
     column,
     dashboard,  # noqa: F401 - the fixture
+    greenhouse_gateway,
     one_series,
     panel_results,
     panels,
+    run_greenhouse,
 )
-from tests.tools import ROOT, GatewayProcess
 from tests.tsdb import InfluxD, influxd  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -237,44 +233,15 @@ def loop_logged(influxd: InfluxD,  # noqa: F811
                                   "batch_max_delay": "200ms"},
                           state=work / "ingest.db")
     worker = IngestProcess(config, "ingest-loop", work)
-    key = work / "command.key"
-    key.write_text(secrets.token_hex(32))
-    key.chmod(0o600)
-    rules = work / "rules.yaml"
-    rules.write_text(RULES)
-    gw = GatewayProcess(
-        work, site, cloud, gateway_id=GATEWAY, rules=[str(rules)],
-        engine={"tick": "500ms", "offline_after": "3s"},
-        device_labels={"gh-*": {"zone": "north"}}, commands={"key_file": str(key)},
-        ingest={"clock_check": "off"}, uplink={"status_interval": "500ms"})
+    gw, key = greenhouse_gateway(work, site, cloud, uplink={"status_interval": "500ms"})
     assert "influx" not in gw.cfg
     log = work / "log.db"
-    fleet: subprocess.Popen[bytes] | None = None
     try:
         worker.start()
         gw.start()
         # The first status (counters at 0) is written before the first reading.
         _wait("first status point", lambda: bool(_status_points(influxd)), gw)
-        first_ms = _status_points(influxd)[0][0]
-        fleet = subprocess.Popen(
-            [sys.executable, "-m", "devices", "simulate", "--fleet",
-             str(ROOT / "devices" / "fleets" / "greenhouse.yaml"), "--broker", site.url,
-             "--rate-scale", "6", "--key-file", str(key)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(work / "fleet.stderr").open("wb"))
-
-        def alert_done() -> bool:
-            types = {e["type"] for e in _logged_events(log)}
-            return {"io.fieldgate.alert.fired", "io.fieldgate.alert.resolved"} <= types
-
-        _wait("TooHot fired and resolved", alert_done, gw)
-        # Past the first 10 s step of the panels, so that the dead letters below land later.
-        _wait("10 s of readings", lambda: time.time() * 1000 > first_ms + 10_000, gw)
-        fleet.terminate()
-        assert fleet.wait(30) == 0, (work / "fleet.stderr").read_text()
-        publisher = Publisher(site.port)
-        for payload in BAD_PAYLOADS:
-            publisher.publish("sensors/gh-1/telemetry", payload)
-        publisher.close()
+        run_greenhouse(work, site, key, gw, _status_points(influxd)[0][0])
 
         def drained() -> bool:
             offline = {e["subject"] for e in _logged_events(log)
@@ -306,9 +273,6 @@ def loop_logged(influxd: InfluxD,  # noqa: F811
                      readings=_logged_readings(log), events=_logged_events(log),
                      health=status)
     finally:
-        if fleet is not None and fleet.poll() is None:
-            fleet.kill()
-            fleet.wait()
         if gw.proc is not None and gw.proc.poll() is None:
             gw.kill()
         if worker.proc is not None and worker.proc.poll() is None:
