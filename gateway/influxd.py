@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway.errors import FieldgateError
-from gateway.mosquitto import free_port
+from gateway.mosquitto import end_process, free_port
 
 INSTALL_HINT = "sudo apt-get install -y influxdb"
 
@@ -108,13 +108,7 @@ class InfluxD:
             raise FieldgateError(f"influxd refused CREATE DATABASE {name!r} (HTTP {status})")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, 15)
         self.proc = None
 
     def _request(self, method: str, path: str) -> int:

@@ -71,6 +71,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+
+def end_process(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM a server we started, SIGKILL it if it is not gone within ``grace`` s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 class Mosquitto:
     """A Mosquitto process that a test can stop and start again on the same port.
 
@@ -126,11 +137,5 @@ class Mosquitto:
         raise FieldgateError(f"Mosquitto on port {self.port} did not start within 10 s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, 5)
         self.proc = None

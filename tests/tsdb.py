@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from gateway.influxd import CONF
-from gateway.mosquitto import free_port
+from gateway.mosquitto import end_process, free_port
 from tests.tools import need
 
 _START_TIMEOUT = 30.0
@@ -82,13 +82,7 @@ class _Server:
         raise RuntimeError(f"{self.name} on port {self.port} not ready in {_START_TIMEOUT} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, 15)
         self.proc = None
 
     def request(self, method: str, path: str, body: bytes | None = None,
