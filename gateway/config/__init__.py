@@ -21,9 +21,11 @@ from gateway.config.addresses import public_url, split_host_port
 from gateway.config.checks import check_config
 from gateway.config.loading import DuplicateKeyError, UniqueKeyLoader, load_config, parse_config
 from gateway.config.models import (
+    AllowRule,
     Batching,
     CloudLink,
     Commands,
+    Downlink,
     EngineSection,
     GatewayConfig,
     Influx,
@@ -43,7 +45,8 @@ from gateway.config.sample import sample_config
 from gateway.config.secrets import read_secret
 
 __all__ = [
-    "Batching", "CloudLink", "Commands", "DuplicateKeyError", "EngineSection", "GatewayConfig",
+    "AllowRule", "Batching", "CloudLink", "Commands", "Downlink", "DuplicateKeyError",
+    "EngineSection", "GatewayConfig",
     "Influx", "InfluxApi", "Ingest", "Link", "LogSection", "Metrics", "PayloadFormat", "SiteLink",
     "Subscription", "Sync", "UniqueKeyLoader", "Uplink", "WhenFull", "check_config",
     "load_config", "parse_config", "public_url", "read_secret", "sample_config",

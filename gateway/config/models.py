@@ -302,6 +302,73 @@ class Commands(Section):
         return value.encode() if value is not None else None
 
 
+class AllowRule(Section):
+    """Which commands the cloud may send to which devices."""
+
+    devices: str = Field(min_length=1, description="Device id glob (fnmatch: * ? [...])",
+                         examples=["fan-*"])
+    commands: list[str] = Field(
+        min_length=1, description="Actions allowed for those devices; \"*\" allows every action",
+        examples=[["set"]])
+
+
+class Downlink(Section):
+    """Commands and rule bundles from the cloud (docs/downlink.md): signed by the cloud's
+    key, fresh, allowed here, and logged. Off unless ``allow`` or ``rules`` says otherwise."""
+
+    public_keys: list[str] = Field(
+        default_factory=list, description="The cloud's Ed25519 public keys (base64, as "
+        "`gateway cloud keygen` prints them); a request signed by any of them is authentic",
+        examples=[["3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]])
+    allow: list[AllowRule] = Field(
+        default_factory=list, description="Commands the cloud may send, by device glob; "
+        "anything not listed is refused; empty: the command downlink is off")
+    rules: bool = Field(False, description="Take rule bundles from the cloud "
+                        "(fieldgate/<gateway_id>/rules/set and rules/rollback)")
+    rules_dir: Path | None = Field(
+        None, description="Where deployed rule versions are kept; default: a `rules` "
+        "directory beside the log file")
+    max_clock_skew: Duration = Field(
+        300.0, gt=0, le=86400, description="A request whose ts is further than this from "
+        "the gateway's clock is refused (stale or from the future); request ids are "
+        "remembered this long, so a replay is refused")
+    default_ttl: Duration = Field(60.0, gt=0, description="How long a cloud command waits "
+                                  "for the site broker and the device when it names no ttl")
+    max_ttl: Duration = Field(3600.0, gt=0, description="Longest ttl a cloud command may ask")
+    max_command_bytes: ByteSize = Field(16 * 1024, ge=256, le=1024**2,
+                                        description="Largest command payload taken")
+    max_bundle_bytes: ByteSize = Field(1024**2, ge=1024, le=64 * 1024**2,
+                                       description="Largest rule bundle payload taken")
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        from gateway.downlink.signing import parse_public_key  # noqa: PLC0415 - cryptography
+
+        for i, key in enumerate(value):
+            try:
+                parse_public_key(key)
+            except ValueError as err:
+                raise ValueError(f"public_keys[{i}]: {err}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _usable(self) -> Downlink:
+        if (self.allow or self.rules) and not self.public_keys:
+            raise ValueError("allow or rules is set but public_keys is empty: add the cloud's "
+                             "public key (`gateway cloud keygen` prints it)")
+        if self.default_ttl > self.max_ttl:
+            raise ValueError("default_ttl must not exceed max_ttl")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow) or self.rules
+
+    def rules_path(self, log_path: Path) -> Path:
+        return self.rules_dir if self.rules_dir is not None else log_path.with_name("rules")
+
+
 class EngineSection(Section):
     """The rule engine (active when `rules` names at least one file)."""
 
@@ -465,6 +532,8 @@ class GatewayConfig(Section):
         examples=[{"gh-*": {"zone": "north"}}],
     )
     commands: Commands = Field(default_factory=Commands, description="Device commands")
+    downlink: Downlink = Field(default_factory=Downlink, description="Commands and rule "
+                               "bundles from the cloud (docs/downlink.md)")
     metrics: Metrics = Field(default_factory=Metrics, description="Metrics endpoint")
     influx: Influx | None = Field(
         None, description="InfluxDB; leave out to write nothing there",
@@ -480,6 +549,9 @@ class GatewayConfig(Section):
             )
         if self.uplink.backoff_min > self.uplink.backoff_max:
             raise ValueError("uplink.backoff_min must not exceed uplink.backoff_max")
+        if self.downlink.enabled and self.cloud is None:
+            raise ValueError("downlink: commands and rules come over the cloud link; "
+                             "configure cloud: or leave downlink out")
         return self
 
     @model_validator(mode="after")

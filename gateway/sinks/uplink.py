@@ -30,7 +30,7 @@ import gzip
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -129,6 +129,9 @@ class UplinkSink:
         self._up = cfg.uplink
         self._store = store
         self._metrics = metrics
+        # Fields other parts add to the retained status (the daemon wires them; e.g. the
+        # running rules version): called for every status message.
+        self.status_fields: Callable[[], dict[str, Any]] = dict
         self._reader = LogReader(cfg.log.path)
         prefix = f"fieldgate/{cfg.gateway_id}"
         self._telemetry_topic = f"{prefix}/telemetry"
@@ -192,6 +195,7 @@ class UplinkSink:
             "readings": counters.get("readings", 0),
             "dead_letters": sum(v for k, v in counters.items() if k.startswith("dead_letters.")),
             "undelivered": max(0, self._store.next_seq - self._store.cursor(NAME)),
+            **self.status_fields(),
             **extra,
         })
 
