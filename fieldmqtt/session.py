@@ -325,10 +325,12 @@ class MqttSession:
                 content_type: str | None = None,
                 user_properties: list[tuple[str, str]] | None = None,
                 response_topic: str | None = None,
-                correlation_data: bytes | None = None) -> int | None:
+                correlation_data: bytes | None = None,
+                message_expiry: int | None = None) -> int | None:
         """Send a PUBLISH. QoS 1 returns its packet id and is kept until its PUBACK (also
         across reconnects, resent with DUP); it may be called while disconnected and goes
-        out after the next CONNACK, never before."""
+        out after the next CONNACK, never before. ``message_expiry``: seconds after which
+        the broker drops the message if it has not delivered it."""
         if qos not in (0, 1):
             raise ValueError(f"qos must be 0 or 1, got {qos}")
         if qos == 1 and len(self._outbox) >= self.capacity:
@@ -340,7 +342,8 @@ class MqttSession:
         packet = mqtt5.PublishPacket(
             topic, payload, qos=QoS(qos), retain=retain, packet_id=pid,
             content_type=content_type, user_properties=user_properties,
-            response_topic=response_topic, correlation_data=correlation_data)
+            response_topic=response_topic, correlation_data=correlation_data,
+            message_expiry_interval=message_expiry)
         data = packet.write()
         limit = self.server_max_packet
         if limit is not None and len(data) > limit:

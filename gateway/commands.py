@@ -20,6 +20,15 @@ when the device signed it; anything else is logged as ``io.fieldgate.command.ack
 with a reason. Waiting commands are kept with the log (they survive a restart), expire after
 ``commands.ack_timeout`` as ``io.fieldgate.command.timed_out`` and number at most
 ``commands.max_pending``.
+
+A command from the cloud (gateway.downlink, docs/downlink.md) goes the same way with a
+``CloudOrigin``: it waits its own ttl rather than ``ack_timeout`` and expires as
+``io.fieldgate.command.expired``; it is handed to the site broker only while the site link is
+up (so an expired command is never sent late), with the remaining ttl as the MQTT message
+expiry; its payload is kept with the waiting commands until the site broker acknowledged it
+(``io.fieldgate.command.sent``), so a restart sends it again; and every outcome (the device's
+answer, expiry, the site broker's refusal) becomes a reply, handed to ``on_cloud_reply``
+after the event is durable.
 """
 
 from __future__ import annotations
@@ -29,11 +38,13 @@ import hmac
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
+from fieldmqtt import reason_name
 from gateway.config import Ingest
 from gateway.ingest.decode import duplicate_key, valid_device_id
 from gateway.records import Event
@@ -49,6 +60,8 @@ ACKNOWLEDGED = "io.fieldgate.command.acknowledged"
 REJECTED = "io.fieldgate.command.rejected"
 ACK_REJECTED = "io.fieldgate.command.ack_rejected"
 TIMED_OUT = "io.fieldgate.command.timed_out"
+SENT = "io.fieldgate.command.sent"
+EXPIRED = "io.fieldgate.command.expired"
 
 _SIG_START = b'{"sig":"'
 _SIG_HEX = 64
@@ -106,6 +119,15 @@ class CommandDeviceError(ValueError):
         self.reason = reason
 
 
+class CloudOrigin(NamedTuple):
+    """Where a command from the cloud came from and where its outcome goes."""
+
+    request: str      # the cloud request's id
+    reply_topic: str
+    correlation: str  # hex of the request's Correlation Data ("" when it had none)
+    ttl: float        # seconds it may wait for the site broker and the device
+
+
 class Pending(NamedTuple):
     """A command issued and not answered yet."""
 
@@ -113,6 +135,14 @@ class Pending(NamedTuple):
     issued: float    # epoch seconds: saved, it means the same after a restart
     action: str
     deadline: float  # time.monotonic() when it times out: a clock step does not move it
+    cloud: CloudOrigin | None = None
+
+    def budget(self, timeout: float) -> float:
+        """Seconds it may wait in all: its ttl from the cloud, else commands.ack_timeout."""
+        return self.cloud.ttl if self.cloud is not None else timeout
+
+
+CloudReply = Callable[[CloudOrigin, dict[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +182,14 @@ class CommandSender:
         # redelivers an answer the gateway had not acknowledged before a crash; the same
         # bytes again are skipped, a different answer to an answered command is rejected.
         self._answered: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # Cloud commands the site broker has not acknowledged yet: id -> payload (saved, so
+        # a restart sends them again), and the packet ids of those handed to the site link.
+        self._unsent: dict[str, bytes] = {}
+        self._handed: dict[int, str] = {}
+        self._next_deadline = float("inf")
+        # Outcomes of cloud commands, handed to on_cloud_reply once their event is durable.
+        self._replies: list[tuple[CloudOrigin, dict[str, Any]]] = []
+        self.on_cloud_reply: CloudReply | None = None
         self._load()
 
     @property
@@ -176,40 +214,57 @@ class CommandSender:
         try:
             state = orjson.loads(saved)
             wall, mono = time.time(), time.monotonic()
-            for cid, device, issued, action in state["pending"]:
+            for cid, device, issued, action, *rest in state["pending"]:
+                cloud = CloudOrigin(str(rest[0][0]), str(rest[0][1]), str(rest[0][2]),
+                                    float(rest[0][3])) if rest else None
                 # The time left is what the wall clock says, never more than a full timeout.
-                left = min(max(float(issued) + self._timeout - wall, 0.0), self._timeout)
+                budget = cloud.ttl if cloud is not None else self._timeout
+                left = min(max(float(issued) + budget - wall, 0.0), budget)
                 self._pending[str(cid)] = Pending(str(device), float(issued), str(action),
-                                                  mono + left)
+                                                  mono + left, cloud)
             for device, cid, digest in state["answered"]:
                 self._answered[(str(device), str(cid))] = str(digest)
-        except (ValueError, KeyError, TypeError):
+            for cid, payload in state.get("unsent", []):
+                if str(cid) in self._pending:
+                    self._unsent[str(cid)] = str(payload).encode()
+        except (ValueError, KeyError, TypeError, IndexError):
             self._pending.clear()
             self._answered.clear()
+            self._unsent.clear()
+        self._next_deadline = min((p.deadline for p in self._pending.values()),
+                                  default=float("inf"))
 
     def state(self) -> tuple[str, bytes]:
         """The waiting commands and taken answers, to be saved with the events that changed
         them (LogStore.append_events_with_state): one commit, so a crash keeps both or
         neither."""
         return STATE_NAME, orjson.dumps({
-            "pending": [[cid, p.device, p.issued, p.action] for cid, p in self._pending.items()],
+            "pending": [[cid, p.device, p.issued, p.action,
+                         *([list(p.cloud)] if p.cloud is not None else [])]
+                        for cid, p in self._pending.items()],
             "answered": [[d, cid, digest] for (d, cid), digest in self._answered.items()],
+            "unsent": [[cid, payload.decode()] for cid, payload in self._unsent.items()],
         })
 
     # -- commands out --------------------------------------------------------------------
 
     def send(self, device: str, action: str, params: dict[str, Any], *,
-             cause: dict[str, Any] | None = None, now: float | None = None) -> str:
+             cause: dict[str, Any] | None = None, now: float | None = None,
+             cloud: CloudOrigin | None = None, before: Iterable[Event] = (),
+             state: Iterable[tuple[str, bytes]] = ()) -> str:
         """Log a command as an event, remember it as waiting (one commit), publish it.
+        ``before``: events logged ahead of it, ``state``: more state saved, in that commit.
         Raises CommandDeviceError when ``device`` is no device id."""
-        command = self.prepare(device, action, params, cause=cause, now=now)
+        command = self.prepare(device, action, params, cause=cause, now=now, cloud=cloud)
         # Logged and remembered before it is published: an answer after a crash finds it.
-        self._store.append_events_with_state(command.events, [self.state()], now)
+        self._store.append_events_with_state([*before, *command.events],
+                                             [self.state(), *state], now)
         self.publish(command)
         return command.id
 
     def prepare(self, device: str, action: str, params: dict[str, Any], *,
-                cause: dict[str, Any] | None = None, now: float | None = None) -> Prepared:
+                cause: dict[str, Any] | None = None, now: float | None = None,
+                cloud: CloudOrigin | None = None) -> Prepared:
         """A command made and remembered as waiting, not yet logged nor published: the
         caller logs ``events`` with ``state()`` in its own commit, then calls ``publish``.
 
@@ -223,6 +278,8 @@ class CommandSender:
         topic = f"devices/{device}/cmd"
         body = orjson.dumps({"id": cid, "ts": round(now, 3), "action": action,
                              "params": params})
+        if cloud is not None:
+            cause = {"origin": "cloud", "request": cloud.request, **(cause or {})}
         events = [Event(ISSUED, device, now, {
             "id": cid, "action": action, "params": params, "signed": self._master is not None,
             **({"cause": cause} if cause else {}),
@@ -231,35 +288,105 @@ class CommandSender:
             old_id, old = self._pending.popitem(last=False)
             events.insert(0, self._timed_out(old_id, old, now, "too many commands waiting "
                                              "(commands.max_pending)"))
-        self._pending[cid] = Pending(device, now, action, time.monotonic() + self._timeout)
+        deadline = time.monotonic() + (cloud.ttl if cloud is not None else self._timeout)
+        self._pending[cid] = Pending(device, now, action, deadline, cloud)
+        self._next_deadline = min(self._next_deadline, deadline)
         payload = body if self._master is None else seal(self._key(device), topic, body)
+        if cloud is not None:
+            self._unsent[cid] = payload
         return Prepared(cid, topic, payload, events)
 
     def publish(self, command: Prepared) -> None:
+        if command.id in self._unsent:
+            self._hand_over(command.id, command.payload, time.monotonic())
+            return
         self._link.publish(command.topic, command.payload, qos=1,
                            content_type="application/json")
 
+    def _hand_over(self, cid: str, payload: bytes, now: float) -> None:
+        """Give a cloud command to the site link, if it is up (else ``step`` does later)."""
+        waiting = self._pending.get(cid)
+        if waiting is None or not self._link.connected or cid in self._handed.values():
+            return
+        left = max(1, int(waiting.deadline - now))
+        pid = self._link.publish(f"devices/{waiting.device}/cmd", payload, qos=1,
+                                 content_type="application/json", message_expiry=left)
+        self._handed[pid] = cid
+
+    def published(self, packet_id: int, reason: int) -> None:
+        """The site broker's PUBACK of a publish on the site link (ours or not)."""
+        cid = self._handed.pop(packet_id, None)
+        if cid is None or self._unsent.pop(cid, None) is None:
+            return
+        waiting = self._pending.get(cid)
+        if waiting is None:
+            return
+        now = time.time()
+        if reason < 0x80:
+            event = Event(SENT, waiting.device, now, {"id": cid, "action": waiting.action})
+        else:
+            # The site broker will not pass it on (its ACL, a quota): settled as refused.
+            del self._pending[cid]
+            why = f"the site broker refused it: {reason_name(reason)} (0x{reason:02x})"
+            event = Event(REJECTED, waiting.device, now, {
+                "id": cid, "action": waiting.action, "reason": why, "by": "site broker"})
+            self._reply(cid, waiting, "refused", why)
+        self._store.append_events_with_state([event], [self.state()], now)
+        self._flush_replies()
+
+    def _reply(self, cid: str, waiting: Pending, status: str, reason: str | None) -> None:
+        if waiting.cloud is None:
+            return
+        body: dict[str, Any] = {"id": waiting.cloud.request, "status": status,
+                                "device": waiting.device, "command": cid}
+        if reason is not None:
+            body["reason"] = reason
+        self._replies.append((waiting.cloud, body))
+
+    def _flush_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        if self.on_cloud_reply is not None:
+            for origin, body in replies:
+                self.on_cloud_reply(origin, body)
+
     def _timed_out(self, cid: str, pending: Pending, now: float, reason: str) -> Event:
+        self._unsent.pop(cid, None)
+        if pending.cloud is not None:
+            self._reply(cid, pending, "expired", reason)
+            return Event(EXPIRED, pending.device, now, {
+                "id": cid, "action": pending.action, "issued": round(pending.issued, 3),
+                "request": pending.cloud.request, "reason": reason})
         return Event(TIMED_OUT, pending.device, now, {
             "id": cid, "action": pending.action, "issued": round(pending.issued, 3),
             "reason": reason})
 
-    def expire(self, now: float) -> None:
-        """Time out the commands whose answer is overdue at ``now`` (time.monotonic());
-        cheap when none is."""
-        if not self._pending:
+    def step(self, now: float) -> None:
+        """Once a turn of the loop: hand held cloud commands to the site link once it is up,
+        time out the commands whose answer is overdue at ``now`` (time.monotonic()), pass
+        on replies; cheap when there is nothing to do."""
+        if self._unsent and self._link.connected and len(self._handed) < len(self._unsent):
+            for cid, payload in list(self._unsent.items()):
+                self._hand_over(cid, payload, now)
+        if self._replies:
+            self._flush_replies()
+        if now < self._next_deadline:
             return
         expired: list[Event] = []
         wall = time.time()
-        while self._pending:
-            cid, first = next(iter(self._pending.items()))
-            if first.deadline > now:
-                break
-            del self._pending[cid]
-            expired.append(self._timed_out(cid, first, wall, f"no answer within "
-                                           f"{self._timeout:g} s (commands.ack_timeout)"))
+        for cid, waiting in list(self._pending.items()):
+            if waiting.deadline <= now:
+                del self._pending[cid]
+                budget = waiting.budget(self._timeout)
+                why = (f"no answer within ttl {budget:g} s" if waiting.cloud is not None else
+                       f"no answer within {budget:g} s (commands.ack_timeout)")
+                if cid in self._unsent:
+                    why += " (the site broker was not reachable)"
+                expired.append(self._timed_out(cid, waiting, wall, why))
+        self._next_deadline = min((p.deadline for p in self._pending.values()),
+                                  default=float("inf"))
         if expired:
             self._store.append_events_with_state(expired, [self.state()], wall)
+            self._flush_replies()
 
     # -- answers in ----------------------------------------------------------------------
 
@@ -277,6 +404,7 @@ class CommandSender:
         if event is None:
             return
         self._store.append_events_with_state([event], [self.state()] if taken else [], now)
+        self._flush_replies()
 
     def _judge(self, device: str, topic: str, payload: bytes,  # noqa: PLR0911 - one per reason
                now: float, dup: bool) -> tuple[Event | None, bool]:
@@ -316,6 +444,7 @@ class CommandSender:
             return rejected("unknown id: no command with this id is waiting for this device",
                             cid)
         del self._pending[cid]
+        self._unsent.pop(cid, None)
         self._answered[(device, cid)] = digest
         while len(self._answered) > _ANSWERS_KEPT:
             self._answered.popitem(last=False)
@@ -324,4 +453,9 @@ class CommandSender:
                                 "signed": self._master is not None}
         if not ok:
             data["reason"] = ack.get("reason")
+        if waiting.cloud is not None:
+            data["request"] = waiting.cloud.request
+            reason = ack.get("reason")
+            self._reply(cid, waiting, "ok" if ok else "rejected",
+                        None if ok else str(reason) if reason is not None else None)
         return Event(ACKNOWLEDGED if ok else REJECTED, device, now, data), True

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway.commands import ACK_FILTER, CommandSender, is_ack_topic
 from gateway.config import GatewayConfig
+from gateway.downlink.service import Downlink
 from gateway.errors import FieldgateError
 from gateway.events import Event, render
 from gateway.ingest.service import Answers, IngestService
@@ -118,10 +119,14 @@ class Gateway:
                                   for name in enabled]
         self.commands: CommandSender | None = None
         self.rules: RuleService | None = None
+        self.downlink: Downlink | None = None
         self.ingest = IngestService(cfg, self.store, self.metrics,
                                     answers=Answers(ACK_FILTER, is_ack_topic,
-                                                    self._command_answer),
-                                    on_readings=self._to_rules if cfg.rules else None)
+                                                    self._command_answer,
+                                                    self._command_published),
+                                    on_readings=(self._durable_readings
+                                                 if cfg.rules or cfg.downlink.enabled
+                                                 else None))
         # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
                                       self.store, ack_timeout=cfg.commands.ack_timeout,
@@ -132,11 +137,19 @@ class Gateway:
             from gateway.rule_service import RuleService  # noqa: PLC0415
 
             self.rules = RuleService(cfg, self.store, self.commands, self.metrics)
+        if cfg.downlink.enabled:
+            # Commands and rule bundles from the cloud come on the uplink's cloud link.
+            up = next(s for s in self.sinks if isinstance(s, uplink.UplinkSink))
+            self.downlink = Downlink(cfg, self.store, up.link, self.commands, self.metrics)
+            up.request_filters = self.downlink.filters
+            up.on_request = self.downlink.on_message
         self._reload = False
         self._watch_gauges()
         self._stopping = threading.Event()
 
-    def _to_rules(self, readings: list[Reading]) -> None:
+    def _durable_readings(self, readings: list[Reading]) -> None:
+        if self.downlink is not None:
+            self.downlink.saw_readings(readings)
         if self.rules is not None:
             self.rules.on_readings(readings)
 
@@ -147,7 +160,13 @@ class Gateway:
                         dup: bool) -> Event | None:
         assert self.commands is not None
         self.commands.acknowledgement(topic, payload, now, dup=dup)  # logs its own event
+        if self.downlink is not None:
+            self.downlink.devices.add(topic.split("/")[1])  # a device that answers exists
         return None
+
+    def _command_published(self, packet_id: int, reason: int) -> None:
+        if self.commands is not None:
+            self.commands.published(packet_id, reason)
 
     def _watch_gauges(self) -> None:
         """Gauges computed when /metrics is scraped, so they are never stale."""
@@ -197,6 +216,8 @@ class Gateway:
                 self.ingest.finish()
                 if self.rules is not None:
                     self.rules.save()
+                if self.downlink is not None:
+                    self.downlink.finish()
             except FieldgateError as err:
                 log.error("Stopping: %s", err)  # noqa: TRY400 - a known error, one line
                 code = 1
@@ -216,6 +237,7 @@ class Gateway:
         stopping = self._stopping
         rules = self.rules
         commands = self.commands
+        downlink = self.downlink
         assert commands is not None
         while not stopping.is_set():
             now = time.monotonic()
@@ -229,7 +251,9 @@ class Gateway:
                     self._reload = False
                     rules.reload()
                 rules.step(woke)
-            commands.expire(woke)
+            commands.step(woke)
+            if downlink is not None:
+                downlink.step(woke)
             # Sinks step last: events the rules, commands or ingest logged in this turn go
             # out in this turn (the uplink sends an event without waiting for a batch).
             for sink in sinks:

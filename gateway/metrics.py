@@ -132,6 +132,15 @@ class GatewayMetrics:
                                             "to the dead-letter table", registry=r)
         self.uplink_resent = Counter("fieldgate_uplink_resent_readings", "Readings sent again "
                                      "after a rejection", registry=r)
+        # Commands and rule bundles from the cloud (gateway/downlink).
+        self.downlink_requests = Counter("fieldgate_downlink_requests", "Requests from the "
+                                         "cloud by kind (command, rules_set, rules_rollback) "
+                                         "and result (taken, refused)", ["kind", "result"],
+                                         registry=r)
+        self.downlink_refused = Counter("fieldgate_downlink_refused", "Cloud requests refused, "
+                                        "by reason (unsigned, bad_signature, stale, replayed, "
+                                        "not_allowed, ...), logged or not", ["reason"],
+                                        registry=r)
         # Gap repair (gateway/resend.py).
         self.resend_requests = Counter("fieldgate_resend_requests", "Resend requests from the "
                                        "cloud by result: done, busy, error (malformed or out "

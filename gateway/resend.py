@@ -33,9 +33,10 @@ from typing import Any, Protocol, TypeGuard
 
 import orjson
 
+from gateway.backoff import RateBudget
 from gateway.log.reader import LogReader, Row
 from gateway.metrics import GatewayMetrics
-from gateway.mqtt.link import InboundMessage, MqttLink
+from gateway.mqtt.link import InboundMessage, MqttLink, valid_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def parse(msg: InboundMessage, default_reply: str) -> Request:
     """The request in ``msg``, or ``BadRequest``."""
     reply_topic = default_reply
     if msg.response_topic is not None:
-        if not _valid_topic(msg.response_topic):
+        if not valid_topic_name(msg.response_topic, _MAX_TOPIC):
             raise BadRequest("bad_response_topic", "the Response Topic is not a topic name "
                              f"one can publish to (no + or #, at most {_MAX_TOPIC} bytes)")
         reply_topic = msg.response_topic
@@ -162,11 +163,6 @@ def _seq(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEQ
 
 
-def _valid_topic(topic: str) -> bool:
-    return (0 < len(topic.encode()) <= _MAX_TOPIC
-            and not any(c in topic for c in "+#\0"))
-
-
 @dataclass(slots=True)
 class _Job:
     request: Request
@@ -197,8 +193,7 @@ class Resender:
         self._default_reply = f"{self.topic}/reply"
         self._job: _Job | None = None
         self._last_start = -_MIN_INTERVAL
-        self._budget = _REPLY_BUDGET
-        self._budget_at = time.monotonic()
+        self._budget = RateBudget(_REPLY_BUDGET)
         self._logged_kinds: set[str] = set()
 
     @property
@@ -241,12 +236,9 @@ class Resender:
 
     def _answer_refusal(self, result: Result, topic: str, body: dict[str, Any],
                         correlation: bytes | None, now: float) -> None:
-        self._budget = min(_REPLY_BUDGET, self._budget + (now - self._budget_at) * _REPLY_BUDGET)
-        self._budget_at = now
-        if self._budget < 1.0:
+        if not self._budget.take():
             self._metrics.resend_requests.labels(Result.UNANSWERED.value).inc()
             return
-        self._budget -= 1.0
         self._metrics.resend_requests.labels(result.value).inc()
         self._reply(topic, body, correlation)
 

@@ -102,6 +102,8 @@ class CloudCollector:
             raise TimeoutError("cloud collector got no SUBACK")
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        if not msg.topic.endswith(("/telemetry", "/status")):
+            return  # events, requests to the gateway and replies are not its business
         body = orjson.loads(msg.payload)
         with self._lock:
             if msg.topic.endswith("/telemetry"):

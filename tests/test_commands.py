@@ -237,9 +237,9 @@ def test_waiting_commands_survive_a_restart_and_then_time_out(tmp_path):
     gw.commands.acknowledgement("devices/gh-1/cmd/ack", _ack("gh-1", first), t0 + 1, dup=False)
     # Timeouts run on time.monotonic(), so that a clock step does not fire them; after a
     # restart the time left is what the wall clock says (here: nearly all of the 30 s).
-    gw.commands.expire(time.monotonic() + 20)
+    gw.commands.step(time.monotonic() + 20)
     assert set(gw.commands.pending) == {second}
-    gw.commands.expire(time.monotonic() + 30)
+    gw.commands.step(time.monotonic() + 30)
     assert gw.commands.pending == {}
     # Too late: the answer to a command that timed out is not believed either.
     gw.commands.acknowledgement("devices/gh-2/cmd/ack", _ack("gh-2", second), t0 + 32, dup=False)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fieldkit.units import ByteSize, Duration, Precision
 from gateway.clock import ClockCheck
 from gateway.config.addresses import check_http_url, check_mqtt_url, is_loopback, split_host_port
+from gateway.config.keys import decode_public_key
 from gateway.config.secrets import INLINE_SECRET_NAMES, read_secret
 from gateway.config.tls import client_context
 
@@ -343,11 +344,9 @@ class Downlink(Section):
     @field_validator("public_keys")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
-        from gateway.downlink.signing import parse_public_key  # noqa: PLC0415 - cryptography
-
         for i, key in enumerate(value):
             try:
-                parse_public_key(key)
+                decode_public_key(key)
             except ValueError as err:
                 raise ValueError(f"public_keys[{i}]: {err}") from None
         return value

@@ -30,13 +30,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from gateway.config.keys import decode_public_key
 from gateway.errors import FieldgateError
 
 SIGNATURE_PROPERTY = "signature"
 _DOMAIN = b"fieldgate-downlink-v1\n"
 _PREFIX = "ed25519:"
 _SIG_BYTES = 64
-_KEY_BYTES = 32
 
 
 class SigningKeyError(FieldgateError):
@@ -56,14 +56,7 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 
 def parse_public_key(text: str) -> Ed25519PublicKey:
     """A key from ``downlink.public_keys``; ValueError with the fix when it is none."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64; copy the line `gateway cloud keygen` printed") from None
-    if len(raw) != _KEY_BYTES:
-        raise ValueError(f"{len(raw)} bytes, an Ed25519 public key has {_KEY_BYTES}; copy the "
-                         "line `gateway cloud keygen` printed")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return Ed25519PublicKey.from_public_bytes(decode_public_key(text))
 
 
 class Signer:

@@ -42,11 +42,14 @@ class Answers(NamedTuple):
     """Site messages that are not readings but answers for someone else (the devices'
     command acknowledgements): the site session subscribes to ``filter`` too, and each
     message whose topic ``matches`` goes to ``handle(topic, payload, now, dup)`` (``dup``:
-    the MQTT DUP flag), which may turn it into an event for the log."""
+    the MQTT DUP flag), which may turn it into an event for the log. ``published`` gets
+    (packet id, reason code) of each PUBACK on the site session: the commands that someone
+    else publishes on it."""
 
     filter: str
     matches: Callable[[str], bool]
     handle: Callable[[str, bytes, float, bool], Event | None]
+    published: Callable[[int, int], None] | None = None
 
 
 class IngestService:
@@ -81,6 +84,7 @@ class IngestService:
             on_connected=self._on_connected,
             on_subscribed=self._on_subscribed,
             on_message=self._pending.append,
+            on_published=answers.published if answers is not None else None,
             on_state=lambda up: metrics.link_up.labels("site").set(int(up)),
             read_paused=lambda: len(self._pending) >= self._pending_max,
         )

@@ -72,6 +72,12 @@ def packet_size(topic: str, payload: bytes, properties: int) -> int:
     return 1 + _varint_len(remaining) + remaining
 
 
+def valid_topic_name(topic: str, max_bytes: int = 65535) -> bool:
+    """A topic one can publish to: not empty, no wildcard or NUL, at most ``max_bytes``
+    (e.g. a request's Response Topic, before answering on it)."""
+    return 0 < len(topic.encode()) <= max_bytes and not any(c in topic for c in "+#\0")
+
+
 def _varint_len(value: int) -> int:
     return 1 if value < 128 else 2 if value < 16_384 else 3 if value < 2_097_152 else 4
 
@@ -406,13 +412,16 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 user_properties: list[tuple[str, str]] | None = None,
-                content_type: str | None = None, correlation_data: bytes | None = None) -> int:
+                content_type: str | None = None, correlation_data: bytes | None = None,
+                message_expiry: int | None = None) -> int:
         """Send or queue a publish; returns its packet id (PUBACK comes to ``on_published``;
         0 for QoS 0). QoS 1 publishes made while disconnected go out after the next CONNACK,
-        never before. ``correlation_data`` answers a request that carried it."""
+        never before. ``correlation_data`` answers a request that carried it;
+        ``message_expiry`` (seconds) lets the broker drop what it could not deliver in time."""
         pid = self.session.publish(topic, payload, qos=qos, retain=retain,
                                    content_type=content_type, user_properties=user_properties,
-                                   correlation_data=correlation_data)
+                                   correlation_data=correlation_data,
+                                   message_expiry=message_expiry)
         return pid or 0
 
     def _round_trip(self) -> None:

@@ -21,7 +21,9 @@ and the event itself go in the same turn of the loop (order per sink is kept).
 
 Gap repair: the cloud link subscribes to ``fieldgate/<gateway_id>/resend``; a request is
 answered by ``gateway.resend.Resender`` with messages built here (``message``), inside this
-sink's window (``window``, ``live_inflight``), never moving the cursor.
+sink's window (``window``, ``live_inflight``), never moving the cursor. Other requests from
+the cloud (commands, rule bundles: gateway.downlink) come on the same link: the daemon sets
+``request_filters`` and ``on_request``.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ class UplinkSink:
         # Fields other parts add to the retained status (the daemon wires them; e.g. the
         # running rules version): called for every status message.
         self.status_fields: Callable[[], dict[str, Any]] = dict
+        # Requests from the cloud besides resends (the daemon wires gateway.downlink): the
+        # filters subscribed with the resend topic, and who gets their messages.
+        self.request_filters: list[str] = []
+        self.on_request: Callable[[InboundMessage], None] | None = None
         self._reader = LogReader(cfg.log.path)
         prefix = f"fieldgate/{cfg.gateway_id}"
         self._telemetry_topic = f"{prefix}/telemetry"
@@ -179,11 +185,15 @@ class UplinkSink:
     def _on_connected(self) -> None:
         # Subscribed before the online status goes out: the broker handles a connection's
         # packets in order, so a consumer that sees "online" can ask for a resend.
-        self.link.subscribe([(self._resend.topic, None)], qos=1)
+        self.link.subscribe([(self._resend.topic, None),
+                             *((f, None) for f in self.request_filters)], qos=1)
         self._publish_status()
 
     def _on_message(self, msg: InboundMessage) -> None:
-        self._resend.on_message(msg)
+        if msg.topic == self._resend.topic:
+            self._resend.on_message(msg)
+        elif self.on_request is not None:
+            self.on_request(msg)
 
     def _status(self, state: str, **extra: Any) -> bytes:
         counters = self._store.counter_snapshot()
