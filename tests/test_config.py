@@ -54,6 +54,28 @@ def test_plaintext_to_a_remote_cloud_needs_an_explicit_yes():
     parse_config({"gateway_id": "g", "cloud": {"url": "mqtt://b.example", "allow_plaintext": True}})
 
 
+def test_downlink_mistakes_are_one_line_each():
+    key = "A" * 43 + "="   # 32 bytes of base64
+    cloud = {"url": "mqtt://127.0.0.1:1884"}
+    assert _problems({"gateway_id": "g", "cloud": cloud,
+                      "downlink": {"public_keys": ["not a key"]}}) == [
+        "downlink.public_keys: public_keys[0]: not base64; copy the line `gateway cloud "
+        "keygen` printed"]
+    assert "has 32" in _problems({"gateway_id": "g", "downlink": {"public_keys": ["AAAA"]}})[0]
+    assert "public_keys is empty" in _problems(
+        {"gateway_id": "g", "cloud": cloud, "downlink": {"rules": True}})[0]
+    assert "configure cloud:" in _problems(
+        {"gateway_id": "g", "downlink": {"public_keys": [key], "rules": True}})[0]
+    allow = [{"devices": "fan-*", "commands": ["set"]}]
+    assert "set commands.key_file or commands.key_env" in _problems(
+        {"gateway_id": "g", "cloud": cloud,
+         "downlink": {"public_keys": [key], "allow": allow}})[0]
+    assert "downlink.allow.0.commands:" in _problems(
+        {"gateway_id": "g", "downlink": {"allow": [{"devices": "x", "commands": []}]}})[0]
+    parse_config({"gateway_id": "g", "cloud": cloud, "commands": {"key_env": "K"},
+                  "downlink": {"public_keys": [key], "allow": allow, "rules": True}})
+
+
 def test_subscription_templates_are_checked():
     assert "exactly one {device}" in _problems(
         {"gateway_id": "g", "subscriptions": [{"topic": "a/b"}]})[0]

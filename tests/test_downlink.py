@@ -238,6 +238,22 @@ def test_refusals_have_a_reason_and_an_event_and_never_touch_the_device(rig, tmp
     assert len(issued) == 1   # the one good command
 
 
+def test_a_flood_of_forged_requests_is_counted_not_logged_one_by_one(rig):
+    gw, device, op, _ = rig
+    flood = 500
+    topic = f"fieldgate/{GW}/cmd/{DEVICE}"
+    for i in range(flood):
+        op.c.publish(topic, orjson.dumps({"id": f"f{i}", "ts": time.time(), "action": "fan",
+                                          "params": {"state": "on"}}), qos=1)
+    # Read in order: once a good command after them is answered, all were judged.
+    assert op.reply(op.command({"action": "fan", "params": {"state": "off"}}))["status"] == "ok"
+    assert gw.metric('fieldgate_downlink_refused_total{reason="unsigned"}') == flood
+    assert device.fan == "off"
+    assert gw.stop() == 0
+    refused = [e for e in _events(gw) if e["type"] == "io.fieldgate.command.refused"]
+    assert 1 <= len(refused) < flood / 2   # within the budget (10 a second), not 500
+
+
 def test_a_replayed_request_is_refused_after_a_restart_too(rig):
     gw, _, op, _ = rig
     topic = f"fieldgate/{GW}/cmd/{DEVICE}"
@@ -263,6 +279,24 @@ def test_a_command_waits_for_the_site_broker_then_goes_out(rig, site):
     reply = op.reply(corr)   # ... and delivered once it is back
     assert reply["status"] == "ok", reply
     assert device.fan == "on"
+
+
+def test_a_waiting_command_survives_a_sigkill_and_its_reply_still_comes(rig, site):
+    gw, device, op, _ = rig
+    site.stop()
+    corr = op.command({"action": "fan", "params": {"state": "on"}, "ttl": 300})
+    assert CloudCollector.wait_for(lambda: any(
+        e["type"] == "io.fieldgate.command.received" for e in _events(gw)), 60)
+    gw.kill()          # taken (PUBACKed to the cloud) and durable, not yet sent
+    site.start()
+    gw.start()
+    reply = op.reply(corr)
+    assert reply["status"] == "ok", reply
+    assert device.fan == "on"
+    assert gw.stop() == 0
+    kinds = [e["type"].rsplit(".", 1)[1] for e in _events(gw)
+             if e["type"].startswith("io.fieldgate.command.")]
+    assert kinds == ["received", "issued", "sent", "acknowledged"]
 
 
 def test_a_command_past_its_ttl_expires_with_a_reply_and_never_reaches_the_device(rig, site):

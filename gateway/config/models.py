@@ -551,6 +551,10 @@ class GatewayConfig(Section):
         if self.downlink.enabled and self.cloud is None:
             raise ValueError("downlink: commands and rules come over the cloud link; "
                              "configure cloud: or leave downlink out")
+        if self.downlink.allow and self.commands.key_file is None \
+                and self.commands.key_env is None:
+            raise ValueError("downlink.allow: commands from the cloud are signed for the "
+                             "device with its key; set commands.key_file or commands.key_env")
         return self
 
     @model_validator(mode="after")
