@@ -254,6 +254,17 @@ def test_a_flood_of_forged_requests_is_counted_not_logged_one_by_one(rig):
     assert 1 <= len(refused) < flood / 2   # within the budget (10 a second), not 500
 
 
+def test_a_huge_request_never_reaches_the_gateway(rig):
+    gw, device, op, _ = rig
+    # The cloud link announces a Maximum Packet Size a little above downlink's limits: the
+    # broker drops this one instead of making the gateway read 8 MiB.
+    op.c.publish(f"fieldgate/{GW}/cmd/{DEVICE}", b"x" * (8 * 1024 * 1024), qos=1)
+    assert op.reply(op.command({"action": "fan", "params": {"state": "on"}}))["status"] == "ok"
+    assert device.fan == "on"
+    assert gw.metric('fieldgate_link_connected{link="cloud"}') == 1.0
+    assert gw.metric('fieldgate_downlink_refused_total{reason="too_large"}') is None
+
+
 def test_a_replayed_request_is_refused_after_a_restart_too(rig):
     gw, _, op, _ = rig
     topic = f"fieldgate/{GW}/cmd/{DEVICE}"

@@ -133,6 +133,7 @@ class MqttLink:
         receive_maximum: int | None = None,
         manual_ack: bool = False,
         max_inflight: int = 20,
+        max_packet_in: int | None = None,
         will: tuple[str, bytes] | None = None,
         on_connected: Callable[[], None] | None = None,
         on_subscribed: Callable[[], None] | None = None,
@@ -175,6 +176,7 @@ class MqttLink:
             tls=link.ssl_context(name) if link.tls else None,
             receive_maximum=receive_maximum or 65535,
             max_inflight=max_inflight,
+            max_packet_size=max_packet_in,
             max_queued=_MAX_QUEUED,
             connect_timeout=_TCP_TIMEOUT,
         ))

@@ -64,6 +64,9 @@ _POLL_MAX = 1.0
 # 5 tries take up to ~2 minutes).
 _RETRY_LIMIT = 5
 _PACKET_TOO_LARGE = 0x95
+# Largest inbound packet beyond the largest request payload taken: topic, properties, and
+# room for a request a little too large to get its "too large" answer.
+_INBOUND_SLACK = 64 * 1024
 # Bytes of PUBLISH properties we add besides the user properties (content type etc.).
 _PROPERTY_SLACK = 64
 
@@ -171,6 +174,11 @@ class UplinkSink:
             clean_start=True,
             backoff=Backoff(self._up.backoff_min, self._up.backoff_max),
             max_inflight=self._up.max_inflight + 4,  # room for status messages
+            # What the cloud sends us is requests (resend, downlink): the broker drops a
+            # larger message rather than make a Pi read hundreds of megabytes.
+            max_packet_in=_INBOUND_SLACK + max(cfg.downlink.max_command_bytes,
+                                               cfg.downlink.max_bundle_bytes
+                                               if cfg.downlink.rules else 0),
             will=(self._status_topic, self._status("offline", reason="connection lost")),
             on_connected=self._on_connected,
             on_message=self._on_message,
