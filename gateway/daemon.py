@@ -121,13 +121,14 @@ class Gateway:
         self.ingest = IngestService(cfg, self.store, self.metrics,
                                     answers=Answers(ACK_FILTER, is_ack_topic,
                                                     self._command_answer),
-                                    on_readings=self._to_rules if cfg.rules else None)
+                                    on_readings=self._to_rules if cfg.rules or cfg.downlink.rules
+                                    else None)
         # Commands go out on the site session; the rule engine decides on them.
         self.commands = CommandSender(cfg.gateway_id, cfg.commands.key(), self.ingest.link,
                                       self.store, ack_timeout=cfg.commands.ack_timeout,
                                       max_pending=cfg.commands.max_pending,
                                       max_device_id=cfg.ingest.max_device_id)
-        if cfg.rules:
+        if cfg.rules or cfg.downlink.rules:
             # Imported only when rules are configured: numpy costs ~15 MB of RSS.
             from gateway.rule_service import RuleService  # noqa: PLC0415
 
