@@ -226,13 +226,18 @@ class RuleVersions:
 
     def paths(self, version: Version) -> list[Path]:
         """The files of a stored version, in name order (the order they are loaded in)."""
-        folder = self.versions_dir / version.dir_name
+        return self.files_of(self.root, version)
+
+    @staticmethod
+    def files_of(root: Path, version: Version) -> list[Path]:
+        """The files of a version stored under ``root`` (read-only callers: the CLI)."""
+        folder = root / VERSIONS_DIR / version.dir_name
         return [folder / name for name in sorted(version.files)]
 
     def store(self, name: str, files: Mapping[str, str], request: str, now: float) -> Version:
         """Write a bundle into its own directory (atomically: all files or none); it is
         not running until a state naming it is committed. OSError when the disk says no."""
-        if not _DIR_RE.fullmatch(f"0-{name}") or any(
+        if not _DIR_RE.fullmatch(f"0000-{name}") or any(
                 "/" in f or "\0" in f or f.startswith(".") for f in files):
             raise ValueError("a version or file name is not a plain name")  # checked before
         version = Version(self.state.next, name, tuple(sorted(files)), now, request)
