@@ -402,3 +402,46 @@ def test_history_says_when_the_downlink_is_off(tmp_path):
     out = gateway_cli("rules", "history", "-c", str(config(tmp_path, deploy=False)))
     assert out.returncode == 0
     assert "(downlink.rules is off in this config)" in out.stdout
+
+
+def test_gateway_status_shows_the_running_rules_version(tmp_path):
+    from rich.console import Console
+
+    from gateway.status.view import render
+    from gateway.status.watch import StatusWatcher
+
+    gw = Running(config(tmp_path))
+    gw.deploy("r-1", {"version": "v1", "files": {"a.yaml": rule("Warm", 20)}})
+    gw.close()
+
+    def shown() -> str:
+        watcher = StatusWatcher("http://127.0.0.1:1/metrics", gw.cfg.log.path,
+                                rules_dir=gw.root)
+        try:
+            watcher.poll()
+            console = Console(record=True, width=160)
+            console.print(render(watcher.snapshot(), width=160, height=None))
+            return console.export_text()
+        finally:
+            watcher.close()
+
+    line = next(x for x in shown().splitlines() if "rules" in x)
+    assert "version v1 (deployed" in line and "by request r-1" in line
+    again = Running(config(tmp_path))
+    again.rollback("b-1")
+    again.close()
+    line = next(x for x in shown().splitlines() if "rules" in x)
+    assert "version local (rolled back to" in line and "by request b-1" in line
+
+
+def test_rules_reload_checks_the_version_that_runs(tmp_path):
+    path = config(tmp_path)
+    gw = Running(path)
+    gw.deploy("r-1", {"version": "v1", "files": {"a.yaml": rule("Warm", 20)}})
+    gw.close()
+    (tmp_path / "local" / "house.yaml").write_text(BROKEN)   # not what runs: not checked
+    out = gateway_cli("rules", "reload", "-c", str(path))
+    assert out.returncode == 1 and "no running gateway" in out.stderr, out.stderr
+    (gw.root / VERSIONS_DIR / "0001-v1" / "a.yaml").write_text(BROKEN)
+    out = gateway_cli("rules", "reload", "-c", str(path))
+    assert out.returncode == 2 and "0001-v1/a.yaml:5: rule Oops" in out.stderr, out.stderr
