@@ -61,6 +61,7 @@ class RuleService:
         self._store = store
         self._commands = commands
         self._metrics = metrics
+        self.device_check = device_check(cfg.ingest.max_device_id)
         # The versions deployed from the cloud, when the config takes them (None: only the
         # config's own files run).
         self.versions: RuleVersions | None = None
@@ -114,7 +115,7 @@ class RuleService:
         version = self.versions.state.running
         try:
             return load_rule_files(list(self.versions.paths(version)),
-                                   device_check=device_check(check))
+                                   device_check=self.device_check)
         except ConfigError as err:
             raise ConfigError([
                 f"rules version {version.name!r} (deployed by request {version.request!r}, "

@@ -75,7 +75,7 @@ class Running:
         self.gw = Gateway(self.cfg)
         assert self.gw.rules is not None
         self.rules = self.gw.rules
-        self.deployer = RuleDeployer(self.cfg, self.rules) if self.cfg.downlink.rules else None
+        self.deployer = RuleDeployer(self.rules) if self.cfg.downlink.rules else None
         self._clock = 0.0
 
     @property

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.downlink.versions import LOCAL, DeployState, RuleVersions
 from gateway.errors import ConfigError
 from gateway.records import Event
-
-if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
-    from gateway.rule_service import RuleService
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +103,14 @@ def check_body(body: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return version, files
 
 
-def check_rules(files: dict[str, str], max_device_id: int) -> None:
+def check_rules(files: dict[str, str], device_check: Callable[[str], str | None]) -> None:
     """The checker of `gateway rules check` over the bundle's files (in name order, named
-    as in the bundle); BundleRefusedError("rule errors") with its lines."""
+    as in the bundle); BundleRefusedError("rule errors") with its lines. ``device_check``:
+    the gateway's (gateway.rule_service.device_check)."""
     # Imported here: the engine brings numpy, which a gateway without rules never loads.
     from gateway.engine.rules import RuleSet  # noqa: PLC0415
-    from gateway.rule_service import device_check  # noqa: PLC0415
 
-    rules = RuleSet(device_check=device_check(max_device_id))
+    rules = RuleSet(device_check=device_check)
     for name in sorted(files):
         rules.add(files[name], name)
     try:
@@ -129,15 +126,31 @@ def _capped(lines: list[str]) -> list[str]:
             f"... and {len(lines) - MAX_REPLY_ERRORS + 1} more"]
 
 
+class RunningRules(Protocol):
+    """What the deployer needs of the running rule engine (gateway.rule_service.RuleService;
+    a protocol, so this package does not import the gateway's wiring)."""
+
+    @property
+    def versions(self) -> RuleVersions | None:
+        """The deployed versions (None: downlink.rules is off)."""
+
+    @property
+    def device_check(self) -> Callable[[str], str | None]:
+        """What is wrong with a command's device id (ingest's rule)."""
+
+    def install(self) -> object:
+        """Load the current version's files into the engine; ConfigError, with the engine
+        untouched, when they do not load."""
+
+
 class RuleDeployer:
     """Deploys and rolls back rule versions for the running engine of ``rules`` (whose
     ``versions`` store it shares). Called from the gateway's loop, like the engine."""
 
-    def __init__(self, cfg: GatewayConfig, rules: RuleService) -> None:
+    def __init__(self, rules: RunningRules) -> None:
         if rules.versions is None:
             raise ValueError("RuleDeployer needs downlink.rules on (the rule service then "
                              "keeps the deployed versions)")
-        self._cfg = cfg
         self._rules = rules
         self._versions: RuleVersions = rules.versions
 
@@ -150,9 +163,8 @@ class RuleDeployer:
         """Check, store and run a rule bundle; see the module docstring."""
         bundle = body.get("version")
         try:
-            self._check_allowed()
             version, files = check_body(body)
-            check_rules(files, self._cfg.ingest.max_device_id)
+            check_rules(files, self._rules.device_check)
             return self._apply(request_id, version, files, now)
         except BundleRefusedError as refused:
             return self._refused(request_id, refused, now,
@@ -184,7 +196,6 @@ class RuleDeployer:
     def rollback(self, request_id: str, now: float) -> Outcome:
         """Return to the version that ran before the current one."""
         try:
-            self._check_allowed()
             return self._roll_back(request_id, now)
         except BundleRefusedError as refused:
             return self._refused(request_id, refused, now, None)
@@ -208,10 +219,6 @@ class RuleDeployer:
              "previous": previous},
             [Event(ROLLED_BACK, SUBJECT, now, {"request": request_id, "version": version,
                                                "previous": previous})])
-
-    def _check_allowed(self) -> None:
-        if not self._cfg.downlink.rules:
-            raise BundleRefusedError("not allowed: downlink.rules is off")
 
     def _run(self, old: DeployState) -> None:
         """Load the committed state's version into the engine; when it does not load, put
