@@ -230,11 +230,15 @@ class RuleDeployer:
             try:
                 self._versions.commit(old)
             except OSError as disk:
+                # The disk still names the new version (checked, so a restart loads it);
+                # here the old one runs on.
                 log.error("Rules version %r did not load and the state could not be put "  # noqa: TRY400
                           "back (%s); the engine keeps its rules", new.running.name,
                           disk.strerror)
-            if new.current not in old.versions and new.current != 0:
-                self._versions.discard(new.running)
+                self._versions.state = old
+            else:
+                if new.current not in old.versions and new.current != 0:
+                    self._versions.discard(new.running)
             raise BundleRefusedError("rule errors", _capped(err.problems)) from None
 
     def _prune(self) -> None:
