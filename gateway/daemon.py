@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway.commands import ACK_FILTER, CommandSender, is_ack_topic
 from gateway.config import GatewayConfig
+from gateway.downlink.rules import RuleDeployer
 from gateway.downlink.service import Downlink
 from gateway.errors import FieldgateError
 from gateway.events import Event, render
@@ -132,7 +133,7 @@ class Gateway:
                                       self.store, ack_timeout=cfg.commands.ack_timeout,
                                       max_pending=cfg.commands.max_pending,
                                       max_device_id=cfg.ingest.max_device_id)
-        if cfg.rules:
+        if cfg.rules or cfg.downlink.rules:
             # Imported only when rules are configured: numpy costs ~15 MB of RSS.
             from gateway.rule_service import RuleService  # noqa: PLC0415
 
@@ -140,9 +141,20 @@ class Gateway:
         if cfg.downlink.enabled:
             # Commands and rule bundles from the cloud come on the uplink's cloud link.
             up = next(s for s in self.sinks if isinstance(s, uplink.UplinkSink))
-            self.downlink = Downlink(cfg, self.store, up.link, self.commands, self.metrics)
+            deployer = None
+            if cfg.downlink.rules:
+                assert self.rules is not None
+                deployer = RuleDeployer(self.rules)
+            self.downlink = Downlink(cfg, self.store, up.link, self.commands, self.metrics,
+                                     rules=deployer)
             up.request_filters = self.downlink.filters
             up.on_request = self.downlink.on_message
+        rules = self.rules
+        if rules is not None:
+            # The running rules version goes with the retained status.
+            for sink in self.sinks:
+                if isinstance(sink, uplink.UplinkSink):
+                    sink.status_fields = lambda: {"rules_version": rules.version}
         self._reload = False
         self._watch_gauges()
         self._stopping = threading.Event()

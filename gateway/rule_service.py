@@ -6,6 +6,11 @@ actions go out as signed commands. Alert state is saved with the log after every
 changed an alert, and at shutdown, so a restart neither re-fires a firing alert nor forgets
 it (a pending `for:` timer that had not fired yet starts again). SIGHUP reloads the rule files;
 a file with a mistake leaves the running rules in place.
+
+Which files run: the config's ``rules:`` globs (the version called ``local``), unless
+``downlink.rules`` is on and a version deployed from the cloud is current
+(gateway.downlink.versions): then that version's files run instead, at start too, and
+SIGHUP re-reads them.
 """
 
 from __future__ import annotations
@@ -14,19 +19,21 @@ import fnmatch
 import functools
 import logging
 import time
+from pathlib import Path
 
 import orjson
 
 from gateway.commands import REJECTED, CommandDeviceError, CommandSender, Prepared
 from gateway.config import GatewayConfig, Ingest
-from gateway.engine import CommandEvent, Engine, EngineConfig
+from gateway.downlink.versions import LOCAL, RuleVersions, read_state
+from gateway.engine import CommandEvent, Engine, EngineConfig, ReloadReport
 from gateway.engine.rules import DeviceCheck, Group
 from gateway.errors import ConfigError
 from gateway.ingest.decode import valid_device_id
 from gateway.log.store import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.records import Event, Reading
-from gateway.rulefiles import load_rule_globs
+from gateway.rulefiles import load_rule_files, load_rule_globs
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,16 @@ class RuleService:
         self._store = store
         self._commands = commands
         self._metrics = metrics
-        groups = load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
+        self.device_check = device_check(cfg.ingest.max_device_id)
+        # The versions deployed from the cloud, when the config takes them (None: only the
+        # config's own files run).
+        self.versions: RuleVersions | None = None
+        root = cfg.downlink.rules_path(cfg.log.path)
+        if cfg.downlink.rules:
+            self.versions = RuleVersions(root)
+        else:
+            self._note_ignored(root)
+        groups = self._load()
         self.engine = Engine(groups, config=EngineConfig(
             late_tolerance=cfg.engine.late_tolerance, offline_after=cfg.engine.offline_after,
             max_devices=cfg.engine.max_devices))
@@ -76,6 +92,45 @@ class RuleService:
         self._publish()
         metrics.alerts_firing.set_function(lambda: self._firing)
         metrics.watch_engine(lambda: self._published_drops)
+
+    @property
+    def version(self) -> str:
+        """The name of the rules version running: ``local`` or a deployed one."""
+        return LOCAL if self.versions is None else self.versions.state.running.name
+
+    def _note_ignored(self, root: Path) -> None:
+        try:
+            state = read_state(root)
+        except ConfigError:
+            state = None
+        if state is not None and state.current != 0:
+            log.warning("Rules version %r deployed from the cloud is not run: downlink.rules "
+                        "is off; running the config's rule files", state.running.name)
+
+    def _load(self) -> list[Group]:
+        """The groups of the version that should run; ConfigError with every problem."""
+        check = self._cfg.ingest.max_device_id
+        if self.versions is None or self.versions.state.current == 0:
+            return load_groups(self._cfg.rules, max_device_id=check)
+        version = self.versions.state.running
+        try:
+            return load_rule_files(list(self.versions.paths(version)),
+                                   device_check=self.device_check)
+        except ConfigError as err:
+            raise ConfigError([
+                f"rules version {version.name!r} (deployed by request {version.request!r}, "
+                f"in {self.versions.versions_dir / version.dir_name}) cannot be loaded; roll "
+                "it back from the cloud, or set downlink.rules: false to run the config's "
+                "rule files", *err.problems]) from None
+
+    def install(self) -> ReloadReport:
+        """Load the version that should run now into the engine (the alert state of rules
+        that did not change is kept) and save the state. ConfigError, with the running rules
+        untouched, when its files do not load."""
+        report = self.engine.reload(self._load())
+        log.info("Rules reloaded (version %r): %s", self.version, report)
+        self.save()
+        return report
 
     def _publish(self) -> None:
         self._firing = len(self.engine.firing())
@@ -156,12 +211,9 @@ class RuleService:
         self._store.append_events_with_state((), [self._state()])
 
     def reload(self) -> None:
+        """SIGHUP: re-read the running version's files (the config's, or the deployed
+        version's while one is current)."""
         try:
-            groups = load_groups(self._cfg.rules,
-                                 max_device_id=self._cfg.ingest.max_device_id)
+            self.install()
         except ConfigError as err:
             log.error("Rule reload failed, keeping the running rules: %s", err)  # noqa: TRY400
-            return
-        report = self.engine.reload(groups)
-        log.info("Rules reloaded: %s", report)
-        self.save()

@@ -1,4 +1,5 @@
-"""`gateway rules …`: check rule files, run their tests, reload them, replay recordings."""
+"""`gateway rules …`: check rule files, run their tests, reload them, replay recordings, and
+list the versions deployed from the cloud."""
 
 from __future__ import annotations
 
@@ -98,8 +99,10 @@ def rules_test(files: tuple[Path, ...]) -> None:
 def rules_reload(config_path: Path) -> None:
     """Make the running gateway re-read its rule files (as SIGHUP does).
 
-    The files are checked here first; a file with a mistake is reported and nothing is
-    sent, and the running gateway keeps its rules either way if a reload fails.
+    While a version deployed from the cloud runs (downlink.rules), that version's files are
+    re-read, not the config's (see `gateway rules history`). The files are checked here
+    first; a file with a mistake is reported and nothing is sent, and the running gateway
+    keeps its rules either way if a reload fails.
 
     \b
     Example:
@@ -109,14 +112,13 @@ def rules_reload(config_path: Path) -> None:
     import signal
 
     from gateway.daemon import pid_path
-    from gateway.rule_service import load_groups
 
     cfg = load(config_path)
     try:
-        load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
+        _check_running_version(cfg)
     except ConfigError as err:
         exit_with_problems(err.problems)
-    if not cfg.rules:
+    if not cfg.rules and not cfg.downlink.rules:
         fail("rules: the config names no rule files; nothing to reload", 2)
     path = pid_path(cfg)
     missing = FieldgateError(f"no running gateway for this config (no usable {str(path)!r})")
@@ -133,6 +135,82 @@ def rules_reload(config_path: Path) -> None:
     except OSError:
         fail(missing)
     click.echo(f"reload sent to gateway pid {pid}")
+
+
+def _check_running_version(cfg: GatewayConfig) -> None:
+    """The files the gateway would re-read, checked; ConfigError with every problem."""
+    from gateway.downlink.versions import RuleVersions, read_state
+    from gateway.rule_service import device_check, load_groups
+    from gateway.rulefiles import load_rule_files
+
+    root = cfg.downlink.rules_path(cfg.log.path)
+    state = read_state(root) if cfg.downlink.rules else None
+    if state is None or state.current == 0:
+        load_groups(cfg.rules, max_device_id=cfg.ingest.max_device_id)
+        return
+    paths = RuleVersions.files_of(root, state.running)
+    load_rule_files(list(paths), device_check=device_check(cfg.ingest.max_device_id))
+
+
+@rules_group.command("history")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: the running version, "
+              "the rollback stack, the history.")
+def rules_history(config_path: Path, as_json: bool) -> None:
+    """List the rule versions deployed from the cloud: when, by which request, which files,
+    and which one runs.
+
+    A version is deployed by a signed bundle on fieldgate/<gateway_id>/rules/set and rolled
+    back by rules/rollback (`gateway cloud deploy-rules`, `gateway cloud rollback-rules`);
+    "local" is the config's own rule files. Reads the files beside the log; fine while the
+    gateway runs.
+
+    \b
+    Example:
+      gateway rules history -c /etc/fieldgate/gateway.yaml
+      gateway rules history -c gateway.yaml --json | jq .running
+    """
+    from gateway.downlink.versions import LOCAL, read_state
+
+    cfg = load(config_path)
+    root = cfg.downlink.rules_path(cfg.log.path)
+    try:
+        state = read_state(root)
+    except ConfigError as err:
+        exit_with_problems(err.problems)
+    on = cfg.downlink.rules
+    runs = state.running.name if state is not None and on else LOCAL
+    if as_json:
+        click.echo(orjson.dumps({
+            "dir": str(root), "downlink_rules": on, "running": runs,
+            "rollback_to": [] if state is None else
+            [state.version(n).name for n in reversed(state.rollback)],
+            "history": [] if state is None else [a.to_dict() for a in state.history],
+        }, option=orjson.OPT_INDENT_2).decode())
+        return
+    if state is None or not state.history:
+        why = "" if on else " (downlink.rules is off in this config)"
+        click.echo(f"No rules deployed from the cloud{why}: the config's rule files run "
+                   f"(version {LOCAL}). Deployed versions would be kept in {root}.")
+        return
+    click.echo(f"Rule versions deployed from the cloud (kept in {root}):")
+    rows = [("time", "change", "version", "previous", "request", "files")]
+    rows += [(when(line.time), line.action.value.replace("_", " "), line.version,
+              line.previous, line.request,
+              ", ".join(line.files) if line.files else "(the config's rule files)")
+             for line in state.history]
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(5)]
+    for i, row in enumerate(rows):
+        mark = "   <- running" if i == len(rows) - 1 and on else ""
+        click.echo("".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+                   + row[5] + mark)
+    stack = [state.version(n).name for n in reversed(state.rollback)]
+    if on:
+        back = ", then ".join(stack) if stack else "nothing (no version ran before it)"
+        click.echo(f"Running: {runs}. A rollback returns to {back}.")
+    else:
+        click.echo(f"Running: {LOCAL} (downlink.rules is off in this config, so version "
+                   f"{state.running.name!r} does not run).")
 
 
 def _parse_labels(specs: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:

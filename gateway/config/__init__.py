@@ -12,6 +12,7 @@ The modules, each one job (imports run down this list, never up)::
     addresses   broker/server URLs and host:port checked; URLs printed without secrets
     secrets     secrets read from *_file or *_env when needed; exposed files refused
     tls         the TLS client context a link connects with
+    keys        public keys in the config (downlink.public_keys) decoded and checked
 
 Import from here (``from gateway.config import GatewayConfig``); the modules are the
 layout, this is the interface.

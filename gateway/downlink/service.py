@@ -269,7 +269,9 @@ class Downlink:
         result = "refused" if outcome.reply.get("status") == "refused" else "taken"
         self._metrics.downlink_requests.labels(request.kind.value, result).inc()
         if result == "refused":
-            self._metrics.downlink_refused.labels("rule_errors").inc()
+            # The reason's first words name it: "rule errors", "malformed: ...", ...
+            reason = str(outcome.reply.get("reason", "refused")).split(":", 1)[0]
+            self._metrics.downlink_refused.labels(reason.replace(" ", "_")[:40]).inc()
         self._reply(request.reply_topic, request.correlation, outcome.reply)
 
     # -- refusals and replies -------------------------------------------------------------

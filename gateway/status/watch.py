@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from gateway.config import GatewayConfig
 from gateway.status.sources import (
@@ -25,10 +26,14 @@ from gateway.status.view import render
 
 
 class StatusWatcher:
-    """One gateway's /metrics and log, polled into a StatusState."""
+    """One gateway's /metrics and log, polled into a StatusState; with ``rules_dir`` (the
+    config takes rules from the cloud) also the rules version that runs."""
 
-    def __init__(self, metrics: str, log: Path, links: tuple[str, ...] = ("site",)) -> None:
+    def __init__(self, metrics: str, log: Path, links: tuple[str, ...] = ("site",), *,
+                 rules_dir: Path | None = None) -> None:
         self.metrics_url = metrics
+        self._rules_dir = rules_dir
+        self._rules_note: tuple[tuple[str, str], ...] = ()
         # A link that never connected has no gauge yet; the config says it should be there.
         self._links = links
         self.tail = LogTail(log)
@@ -50,9 +55,11 @@ class StatusWatcher:
             if error is None:
                 error = str(err)
         self.state.update(now, metrics, error, tail)
+        if self._rules_dir is not None:
+            self._rules_note = (("rules", rules_version_text(self._rules_dir)),)
 
     def snapshot(self, notes: tuple[tuple[str, str], ...] = ()) -> Snapshot:
-        return self.state.snapshot(notes)
+        return self.state.snapshot(self._rules_note + notes)
 
     def close(self) -> None:
         self.tail.close()
@@ -78,7 +85,26 @@ def watcher_for(cfg: GatewayConfig, config_name: str) -> StatusWatcher:
                           "the gateway")
     url = metrics_url(cfg.metrics.listen)
     scrape(url)  # fail now, in one line, rather than draw an empty screen
-    return StatusWatcher(url, cfg.log.path, links_of(cfg))
+    return StatusWatcher(url, cfg.log.path, links_of(cfg), rules_dir=cfg.downlink.rules_path(
+        cfg.log.path) if cfg.downlink.rules else None)
+
+
+def rules_version_text(root: Path) -> str:
+    """The rules version that runs, as the status view shows it (the same one the retained
+    status on the cloud broker carries as ``rules_version``)."""
+    from gateway.downlink.versions import Action, read_state  # noqa: PLC0415
+    from gateway.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        state = read_state(root)
+    except ConfigError as err:
+        return f"? {escape(str(err))}"
+    if state is None or not state.history:
+        return "version local (the config's rule files; none deployed from the cloud)"
+    last = state.history[-1]
+    how = "deployed" if last.action is Action.DEPLOYED else "rolled back to"
+    at = time.strftime("%Y-%m-%d %H:%M", time.gmtime(last.time))
+    return escape(f"version {last.version} ({how} {at} UTC by request {last.request})")
 
 
 def links_of(cfg: GatewayConfig) -> tuple[str, ...]:
