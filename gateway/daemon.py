@@ -146,7 +146,7 @@ class Gateway:
                 assert self.rules is not None
                 deployer = RuleDeployer(self.rules)
             self.downlink = Downlink(cfg, self.store, up.link, self.commands, self.metrics,
-                                     rules=deployer)
+                                     rules=deployer, status_changed=up.publish_status)
             up.request_filters = self.downlink.filters
             up.on_request = self.downlink.on_message
         rules = self.rules

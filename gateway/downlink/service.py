@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -100,7 +101,10 @@ class _Request(NamedTuple):
 class Downlink:
     def __init__(self, cfg: GatewayConfig, store: LogStore, link: MqttLink,
                  commands: CommandSender, metrics: GatewayMetrics,
-                 rules: RuleDeploying | None = None) -> None:
+                 rules: RuleDeploying | None = None,
+                 status_changed: Callable[[], None] | None = None) -> None:
+        """``status_changed`` is called when the rules version changed (the uplink renews
+        its retained status, which names the version)."""
         self._cfg = cfg.downlink
         self._max_device_id = cfg.ingest.max_device_id
         self._store = store
@@ -108,6 +112,7 @@ class Downlink:
         self._commands = commands
         self._metrics = metrics
         self._rules = rules if cfg.downlink.rules else None
+        self._status_changed = status_changed
         self._prefix = f"fieldgate/{cfg.gateway_id}/"
         self._verifier = Verifier(cfg.downlink.public_keys)
         self._replay = ReplayGuard(cfg.downlink.max_clock_skew, store.load_state(REPLAY_STATE))
@@ -273,6 +278,8 @@ class Downlink:
             reason = str(outcome.reply.get("reason", "refused")).split(":", 1)[0]
             self._metrics.downlink_refused.labels(reason.replace(" ", "_")[:40]).inc()
         self._reply(request.reply_topic, request.correlation, outcome.reply)
+        if result == "taken" and self._status_changed is not None:
+            self._status_changed()
 
     # -- refusals and replies -------------------------------------------------------------
 

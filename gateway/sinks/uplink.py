@@ -195,7 +195,7 @@ class UplinkSink:
         # packets in order, so a consumer that sees "online" can ask for a resend.
         self.link.subscribe([(self._resend.topic, None),
                              *((f, None) for f in self.request_filters)], qos=1)
-        self._publish_status()
+        self.publish_status()
 
     def _on_message(self, msg: InboundMessage) -> None:
         if msg.topic == self._resend.topic:
@@ -217,7 +217,7 @@ class UplinkSink:
             **extra,
         })
 
-    def _publish_status(self) -> None:
+    def publish_status(self) -> None:
         self._last_status = time.monotonic()
         self.link.publish(self._status_topic, self._status("online"), qos=1, retain=True,
                           content_type="application/json")
@@ -460,7 +460,7 @@ class UplinkSink:
             if self._resend.pump(after_uplink=True) or resent:
                 self.link.flush()
             if now - self._last_status >= self._up.status_interval:
-                self._publish_status()
+                self.publish_status()
         self._failures.update(self.link.failures)
 
     def finish(self) -> None:

@@ -1,0 +1,151 @@
+"""Rule deployment from the cloud (issue 13), end to end on real Mosquitto: a signed bundle
+on fieldgate/<id>/rules/set is applied and its rules fire; a bad one is refused with
+file:line while the old rules keep running; rollback; a replayed bundle is refused; the
+version is in the retained status; nobody on the site broker can change the rules."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.downlink.signing import Signer
+from gateway.mosquitto import Mosquitto
+from tests.mqtt_helpers import CloudCollector, Publisher
+from tests.test_downlink import GW, Operator, _barrier, _events
+from tests.tools import GatewayProcess
+
+
+def _rule(alert: str, threshold: float) -> str:
+    return f"""\
+groups:
+  - name: house
+    match: {{device: "t-*"}}
+    rules:
+      - alert: {alert}
+        expr: last(temp, 60s) > {threshold}
+        severity: warning
+        message: "{{device}} at {{value:.1f}}"
+"""
+
+
+BROKEN = """\
+groups:
+  - name: house
+    rules:
+      - alert: Oops
+        expr: last(temp, 60s) >> 3
+        severity: warning
+"""
+
+
+def _bundle(version: str, files: dict[str, str]) -> bytes:
+    return orjson.dumps({"id": uuid.uuid4().hex, "ts": time.time(), "version": version,
+                         "files": files})
+
+
+def _fired(gw: GatewayProcess, alert: str) -> list[str]:
+    """Devices the alert fired for, from the log."""
+    return [e["subject"] for e in _events(gw) if e["type"] == "io.fieldgate.alert.fired"
+            and e["data"]["rule"] == alert]
+
+
+@pytest.fixture
+def gw(site: Mosquitto, cloud: Mosquitto, make_gateway: Any, tmp_path: Path) -> Any:
+    signer = Signer.generate(tmp_path / "cloud.key")
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "house.yaml").write_text(_rule("LocalHot", 30))
+    proc = make_gateway(site, cloud, rules=[str(tmp_path / "local" / "*.yaml")],
+                        engine={"tick": "100ms", "offline_after": None},
+                        downlink={"public_keys": [signer.public_key], "rules": True})
+    proc.start()
+    proc.wait_links("cloud")
+    proc.signer = signer
+    return proc
+
+
+def test_a_bundle_is_applied_checked_rolled_back_and_never_replayed(gw, site, cloud):
+    op = Operator(cloud.port, gw.signer)
+    collector = CloudCollector(cloud.port, GW)
+    readings = Publisher(site.port)
+    topic = f"fieldgate/{GW}/rules/set"
+
+    def reading(device: str, temp: float) -> None:
+        readings.publish(f"sensors/{device}/telemetry", orjson.dumps({"temp": temp}))
+
+    try:
+        good = _bundle("v1", {"house.yaml": _rule("Deployed", 35)})
+        reply = op.reply(op.publish(topic, good))
+        assert reply["status"] == "applied", reply
+        assert (reply["version"], reply["previous"]) == ("v1", "local")
+        reading("t-1", 40)
+        assert CloudCollector.wait_for(lambda: _fired(gw, "Deployed") == ["t-1"], 60)
+        assert not _fired(gw, "LocalHot")   # the deployed version runs instead
+
+        # A bad bundle: refused with file:line, and the running rules keep firing.
+        bad = _bundle("v2", {"house.yaml": _rule("Deployed", 35), "broken.yaml": BROKEN})
+        reply = op.reply(op.publish(topic, bad))
+        assert reply["status"] == "refused", reply
+        assert reply["version"] == "v1"
+        assert any(e.startswith("broken.yaml:5:") for e in reply["errors"]), reply
+        reading("t-2", 41)
+        assert CloudCollector.wait_for(lambda: "t-2" in _fired(gw, "Deployed"), 60)
+
+        # The same signed bundle again: refused, whatever it holds.
+        reply = op.reply(op.publish(topic, good))
+        assert reply["status"] == "refused" and reply["reason"].startswith("replayed"), reply
+
+        # The retained status names the running version.
+        assert CloudCollector.wait_for(
+            lambda: any(s.get("rules_version") == "v1" for s in collector.status), 60)
+
+        # Rollback: back to the config's own files.
+        rollback = orjson.dumps({"id": uuid.uuid4().hex, "ts": time.time()})
+        reply = op.reply(op.publish(f"fieldgate/{GW}/rules/rollback", rollback))
+        assert reply["status"] == "rolled_back", reply
+        assert (reply["version"], reply["previous"]) == ("local", "v1")
+        reading("t-3", 33)   # (t-1 and t-2 read above 30 in the last minute: they fire too)
+        assert CloudCollector.wait_for(lambda: "t-3" in _fired(gw, "LocalHot"), 60)
+    finally:
+        readings.close()
+        collector.close()
+        op.close()
+    assert gw.stop() == 0
+    kinds = [e["type"] for e in _events(gw) if e["type"].startswith("io.fieldgate.rules.")]
+    assert kinds == ["io.fieldgate.rules.applied", "io.fieldgate.rules.refused",
+                     "io.fieldgate.rules.refused", "io.fieldgate.rules.rolled_back"]
+
+
+def test_an_unsigned_or_forged_bundle_changes_nothing(gw, site, cloud, tmp_path):
+    op = Operator(cloud.port, gw.signer)
+    other = Signer.generate(tmp_path / "other.key")
+    topic = f"fieldgate/{GW}/rules/set"
+    try:
+        unsigned = op.publish(topic, _bundle("evil", {"house.yaml": _rule("X", 0)}), sign=False)
+        payload = _bundle("evil", {"house.yaml": _rule("X", 0)})
+        forged = op.publish(topic, payload, signature=other.sign(topic, payload))
+        assert op.reply(unsigned)["reason"].startswith("unsigned")
+        assert op.reply(forged)["reason"].startswith("bad signature")
+    finally:
+        op.close()
+    # Someone on the site broker, even with a valid cloud signature, is not heard at all.
+    site_op = Operator(site.port, gw.signer)
+    try:
+        site_op.publish(topic, _bundle("evil", {"house.yaml": _rule("X", 0)}))
+        site_op.publish(f"fieldgate/{GW}/rules/rollback",
+                        orjson.dumps({"id": uuid.uuid4().hex, "ts": time.time()}))
+    finally:
+        site_op.close()
+    cloud_op = Operator(cloud.port, gw.signer)
+    try:
+        _barrier(cloud_op)
+    finally:
+        cloud_op.close()
+    assert gw.stop() == 0
+    kinds = [e["type"] for e in _events(gw) if e["type"].startswith("io.fieldgate.rules.")]
+    assert kinds == ["io.fieldgate.rules.refused", "io.fieldgate.rules.refused"]
+    assert not (tmp_path / "rules").exists() or not any((tmp_path / "rules").rglob("*.yaml"))
