@@ -41,6 +41,7 @@ class Operator:
         self.signer = signer
         self.replies: dict[bytes, dict[str, Any]] = {}
         self.on_default: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[dict[str, Any]] = []   # what the uplink published on events/...
         self._cond = threading.Condition()
         self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              protocol=paho.MQTTv5, client_id=f"operator-{uuid.uuid4().hex[:8]}")
@@ -49,13 +50,16 @@ class Operator:
         self.c.loop_start()
         self.reply_topic = f"ops/replies/{uuid.uuid4().hex[:8]}"
         subscribe_and_wait(self.c, [(self.reply_topic, 1), (f"fieldgate/{GW}/cmd/+/reply", 1),
-                                    (f"fieldgate/{GW}/rules/reply", 1)])
+                                    (f"fieldgate/{GW}/rules/reply", 1),
+                                    (f"fieldgate/{GW}/events/#", 1)])
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         body = orjson.loads(msg.payload)
         corr = getattr(msg.properties, "CorrelationData", None)
         with self._cond:
-            if corr is not None:
+            if "/events/" in msg.topic:
+                self.events.append(body)
+            elif corr is not None:
                 self.replies[bytes(corr)] = body
             else:
                 self.on_default.append((msg.topic, body))
@@ -176,6 +180,11 @@ def test_a_cloud_command_reaches_the_device_and_the_answer_comes_back(rig):
     assert reply["status"] == "ok", reply
     assert reply["device"] == DEVICE
     assert device.fan == "on"
+    # Every step is also on the cloud's events/... topics, in order.
+    steps = ["received", "issued", "sent", "acknowledged"]
+    assert CloudCollector.wait_for(lambda: [
+        e["type"].rsplit(".", 1)[1] for e in list(op.events)
+        if e["type"].startswith("io.fieldgate.command.")] == steps, 60)
     assert gw.stop() == 0
     kinds = [e["type"].rsplit(".", 1)[1] for e in _events(gw)
              if e["type"].startswith("io.fieldgate.command.")]
