@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -36,6 +36,7 @@ from gateway.downlink.devices import STATE_NAME as DEVICES_STATE
 from gateway.downlink.devices import KnownDevices
 from gateway.downlink.replay import STATE_NAME as REPLAY_STATE
 from gateway.downlink.replay import ReplayGuard
+from gateway.downlink.rules import RuleDeployer
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Verifier
 from gateway.ingest.decode import duplicate_key, valid_device_id
 from gateway.mqtt.link import InboundMessage, MqttLink, valid_topic_name
@@ -66,22 +67,6 @@ class Kind(StrEnum):
     RULES_ROLLBACK = "rules_rollback"
 
 
-class Outcome(Protocol):
-    """What the rule deployer returns: the reply's JSON body and the events to log."""
-
-    @property
-    def reply(self) -> dict[str, Any]: ...
-    @property
-    def events(self) -> list[Event]: ...
-
-
-class RuleDeploying(Protocol):
-    """The rule deployer as the downlink calls it (gateway.downlink.rules)."""
-
-    def deploy(self, request_id: str, body: dict[str, Any], now: float) -> Outcome: ...
-    def rollback(self, request_id: str, now: float) -> Outcome: ...
-
-
 class Refusal(Exception):  # noqa: N818 - a verdict, not our error
     """A request not acted on: ``code`` (the metric's reason label) and one line."""
 
@@ -101,7 +86,7 @@ class _Request(NamedTuple):
 class Downlink:
     def __init__(self, cfg: GatewayConfig, store: LogStore, link: MqttLink,
                  commands: CommandSender, metrics: GatewayMetrics,
-                 rules: RuleDeploying | None = None,
+                 rules: RuleDeployer | None = None,
                  status_changed: Callable[[], None] | None = None) -> None:
         """``status_changed`` is called when the rules version changed (the uplink renews
         its retained status, which names the version)."""
