@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from tests.mqtt_helpers import SLACK
 from tests.tools import ROOT, gateway
 
 GW = "gh-1"
+PASSWORD = b"pw-for-tests"
 RULE = """\
 groups:
   - name: house
@@ -45,9 +47,10 @@ Answer = Callable[[Message], list[tuple[bytes, bytes | None]]]
 class Responder:
     """A client on the cloud broker that takes requests and answers them as told."""
 
-    def __init__(self, port: int, filters: list[str]) -> None:
+    def __init__(self, port: int, filters: list[str], *, user: str | None = None) -> None:
         self.session = MqttSession(SessionConfig(
-            host="127.0.0.1", port=port, client_id=f"responder-{secrets.token_hex(4)}"))
+            host="127.0.0.1", port=port, client_id=f"responder-{secrets.token_hex(4)}",
+            username=user, password=PASSWORD if user else None))
         self.session.connect()
         self.session.run_until(lambda: self.session.connected, 10 * SLACK)
         pid = self.session.subscribe([TopicFilter(f, max_qos=QoS.AT_LEAST_ONCE)
@@ -91,11 +94,12 @@ class Responder:
                 proc.communicate()
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
-    def marker_first(self, port: int, topic: str) -> bool:
-        """Publish a marker on ``topic`` from another client and wait for it: True when
-        it is the first message the responder received (nothing came before it)."""
+    def marker_first(self, port: int, topic: str, *, user: str | None = None) -> bool:
+        """Publish a marker on ``topic`` from another client (as ``user``) and wait for it:
+        True when it is the first message the responder received (nothing came before)."""
         before = len(self.requests)
-        other = MqttSession(SessionConfig(host="127.0.0.1", port=port, client_id="marker"))
+        other = MqttSession(SessionConfig(host="127.0.0.1", port=port, client_id="marker",
+                                          username=user, password=PASSWORD if user else None))
         other.connect()
         other.run_until(lambda: other.connected, 10 * SLACK)
         pid = other.publish(topic, b"marker", qos=1)
@@ -400,3 +404,70 @@ def test_the_sample_names_the_signing_key(tmp_path: Path) -> None:
     sample = gateway("config", "sample", "--cloud").stdout
     assert "\nsigning_key_file: null\n" in sample
     assert os.path.exists(ROOT / "deploy" / "cloud.example.yaml")
+
+
+# -- the cloud broker's ACL, as deploy/README.md gives it --------------------------------------
+
+def readme_acl() -> str:
+    """The acl_file block of deploy/README.md (Cloud control), as an operator copies it."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    [block] = re.findall(r"```\n(# acl_file of the cloud broker.*?)```", text, re.S)
+    return block
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    acl = tmp_path / "cloud.acl"
+    bob = readme_acl().split("user ops-alice", 1)[1].replace("ops-alice", "ops-bob")
+    acl.write_text(readme_acl() + "\nuser ops-bob" + bob)
+    users = {u: PASSWORD.decode() for u in (GW, "ops-alice", "ops-bob", "viewer")}
+    broker = Mosquitto(tmp_path, "acl", users=users, extra=f"acl_file {acl}\n").start()
+    yield broker
+    broker.stop()
+
+
+def operator_config(tmp_path: Path, broker: Mosquitto, key: Path, user: str) -> Path:
+    secret = tmp_path / f"{user}.pw"
+    secret.write_text(PASSWORD.decode() + "\n")
+    secret.chmod(0o600)
+    path = tmp_path / f"{user}.yaml"
+    path.write_text(yaml.safe_dump({
+        "broker": {"url": broker.url, "username": user, "password_file": str(secret)},
+        "signing_key_file": str(key)}))
+    return path
+
+
+def test_the_readme_acl_lets_an_operator_command_and_read_only_its_own_replies(
+        tmp_path: Path, acl_broker: Mosquitto, key: tuple[Path, str]) -> None:
+    gw = Responder(acl_broker.port, [f"fieldgate/{GW}/cmd/+"], user=GW)
+    eavesdropper = Responder(acl_broker.port, ["fieldgate/#"], user="ops-bob")
+    try:
+        alice = operator_config(tmp_path, acl_broker, key[0], "ops-alice")
+        out = gw.serve(["cloud", "send", "-c", str(alice), "--gateway", GW, "--device",
+                        "fan-1", '{"cmd": "set"}'], lambda m: reply(m, status="ok"))
+        assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
+        assert gw.requests[0].response_topic is not None
+        assert "/reply/ops-alice/" in gw.requests[0].response_topic
+        # Bob, another operator subscribed to everything, got neither the request nor
+        # alice's reply: the first thing he gets is a reply meant for him.
+        assert eavesdropper.marker_first(
+            acl_broker.port, f"fieldgate/{GW}/cmd/fan-1/reply/ops-bob/x", user=GW)
+    finally:
+        eavesdropper.close()
+        gw.close()
+
+
+def test_a_publish_the_acl_refuses_is_one_line_and_exit_4(
+        tmp_path: Path, acl_broker: Mosquitto, key: tuple[Path, str]) -> None:
+    gw = Responder(acl_broker.port, [f"fieldgate/{GW}/cmd/+"], user=GW)
+    try:
+        viewer = operator_config(tmp_path, acl_broker, key[0], "viewer")
+        out = gw.serve(["cloud", "send", "-c", str(viewer), "--gateway", GW, "--device",
+                        "fan-1", '{"cmd": "set"}'], lambda m: reply(m, status="ok"))
+    finally:
+        gw.close()
+    assert out.returncode == 4
+    assert out.stderr == ("error: the broker refused the request on 'fieldgate/gh-1/cmd/fan-1': "
+                          "Not authorized (0x87); its ACL must let 'viewer' write it "
+                          "(deploy/README.md, Cloud control)\n")
+    assert gw.requests == []
