@@ -38,7 +38,8 @@ DEFAULT_CLOUD_CONFIG = "/etc/fieldgate/cloud.yaml"
 cloud_config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
     envvar="FIELDGATE_CLOUD_CONFIG", default=DEFAULT_CLOUD_CONFIG, show_default=True,
-    help="Worker config (YAML, `gateway config sample --cloud`); also $FIELDGATE_CLOUD_CONFIG.",
+    help="Cloud-side config (YAML, `gateway config sample --cloud`); also "
+    "$FIELDGATE_CLOUD_CONFIG.",
 )
 
 
