@@ -247,6 +247,7 @@ def _send(config_path: Path, key_file: Path | None, topic: str,
     """Sign ``body(request id, now)``, send it on ``topic``, print the reply and exit
     with its code (module docstring)."""
     from gateway.downlink.client import (
+        Broker,
         NoReplyError,
         NotSentError,
         RequestClient,
@@ -260,12 +261,16 @@ def _send(config_path: Path, key_file: Path | None, topic: str,
         raise UsageMistake(f"no signing key: give --key-file or set signing_key_file in "
                            f"{str(config_path)!r}")
     signer = read_signer(key_path)
+    link = cfg.broker
     try:
-        client = RequestClient(cfg.broker, signer)
+        broker = Broker(host=link.host, port=link.port, username=link.username,
+                        password=link.password(), keepalive=int(link.keepalive),
+                        tls=link.ssl_context("broker") if link.tls else None)
     except ConfigError as err:
         exit_with_problems(err.problems, f"{config_path}: ")
     except SecretError as err:
         exit_with_problems([f"broker.password: {err}"], f"{config_path}: ")
+    client = RequestClient(broker, signer)
     try:
         reply = client.request(topic, body(new_request_id(), time.time()), timeout=timeout)
     except NotSentError as err:

@@ -1,7 +1,7 @@
 """The operators' side of the downlink (docs/downlink.md): one signed request, one reply.
 
-``RequestClient.request`` connects to the cloud broker (the ``broker:`` section of
-cloud.yaml), subscribes to a reply topic and waits for its SUBACK, publishes the signed
+``RequestClient.request`` connects to the cloud broker (``Broker``, from the ``broker:``
+section of cloud.yaml), subscribes to a reply topic and waits for its SUBACK, publishes the signed
 request at QoS 1 with that Response Topic and random Correlation Data, and waits for the
 reply that carries the same Correlation Data; anything else on the reply topic is ignored.
 
@@ -37,7 +37,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mqtt5 import QoS, RetainHandling, TopicFilter
@@ -54,7 +54,6 @@ from fieldmqtt import (
     Subscribed,
     reason_name,
 )
-from gateway.config import Link
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Signer
 from gateway.errors import FieldgateError
 
@@ -91,6 +90,24 @@ class NoReplyError(DownlinkClientError):
 
 class BadReplyError(DownlinkClientError):
     """A reply with our Correlation Data that cannot be read."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Broker:
+    """Where and as whom to connect: the CLI builds it from cloud.yaml's ``broker:`` (a
+    ``gateway.config.Link``, whose helpers read the password and the TLS files). Plain
+    values here, because gateway.config imports this package to check public keys."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: ssl.SSLContext | None = None
+    keepalive: int = 30
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,20 +219,12 @@ def encode(body: Mapping[str, Any]) -> bytes:
 class RequestClient:
     """Sends signed requests to gateways through the cloud broker, one at a time."""
 
-    def __init__(self, link: Link, signer: Signer, *, client_id: str | None = None) -> None:
-        """``link``: the broker (its password is read here; ConfigError/SecretError when a
-        file is unusable). ``client_id``: default a fresh ``fieldgate-ctl-<hex>``, never the
-        ingest worker's ``broker.client_id`` (the broker would disconnect the worker)."""
-        self._link = link
+    def __init__(self, broker: Broker, signer: Signer, *, client_id: str | None = None) -> None:
+        """``client_id``: default a fresh ``fieldgate-ctl-<hex>``, never the ingest worker's
+        ``broker.client_id`` (the broker would disconnect the worker)."""
+        self._broker = broker
         self._signer = signer
         self._client_id = client_id or f"fieldgate-ctl-{secrets.token_hex(6)}"
-        password = link.password()
-        self._password = password.encode() if password is not None else None
-        self._tls: ssl.SSLContext | None = link.ssl_context("broker") if link.tls else None
-
-    @property
-    def where(self) -> str:
-        return f"{self._link.host}:{self._link.port}"
 
     def request(self, topic: str, body: Mapping[str, Any], *, timeout: float,
                 reply_to: str | None = None) -> Reply:
@@ -223,20 +232,22 @@ class RequestClient:
         ``timeout`` seconds (all of it: connecting, subscribing, publishing, waiting).
         ``reply_to``: the reply topic, default ``reply_topic(topic, broker user)``."""
         payload = encode(body)
-        reply_to = reply_to or reply_topic(topic, self._link.username)
+        broker = self._broker
+        reply_to = reply_to or reply_topic(topic, broker.username)
         correlation = secrets.token_bytes(_CORRELATION_BYTES)
         deadline = time.monotonic() + timeout
         session = MqttSession(SessionConfig(
-            host=self._link.host, port=self._link.port, client_id=self._client_id,
-            keepalive=int(self._link.keepalive), clean_start=True, session_expiry=0,
-            username=self._link.username, password=self._password, tls=self._tls,
-            connect_timeout=max(0.1, min(_CONNECT_TIMEOUT, timeout))))
+            host=broker.host, port=broker.port, client_id=self._client_id,
+            keepalive=broker.keepalive, clean_start=True, session_expiry=0,
+            username=broker.username,
+            password=broker.password.encode() if broker.password is not None else None,
+            tls=broker.tls, connect_timeout=max(0.1, min(_CONNECT_TIMEOUT, timeout))))
         exchange = _Exchange(topic, payload, self._signer.sign(topic, payload), reply_to,
-                             correlation, self._link.username)
+                             correlation, broker.username)
         try:
             session.connect()
         except OSError as err:
-            raise NotSentError(f"cannot reach the broker {self.where}: "
+            raise NotSentError(f"cannot reach the broker {broker.where}: "
                                f"{err.strerror or err}") from None
         except ConnectionLostError as err:
             raise NotSentError(f"cannot reach the broker {err}") from None
