@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 import stat
 import subprocess
 import sys
@@ -47,10 +48,11 @@ Answer = Callable[[Message], list[tuple[bytes, bytes | None]]]
 class Responder:
     """A client on the cloud broker that takes requests and answers them as told."""
 
-    def __init__(self, port: int, filters: list[str], *, user: str | None = None) -> None:
+    def __init__(self, port: int, filters: list[str], *, user: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.session = MqttSession(SessionConfig(
             host="127.0.0.1", port=port, client_id=f"responder-{secrets.token_hex(4)}",
-            username=user, password=PASSWORD if user else None))
+            username=user, password=PASSWORD if user else None, tls=tls))
         self.session.connect()
         self.session.run_until(lambda: self.session.connected, 10 * SLACK)
         pid = self.session.subscribe([TopicFilter(f, max_qos=QoS.AT_LEAST_ONCE)
@@ -283,6 +285,30 @@ def test_credentials_the_broker_refuses_are_one_line_and_exit_4(
     assert "refused the connection" in out.stderr and "broker.username" in out.stderr
     assert len(out.stderr.splitlines()) == 1
     assert "wrong" not in out.stderr
+
+
+def test_send_over_tls_with_the_configured_ca(tmp_path: Path, key: tuple[Path, str],
+                                              pki: tuple[Path, Path, Path]) -> None:
+    broker = Mosquitto(tmp_path, "tls", tls=pki).start()
+    gw = Responder(broker.port, [f"fieldgate/{GW}/cmd/+"],
+                   tls=ssl.create_default_context(cafile=str(pki[0])))
+    try:
+        path = tmp_path / "cloud.yaml"
+        path.write_text(yaml.safe_dump({"broker": {"url": broker.url, "ca_file": str(pki[0])},
+                                        "signing_key_file": str(key[0])}))
+        out = gw.serve(["cloud", "send", "-c", str(path), "--gateway", GW, "--device",
+                        "fan-1", '{"cmd": "set"}'], lambda m: reply(m, status="ok"))
+        assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
+        # Without the CA the broker's certificate is not trusted: not sent, one line.
+        path.write_text(yaml.safe_dump({"broker": {"url": broker.url},
+                                        "signing_key_file": str(key[0])}))
+        out = gateway("cloud", "send", "-c", str(path), "--gateway", GW, "--device",
+                      "fan-1", '{"cmd": "set"}')
+        assert out.returncode == 4 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert "certificate" in out.stderr
+    finally:
+        gw.close()
+        broker.stop()
 
 
 @pytest.mark.parametrize(("command", "says"), [
