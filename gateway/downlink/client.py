@@ -46,6 +46,7 @@ from fieldmqtt import (
     Connected,
     ConnectionLostError,
     ConnectRefusedError,
+    Event,
     Message,
     MqttSession,
     PacketTooLargeError,
@@ -283,7 +284,10 @@ class _Exchange:
             except ConnectRefusedError as err:
                 raise NotSentError(self._refused(err)) from None
             except ConnectionLostError as err:
-                self._handle(session, err.events)
+                # Only a reply matters now: the connection is gone, nothing more can be sent.
+                for event in err.events:
+                    if isinstance(event, Message):
+                        self._take(event)
                 if self.reply is not None:
                     break
                 if self.published:
@@ -293,7 +297,7 @@ class _Exchange:
             self._handle(session, events)
         return self.reply
 
-    def _handle(self, session: MqttSession, events: list[Any]) -> None:
+    def _handle(self, session: MqttSession, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Message):
                 session.ack(event)
