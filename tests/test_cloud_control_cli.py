@@ -402,6 +402,15 @@ def test_a_bad_rule_file_is_refused_here_with_file_line_and_nothing_is_sent(
     assert responder.marker_first(cloud.port, f"fieldgate/{GW}/rules/set")
 
 
+def test_a_file_name_a_gateway_would_refuse_is_refused_here(
+        tmp_path: Path, config: Path) -> None:
+    odd = tmp_path / "north rules.yaml"
+    odd.write_text(RULE)
+    out = gateway("cloud", "deploy-rules", "-c", str(config), "--gateway", GW, str(odd))
+    assert out.returncode == 2
+    assert "plain file names" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
 def test_rollback_rules(config: Path, key: tuple[Path, str], responder: Responder) -> None:
     out = responder.serve(["cloud", "rollback-rules", "-c", str(config), "--gateway", GW],
                           lambda m: reply(m, status="rolled_back", version="v1",
@@ -416,6 +425,7 @@ def test_rollback_rules(config: Path, key: tuple[Path, str], responder: Responde
     (["--gateway", "gh/1"], "--gateway 'gh/1' is not a gateway id"),
     (["--gateway", GW, "--version", "1:2"], "--version '1:2'"),
     (["--gateway", GW, "--timeout", "soon"], "--timeout"),
+    (["--gateway", GW, "--version", "local"], "names the gateway's own rules"),
 ])
 def test_deploy_rules_usage_errors(tmp_path: Path, config: Path, args: list[str],
                                    says: str) -> None:

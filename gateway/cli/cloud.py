@@ -379,12 +379,20 @@ def deploy_rules(config_path: Path, gateway_id: str, version: str | None, timeou
     Example:
       gateway cloud deploy-rules -c cloud.yaml --gateway gh-1 rules/*.yaml
     """
-    from gateway.downlink.client import VERSION_RE, default_version, rules_topic
+    from gateway.downlink.client import (
+        RESERVED_VERSIONS,
+        VERSION_RE,
+        default_version,
+        rules_topic,
+    )
 
     _check_gateway_id(gateway_id)
     wait = positive_duration(timeout, "--timeout")
     if version is not None and not VERSION_RE.fullmatch(version):
         raise UsageMistake(f"--version {version!r}: 1 to 64 of letters, digits and . _ -")
+    if version in RESERVED_VERSIONS:
+        raise UsageMistake(f"--version {version!r} names the gateway's own rules; choose "
+                           "another")
     bundle = _checked_bundle(files)
     chosen = version or default_version(time.time())
     _send(config_path, key_file, rules_topic(gateway_id, "set"),
@@ -395,14 +403,23 @@ def deploy_rules(config_path: Path, gateway_id: str, version: str | None, timeou
 def _checked_bundle(files: tuple[Path, ...]) -> dict[str, str]:
     """name -> text of the rule files, each read once and checked as `gateway rules check`
     does; every problem (file:line) and exit 2 when any has one."""
+    from gateway.downlink.client import FILE_NAME_RE, MAX_BUNDLE_FILES
     from gateway.engine.rules import RuleSet
     from gateway.errors import ConfigError
     from gateway.rule_service import device_check
     from gateway.rulefiles import read_rule_text
 
-    paths = [f for f in files if not f.name.endswith(".test.yaml")]
+    paths = [f for f in files if not f.name.endswith((".test.yaml", ".test.yml"))]
     if not paths:
         raise UsageMistake("no rule files given (test files are not deployed)")
+    if len(paths) > MAX_BUNDLE_FILES:
+        raise UsageMistake(f"{len(paths)} rule files; a bundle holds at most "
+                           f"{MAX_BUNDLE_FILES}: merge some")
+    for path in paths:
+        if not FILE_NAME_RE.fullmatch(path.name):
+            raise UsageMistake(f"{str(path)!r}: a gateway takes only plain file names ending "
+                               ".yaml or .yml (a letter or digit first, then letters, digits, "
+                               ". _ -); rename it")
     rules = RuleSet(device_check=device_check())
     bundle: dict[str, str] = {}
     for path in paths:

@@ -64,6 +64,12 @@ SUCCESS = frozenset({"ok", "applied", "rolled_back"})
 # What docs/downlink.md allows in a request id and a rules version.
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
 VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# What a gateway takes in a bundle (docs/downlink.md, check 6; gateway/downlink/rules.py):
+# checked before sending, so a bundle is not refused for its shape. "local" names the
+# gateway's own configured rules.
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.ya?ml")
+MAX_BUNDLE_FILES = 64
+RESERVED_VERSIONS = frozenset({"local"})
 # As GatewayConfig.gateway_id: it becomes a topic level.
 GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # What a user name may be to become a level of the reply topic: no wildcard, no separator,
@@ -97,7 +103,7 @@ class BadReplyError(DownlinkClientError):
 class Broker:
     """Where and as whom to connect: the CLI builds it from cloud.yaml's ``broker:`` (a
     ``gateway.config.Link``, whose helpers read the password and the TLS files). Plain
-    values here, because gateway.config imports this package to check public keys."""
+    values: the client needs no config model, and holds the password only in memory."""
 
     host: str
     port: int
