@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -27,6 +28,7 @@ from gateway.downlink.signing import Signer
 from gateway.mosquitto import Mosquitto
 from tests.mqtt_helpers import SLACK, CloudCollector, subscribe_and_wait
 from tests.tools import GatewayProcess
+from tests.tools import gateway as gateway_cli
 
 MASTER = "site-master-key-for-downlink-tests"
 GW = "gw-test"
@@ -123,9 +125,14 @@ class Device:
         self._thread.join(20)
 
 
+SIGNER_FILE: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory: pytest.TempPathFactory) -> Signer:
-    return Signer.generate(tmp_path_factory.mktemp("keys") / "cloud.key")
+    path = tmp_path_factory.mktemp("keys") / "cloud.key"
+    SIGNER_FILE[:] = [path]
+    return Signer.generate(path)
 
 
 def _gateway(make_gateway: Any, site: Mosquitto, cloud: Mosquitto, tmp_path: Path,
@@ -376,3 +383,24 @@ def test_the_downlink_is_off_without_allow_or_rules(site, cloud, make_gateway, t
     assert gw.stop() == 0
     assert not [e for e in _events(gw) if e["type"].startswith("io.fieldgate.command.")]
 
+
+
+def test_the_operators_cli_commands_a_device_through_a_real_gateway(rig, cloud, tmp_path):
+    """`gateway cloud send` against the gateway itself, not a stand-in."""
+    gw, device, _, _ = rig
+    key = tmp_path / "cloud.key"
+    key.write_bytes(SIGNER_FILE[0].read_bytes())
+    key.chmod(0o600)
+    conf = tmp_path / "cloud.yaml"
+    conf.write_text(yaml.safe_dump({"broker": {"url": cloud.url}, "signing_key_file": str(key)}))
+    out = gateway_cli("cloud", "send", "-c", str(conf), "--gateway", GW, "--device", DEVICE,
+                      '{"cmd": "fan", "state": "on"}')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok"), out.stdout
+    assert device.fan == "on"
+    out = gateway_cli("cloud", "send", "-c", str(conf), "--gateway", GW, "--device", DEVICE,
+                      '{"cmd": "reboot"}')
+    assert out.returncode == 1, out
+    assert "not allowed" in out.stdout + out.stderr
+    assert device.fan == "on"
+    assert gw.stop() == 0

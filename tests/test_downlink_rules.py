@@ -12,12 +12,14 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from gateway.downlink.signing import Signer
 from gateway.mosquitto import Mosquitto
 from tests.mqtt_helpers import CloudCollector, Publisher
 from tests.test_downlink import GW, Operator, _barrier, _events
 from tests.tools import GatewayProcess
+from tests.tools import gateway as gateway_cli
 
 
 def _rule(alert: str, threshold: float) -> str:
@@ -149,3 +151,24 @@ def test_an_unsigned_or_forged_bundle_changes_nothing(gw, site, cloud, tmp_path)
     kinds = [e["type"] for e in _events(gw) if e["type"].startswith("io.fieldgate.rules.")]
     assert kinds == ["io.fieldgate.rules.refused", "io.fieldgate.rules.refused"]
     assert not (tmp_path / "rules").exists() or not any((tmp_path / "rules").rglob("*.yaml"))
+
+
+def test_the_operators_cli_deploys_and_rolls_back_through_a_real_gateway(gw, cloud, tmp_path):
+    conf = tmp_path / "cloud.yaml"
+    conf.write_text(yaml.safe_dump({"broker": {"url": cloud.url},
+                                    "signing_key_file": str(tmp_path / "cloud.key")}))
+    rules = tmp_path / "ops"
+    rules.mkdir()
+    (rules / "house.yaml").write_text(_rule("Deployed", 35))
+    out = gateway_cli("cloud", "deploy-rules", "-c", str(conf), "--gateway", GW,
+                      "--version", "ops-1", str(rules / "house.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("applied"), out.stdout
+    history = gateway_cli("rules", "history", "-c", str(gw.config))
+    assert "ops-1" in history.stdout, history
+    out = gateway_cli("cloud", "rollback-rules", "-c", str(conf), "--gateway", GW)
+    assert out.returncode == 0, out.stderr
+    out = gateway_cli("cloud", "rollback-rules", "-c", str(conf), "--gateway", GW)
+    assert out.returncode == 1, out    # nothing before "local"
+    assert "nothing to roll back to" in out.stdout + out.stderr
+    assert gw.stop() == 0

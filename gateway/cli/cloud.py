@@ -379,12 +379,8 @@ def deploy_rules(config_path: Path, gateway_id: str, version: str | None, timeou
     Example:
       gateway cloud deploy-rules -c cloud.yaml --gateway gh-1 rules/*.yaml
     """
-    from gateway.downlink.client import (
-        RESERVED_VERSIONS,
-        VERSION_RE,
-        default_version,
-        rules_topic,
-    )
+    from gateway.downlink.client import RESERVED_VERSIONS, default_version, rules_topic
+    from gateway.downlink.rules import VERSION_RE
 
     _check_gateway_id(gateway_id)
     wait = positive_duration(timeout, "--timeout")
@@ -403,7 +399,7 @@ def deploy_rules(config_path: Path, gateway_id: str, version: str | None, timeou
 def _checked_bundle(files: tuple[Path, ...]) -> dict[str, str]:
     """name -> text of the rule files, each read once and checked as `gateway rules check`
     does; every problem (file:line) and exit 2 when any has one."""
-    from gateway.downlink.client import FILE_NAME_RE, MAX_BUNDLE_FILES
+    from gateway.downlink.rules import FILE_NAME_RE, MAX_BUNDLE_FILES
     from gateway.engine.rules import RuleSet
     from gateway.errors import ConfigError
     from gateway.rule_service import device_check

@@ -56,6 +56,7 @@ from fieldmqtt import (
     reason_name,
 )
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Signer
+from gateway.downlink.versions import LOCAL
 from gateway.errors import FieldgateError
 
 # Statuses of a reply that mean "done as asked" (docs/downlink.md, Replies).
@@ -63,13 +64,10 @@ SUCCESS = frozenset({"ok", "applied", "rolled_back"})
 
 # What docs/downlink.md allows in a request id and a rules version.
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
-VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# What a gateway takes in a bundle (docs/downlink.md, check 6; gateway/downlink/rules.py):
+# What a gateway takes in a bundle (docs/downlink.md, check 6): the gateway's own rules,
 # checked before sending, so a bundle is not refused for its shape. "local" names the
 # gateway's own configured rules.
-FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.ya?ml")
-MAX_BUNDLE_FILES = 64
-RESERVED_VERSIONS = frozenset({"local"})
+RESERVED_VERSIONS = frozenset({LOCAL})
 # As GatewayConfig.gateway_id: it becomes a topic level.
 GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # What a user name may be to become a level of the reply topic: no wildcard, no separator,
