@@ -11,7 +11,9 @@ and `gateway query alerts` against it. On a terminal the live view is `gateway s
 The heat fault on gh-1 fires TooHot, the gateway sends a fan command signed with gh-1's key
 (derived from the master key, which the emulator holds since it plays every device), the
 device verifies it and answers, signed, the gateway believes the answer, the temperature
-falls and the alert resolves.
+falls and the alert resolves. An operator in the "cloud" (gateway.downlink.client, as
+`gateway cloud send` uses it) opens gh-2's valve with a command signed by the demo's cloud
+key; the gateway checks it against ``downlink:`` and relays the device's answer.
 ``--cut-cloud`` stops the cloud broker for a while to show the log buffering, then draining.
 """
 
@@ -42,6 +44,15 @@ from rich.text import Text
 
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway
+from gateway.downlink.client import (
+    Broker,
+    DownlinkClientError,
+    RequestClient,
+    command_body,
+    command_topic,
+    new_request_id,
+)
+from gateway.downlink.signing import Signer
 from gateway.influxd import INSTALL_HINT, InfluxD, find_influxd
 from gateway.mosquitto import Mosquitto, free_port
 from gateway.query import InfluxQLClient, QueryError, connection_from
@@ -54,6 +65,8 @@ from gateway.status.state import Tone
 from gateway.status.view import render
 from gateway.status.watch import links_of
 
+# When the operator's cloud command goes (devices have reported by then).
+_OPERATOR_AT = 2.0
 # When the cloud is cut, after this many seconds of normal flow.
 _CUT_AFTER = 5.0
 # Simulated seconds per wall second for the fleet: the heat fault takes minutes of
@@ -141,6 +154,38 @@ class _LiveView:
         self._live.stop()
 
 
+class _Operator:
+    """The cloud side's operator: one signed command, sent from a thread, its reply kept."""
+
+    def __init__(self, port: int, signer: Signer, gateway_id: str,
+                 watcher: StatusWatcher) -> None:
+        self._client = RequestClient(Broker(host="127.0.0.1", port=port), signer)
+        self._topic = command_topic(gateway_id, "gh-2")
+        self._watcher = watcher
+        self._said = "no reply"
+        self._thread = threading.Thread(target=self._send, name="operator", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        body = command_body("valve", {"state": "open"}, ttl=30, request_id=new_request_id(),
+                            now=time.time())
+        try:
+            reply = self._client.request(self._topic, body, timeout=30)
+        except DownlinkClientError as err:
+            self._said = f"failed: {err}"
+            return
+        reason = reply.body.get("reason")
+        self._said = reply.status + (f" ({reason})" if reason else
+                                     " (signed, allowed, acknowledged by the device)")
+        self._watcher.state.note(time.time(), "operator", f"cloud command to gh-2: valve "
+                                 f"open -> {reply.status}",
+                                 Tone.GOOD if reply.succeeded else Tone.WARN)
+
+    def result(self) -> str:
+        self._thread.join(35)
+        return self._said
+
+
 def _fleet_file() -> Path:
     return Path(str(resources.files("devices") / "fleets" / "greenhouse.yaml"))
 
@@ -203,6 +248,8 @@ def run_demo(duration: float, cut_cloud: float) -> int:
         key = work / "command.key"
         key.write_text(secrets.token_hex(32))
         key.chmod(0o600)
+        signer = Signer.generate(work / "cloud-signing.key")
+        operator: _Operator | None = None
         sim: subprocess.Popen[bytes] | None = None
         consumer: _CloudConsumer | None = None
         gw: Gateway | None = None
@@ -228,6 +275,8 @@ def run_demo(duration: float, cut_cloud: float) -> int:
                 "engine": {"tick": "500ms", "offline_after": None},
                 "device_labels": {"gh-*": {"zone": "north"}},
                 "commands": {"key_file": str(key)},
+                "downlink": {"public_keys": [signer.public_key],
+                             "allow": [{"devices": "gh-*", "commands": ["valve"]}]},
                 "metrics": {"listen": metrics},
                 **({"influx": {"url": influxd.url, "api": "v1", "database": _INFLUX_DB,
                                "batch_max_delay": "200ms", "health_interval": "2s"}}
@@ -258,6 +307,8 @@ def run_demo(duration: float, cut_cloud: float) -> int:
             try:
                 while not stop.wait(1.0):
                     elapsed = time.monotonic() - start
+                    if operator is None and elapsed >= _OPERATOR_AT:
+                        operator = _Operator(cloud.port, signer, cfg.gateway_id, watcher)
                     if cloud_up and elapsed >= cut_at:
                         cloud.stop()
                         cloud_up = False
@@ -310,7 +361,9 @@ def run_demo(duration: float, cut_cloud: float) -> int:
                        f"{events['command.rejected']} rejected, "
                        f"{events['command.ack_rejected']} not believed, "
                        f"{events['command.timed_out']} timed out")
-            ok = arrived == logged and logged > 0
+            said = operator.result() if operator is not None else "not sent (stopped early)"
+            click.echo(f"cloud: the operator's signed command 'valve open' to gh-2: {said}")
+            ok = arrived == logged and logged > 0 and said.startswith("ok")
             if influxd is not None:
                 owed = gw.store.snapshot.depth("influx")
                 if owed:

@@ -173,6 +173,9 @@ def test_demo_closes_the_loop_and_survives_a_cloud_cut():
     assert int(numbers["rejected"]) == 0
     # Every answer was signed by the device and matched a command that waited for it.
     assert " 0 not believed, 0 timed out" in last, last
+    # The operator's command from the cloud was signed, allowed, and answered by gh-2.
+    cloud = next(line for line in lines if line.startswith("cloud: "))
+    assert cloud.endswith("to gh-2: ok (signed, allowed, acknowledged by the device)"), cloud
 
     after = lines[lines.index(last) + 1:]
     if shutil.which("influxd") is None and shutil.which("influxd", path="/usr/bin") is None:
