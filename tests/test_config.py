@@ -364,3 +364,13 @@ def test_the_config_modules_import_one_way_down_the_list_in_its_docstring():
         assert "gateway.config" not in imported, f"{name} imports the package's face"
         up = {m for m in imported if order.index(m) <= order.index(name)}
         assert not up, f"gateway/config/{name}.py imports {up}, listed above it"
+
+
+def test_check_names_a_rules_dir_that_is_not_a_directory(tmp_path):
+    taken = tmp_path / "rules"
+    taken.write_text("a file where the deployed versions would go")
+    cfg = parse_config({"gateway_id": "g", "cloud": {"url": "mqtt://127.0.0.1:1884"},
+                        "log": {"path": str(tmp_path / "log.db")},
+                        "downlink": {"public_keys": ["A" * 43 + "="], "rules": True}})
+    assert check_config(cfg) == [f"downlink.rules_dir: {str(taken)!r} is not a directory; "
+                                 "remove it or choose another rules_dir"]

@@ -28,7 +28,24 @@ def check_config(cfg: GatewayConfig) -> list[str]:
     problems += _exposed_secret_files(cfg, links)
     problems += _log_path_problems(cfg)
     problems += _influx_problems(cfg)
+    problems += _rules_dir_problems(cfg)
     return problems
+
+
+def _rules_dir_problems(cfg: GatewayConfig) -> list[str]:
+    """With rule deployment on, deployed versions can be written: the directory (or the
+    directory it would be made in) is writable."""
+    if not cfg.downlink.rules:
+        return []
+    path = cfg.downlink.rules_path(cfg.log.path)
+    where = path if path.exists() else path.parent
+    if path.exists() and not path.is_dir():
+        return [f"downlink.rules_dir: {str(path)!r} is not a directory; remove it or choose "
+                "another rules_dir"]
+    if where.exists() and not os.access(where, os.W_OK):
+        return [f"downlink.rules_dir: {str(where)!r} is not writable by this user; deployed "
+                "rule versions are kept there"]
+    return []
 
 
 def link_problems(name: str, link: Link) -> list[str]:
