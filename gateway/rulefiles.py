@@ -45,12 +45,12 @@ def read_rule_text(path: str | Path) -> str:
                            "save the file as UTF-8"]) from None
 
 
-def load_rule_files(paths: list[str | Path], *,
-                    device_check: DeviceCheck | None = None) -> list[Group]:
-    """Read and check files; group names must be unique across all of them, and every
-    problem (unreadable file, mistake, repeated group) is reported in file order.
-    ``device_check``: as for gateway.engine.parse_rule_file."""
+def read_rule_files(paths: list[str | Path], *, device_check: DeviceCheck | None = None,
+                    ) -> tuple[RuleSet, dict[str, str]]:
+    """Read files into a RuleSet (``groups()`` then checks them all), and their texts by
+    path; an unreadable file is one of the set's problems."""
     rules = RuleSet(device_check=device_check)
+    texts: dict[str, str] = {}
     for path in paths:
         try:
             text = read_rule_text(path)
@@ -58,7 +58,16 @@ def load_rule_files(paths: list[str | Path], *,
             rules.add_problems(exc.problems)
             continue
         rules.add(text, str(path))
-    return rules.groups()
+        texts[str(path)] = text
+    return rules, texts
+
+
+def load_rule_files(paths: list[str | Path], *,
+                    device_check: DeviceCheck | None = None) -> list[Group]:
+    """Read and check files; group names must be unique across all of them, and every
+    problem (unreadable file, mistake, repeated group) is reported in file order.
+    ``device_check``: as for gateway.engine.parse_rule_file."""
+    return read_rule_files(paths, device_check=device_check)[0].groups()
 
 
 def load_rule_globs(patterns: list[str], *,

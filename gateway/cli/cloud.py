@@ -400,10 +400,9 @@ def _checked_bundle(files: tuple[Path, ...]) -> dict[str, str]:
     """name -> text of the rule files, each read once and checked as `gateway rules check`
     does; every problem (file:line) and exit 2 when any has one."""
     from gateway.downlink.rules import FILE_NAME_RE, MAX_BUNDLE_FILES
-    from gateway.engine.rules import RuleSet
     from gateway.errors import ConfigError
     from gateway.rule_service import device_check
-    from gateway.rulefiles import read_rule_text
+    from gateway.rulefiles import read_rule_files
 
     paths = [f for f in files if not f.name.endswith((".test.yaml", ".test.yml"))]
     if not paths:
@@ -416,18 +415,12 @@ def _checked_bundle(files: tuple[Path, ...]) -> dict[str, str]:
             raise UsageMistake(f"{str(path)!r}: a gateway takes only plain file names ending "
                                ".yaml or .yml (a letter or digit first, then letters, digits, "
                                ". _ -); rename it")
-    rules = RuleSet(device_check=device_check())
-    bundle: dict[str, str] = {}
-    for path in paths:
-        if path.name in bundle:
-            raise UsageMistake(f"two files named {path.name!r}: a bundle holds each name once")
-        try:
-            text = read_rule_text(path)
-        except ConfigError as exc:
-            rules.add_problems(exc.problems)
-            continue
-        rules.add(text, str(path))
-        bundle[path.name] = text
+    names = [path.name for path in paths]
+    for name in names:
+        if names.count(name) > 1:
+            raise UsageMistake(f"two files named {name!r}: a bundle holds each name once")
+    rules, texts = read_rule_files(list(paths), device_check=device_check())
+    bundle = {Path(path).name: text for path, text in texts.items()}
     try:
         rules.groups()
     except ConfigError as err:

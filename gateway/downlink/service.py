@@ -36,6 +36,7 @@ from gateway.downlink.devices import STATE_NAME as DEVICES_STATE
 from gateway.downlink.devices import KnownDevices
 from gateway.downlink.replay import STATE_NAME as REPLAY_STATE
 from gateway.downlink.replay import ReplayGuard
+from gateway.downlink.rules import REFUSED as RULES_REFUSED
 from gateway.downlink.rules import RuleDeployer
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Verifier
 from gateway.ingest.decode import duplicate_key, valid_device_id
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 
 RECEIVED = "io.fieldgate.command.received"
 REFUSED = "io.fieldgate.command.refused"
-RULES_REFUSED = "io.fieldgate.rules.refused"
 CONTENT_TYPE = "application/json"
 
 _ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
