@@ -79,6 +79,7 @@ class Appended:
     result: AppendResult
     next_seq: int
     refused: bool       # the log refused the rest (when_full: refuse)
+    plain: list[tuple[int, int, bytes]]   # the telemetry rows: seq, n, body before zlib
 
 
 class _Group:
@@ -130,6 +131,7 @@ class Appender:
         dlq_cap = self._cfg.dlq_max_payload
         conn = self._conn
         ratio = self._ratio
+        plain: list[tuple[int, int, bytes]] = []
         group = _Group(seq)
 
         def close_group() -> None:
@@ -140,6 +142,7 @@ class Appender:
                 self._ratio = min(1.1, max(0.05, 0.8 * self._ratio + 0.2 * len(body) / len(raw)))
                 rows.append((group.seq, group.n, KIND_TELEMETRY, now, 0, body, CODEC_ZLIB,
                              group.keys.tobytes()))
+                plain.append((group.seq, group.n, raw))
             group = _Group(seq)
 
         # Room is made inside the transaction: the rows dropped at the cap and the rows
@@ -191,7 +194,7 @@ class Appender:
             for entry in dead:
                 counted[f"dead_letters.{entry[2]}"] += 1
             retention.trim_dead_letters(len(dead), counted)
-        return Appended(AppendResult(accepted, readings, len(dead)), seq, refused)
+        return Appended(AppendResult(accepted, readings, len(dead)), seq, refused, plain)
 
     def event_rows(self, events: Sequence[Event], seq: int, now: float) -> list[EventRow]:
         """Events' rows as records ``seq``, ``seq + 1``, ... (before the transaction)."""

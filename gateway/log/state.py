@@ -130,6 +130,13 @@ class Counters:
     def total(self) -> Counter[str]:
         return self.persisted + self.unsaved
 
+    def as_dict(self) -> dict[str, int]:
+        """``total()`` as a new plain dict (cheaper: every commit takes one)."""
+        out = dict(self.persisted)
+        for name, value in self.unsaved.items():
+            out[name] = out.get(name, 0) + value
+        return {k: v for k, v in out.items() if v > 0}
+
 
 def save_states(conn: sqlite3.Connection, states: Sequence[tuple[str, bytes]]) -> None:
     """Keep components' states (name, value), inside the caller's transaction."""

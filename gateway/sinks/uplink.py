@@ -129,7 +129,7 @@ class UplinkSink:
         self._up = cfg.uplink
         self._store = store
         self._metrics = metrics
-        self._reader = LogReader(cfg.log.path)
+        self._reader = LogReader(cfg.log.path, recent=store.recent)
         prefix = f"fieldgate/{cfg.gateway_id}"
         self._telemetry_topic = f"{prefix}/telemetry"
         self._status_topic = f"{prefix}/status"
