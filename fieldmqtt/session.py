@@ -254,6 +254,19 @@ class MqttSession:
             raise
         return self._events
 
+    def flush(self) -> None:
+        """Write what is queued (acks, publishes) as far as the socket takes it now, and do
+        nothing else: the cheap half of ``step(read=False)`` for a caller that just queued
+        something. Raises ConnectionLostError as ``step`` does."""
+        if not self._wbuf or self.state is not State.CONNECTED:
+            return
+        try:
+            self._flush(time.monotonic())
+        except ConnectionLostError as err:
+            err.events = []
+            self._close()
+            raise
+
     def run_once(self, timeout: float | None = None) -> list[Event]:
         """One select() on this session alone and one step(): for tests and simple tools."""
         if self._sock is None:
@@ -460,6 +473,9 @@ class MqttSession:
         total = 0
         eof = False
         self.saturated = False
+        # A TLS socket returns one record per recv, so only a plain one's short read means
+        # the kernel's buffer is empty.
+        plain = self.config.tls is None
         while total < READ_MAX:
             try:
                 data = sock.recv(SEND_CHUNK)
@@ -473,6 +489,8 @@ class MqttSession:
                 break
             chunks.append(data)
             total += len(data)
+            if len(data) < SEND_CHUNK and plain:
+                break  # the kernel had no more: spare the recv that would say so
         else:
             self.saturated = True
         buf = b"".join(chunks)
