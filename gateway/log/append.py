@@ -132,6 +132,7 @@ class Appender:
         conn = self._conn
         ratio = self._ratio
         plain: list[tuple[int, int, bytes]] = []
+        dumps = orjson.dumps
         group = _Group(seq)
 
         def close_group() -> None:
@@ -155,10 +156,14 @@ class Appender:
                              len(msg.payload), msg.payload[:dlq_cap], msg.key))
                 accepted += 1
                 continue
-            body = b",".join(
-                [orjson.dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
-                 for i, (dev, ts, metrics) in enumerate(outcome)]
-            )
+            if len(outcome) == 1:   # the common message: one reading
+                dev, ts, metrics = outcome[0]
+                body = dumps({"seq": seq, "device": dev, "ts": ts, **metrics})
+            else:
+                body = b",".join(
+                    [dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
+                     for i, (dev, ts, metrics) in enumerate(outcome)]
+                )
             size = int(len(body) * ratio) + _KEY_BYTES
             if retention.bytes + added + size > limit - _NEAR_CAP:
                 # Near the cap estimates are not enough: write what is pending and
@@ -173,16 +178,19 @@ class Appender:
                 if retention.bytes + size > limit and not retention.make_room(size, counted):
                     refused = True
                     break
-            if group.n and (group.n + len(outcome) > _GROUP_READINGS
+            n = len(outcome)
+            if group.n and (group.n + n > _GROUP_READINGS
                             or group.raw + len(body) > _GROUP_BYTES):
                 close_group()
-            group.add(body, len(outcome), msg.key)
-            seq += len(outcome)
-            readings += len(outcome)
+            group.add(body, n, msg.key)
+            seq += n
+            readings += n
             added += size
             accepted += 1
         close_group()
-        if rows:
+        if len(rows) == 1:
+            conn.execute(_INSERT, rows[0])
+        elif rows:
             conn.executemany(_INSERT, rows)
         if readings:
             retention.hold_cap(counted)

@@ -193,10 +193,15 @@ class LogStore:
         now = time.time() if now is None else now
         counted: Counter[str] = Counter()
         deletions = self._retention.deletions
+        # Moved cursors due to be made durable ride on this commit: housekeeping then has
+        # nothing to write and costs no sync of its own.
+        save_cursors = time.monotonic() - self._last_housekeeping >= _HOUSEKEEPING_EVERY
         try:
             self._conn.execute("BEGIN")
             done = self._append.messages(messages, self.next_seq, now, counted)
             self._counters.write(self._conn, counted)
+            if save_cursors:
+                self._cursors.save(self._conn)
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._write_failed(err)
@@ -310,7 +315,7 @@ class LogStore:
         self._rollback()
         self.recent.clear()
         self._retention.recount()
-        self._cursors.reload(self._conn)
+        self._cursors.reload(self._conn)   # and saved again at the next housekeeping
         if not _is_disk_full(err):
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         self._retention.enter_full("disk is full", disk=True)

@@ -412,6 +412,10 @@ class MqttLink:
         """Acknowledge a QoS 1 message (one from an earlier connection is redelivered)."""
         self.session.ack(message)
 
+    def ack_all(self, messages: Sequence[InboundMessage]) -> None:
+        """``ack`` each of ``messages`` (those of QoS 0 are skipped)."""
+        self.session.ack_all(messages)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 user_properties: list[tuple[str, str]] | None = None,
                 content_type: str | None = None, correlation_data: bytes | None = None) -> int:
