@@ -24,7 +24,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -254,6 +254,19 @@ class MqttSession:
             raise
         return self._events
 
+    def flush(self) -> None:
+        """Write what is queued (acks, publishes) as far as the socket takes it now, and do
+        nothing else: the cheap half of ``step(read=False)`` for a caller that just queued
+        something. Raises ConnectionLostError as ``step`` does."""
+        if not self._wbuf or self.state is not State.CONNECTED:
+            return
+        try:
+            self._flush(time.monotonic())
+        except ConnectionLostError as err:
+            err.events = []
+            self._close()
+            raise
+
     def run_once(self, timeout: float | None = None) -> list[Event]:
         """One select() on this session alone and one step(): for tests and simple tools."""
         if self._sock is None:
@@ -368,6 +381,23 @@ class MqttSession:
         self._unacked_in -= 1
         self._send(mqtt5.PubAckPacket(message.packet_id, reason_code=reason).write())
 
+    def ack_all(self, messages: Iterable[Message]) -> None:
+        """``ack`` each of ``messages`` (success), in one pass: the caller's acks after a
+        group commit."""
+        if not self.connected:
+            return
+        connection = self.connection
+        puback = mqtt5.PubAckPacket
+        success = PubAckReasonCode.SUCCESS
+        wbuf = self._wbuf
+        acked = 0
+        for message in messages:
+            if message.qos == 1 and message.packet_id is not None \
+                    and message.connection == connection:
+                wbuf += puback(message.packet_id, reason_code=success).write()
+                acked += 1
+        self._unacked_in -= acked
+
     def disconnect(self, reason: DisconnectReasonCode = DisconnectReasonCode.NORMAL_DISCONNECTION,
                    *, session_expiry: int | None = None, timeout: float = 1.0) -> None:
         """Send DISCONNECT (NORMAL: the server drops the will), flush up to ``timeout`` s,
@@ -463,6 +493,9 @@ class MqttSession:
         total = 0
         eof = False
         self.saturated = False
+        # A TLS socket returns one record per recv, so only a plain one's short read means
+        # the kernel's buffer is empty.
+        plain = self.config.tls is None
         while total < READ_MAX:
             try:
                 data = sock.recv(SEND_CHUNK)
@@ -476,6 +509,8 @@ class MqttSession:
                 break
             chunks.append(data)
             total += len(data)
+            if len(data) < SEND_CHUNK and plain:
+                break  # the kernel had no more: spare the recv that would say so
         else:
             self.saturated = True
         buf = b"".join(chunks)

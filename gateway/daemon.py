@@ -251,11 +251,17 @@ class Gateway:
         commands = self.commands
         downlink = self.downlink
         assert commands is not None
+        slept = False
         while not stopping.is_set():
-            now = time.monotonic()
-            timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks),
-                          rules.next_wake(now) if rules is not None else 1.0)
-            got = poll_links(links, timeout, wake)
+            # After a coalescing sleep input is almost always waiting: look at once, and work
+            # out how long to wait only when nothing came.
+            got = slept and poll_links(links, 0.0, wake)
+            if not got:
+                now = time.monotonic()
+                timeout = min(ingest.next_wake(now), *(s.next_wake(now) for s in sinks),
+                              rules.next_wake(now) if rules is not None else 1.0)
+                got = poll_links(links, timeout, wake)
+            slept = False
             woke = time.monotonic()
             ingest.step(woke)
             if rules is not None:
@@ -278,4 +284,7 @@ class Gateway:
                 if rules is not None:
                     rest = min(rest, rules.next_wake(time.monotonic()))
                 if rest > 0:
-                    stopping.wait(rest)
+                    # A plain sleep: an Event's wait costs ~50 us more CPU per wake-up here
+                    # (20 a second at 1k readings/s). A stop waits for the end of it.
+                    time.sleep(rest)
+                    slept = True

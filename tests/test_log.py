@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import LogSection
 from gateway.errors import LogCorruptError, LogError
+from gateway.events import Event
 from gateway.ingest.redelivery import TAIL_KEYS, Redeliveries, message_key
 from gateway.log.reader import LogReader
 from gateway.log.stats import log_stats
@@ -450,3 +451,65 @@ def test_an_identical_message_a_whole_packet_id_cycle_later_is_not_a_redelivery(
     seen = _redeliveries(open_log(_cfg(tmp_path), "gw", ["uplink"]))
     assert not seen.is_redelivery(unlogged.key)
     assert seen.is_redelivery(recent.key)
+
+
+def _same_reads(store: LogStore, path, starts: range, bounds: list[tuple[int, int]]) -> int:
+    """Reads through the writer's recent rows equal reads of the file, for every start and
+    bound; returns how many reads the recent rows answered without the file."""
+    memory = LogReader(path, recent=store.recent)
+    disk = LogReader(path)
+    answered = 0
+    for start in starts:
+        for max_readings, max_bytes in bounds:
+            kept = store.recent.since(start, max_readings)
+            got = memory.read(start, max_readings=max_readings, max_bytes=max_bytes)
+            assert got == disk.read(start, max_readings=max_readings, max_bytes=max_bytes), \
+                (start, max_readings, max_bytes)
+            answered += kept is not None
+    memory.close()
+    disk.close()
+    return answered
+
+
+def test_the_rows_just_committed_are_read_from_memory_exactly_as_from_the_file(tmp_path):
+    """The uplink reads what the last commits wrote from the writer's memory (no query, no
+    decompression); whatever the start and the bounds, it gets what the file holds, also
+    after events, expiry and a trim at the cap made the memory start again."""
+    path = tmp_path / "log.db"
+    store = open_log(_cfg(tmp_path, max_age=60, max_bytes=256 * 1024), "gw", ["uplink"])
+    bounds = [(1, 10**9), (3, 10**9), (500, 10**9), (10**6, 300), (10**6, 10**9)]
+    store.append([_msg(i) for i in range(40)], now=NOW - 100)
+    store.append([_msg(i) for i in range(40, 45)], now=NOW)
+    assert _same_reads(store, path, range(1, 47), bounds) == 45 * len(bounds)
+    # An event is not telemetry: the memory starts again with the next commit.
+    store.append_events([Event("io.fieldgate.test", "d", NOW)], now=NOW)
+    store.append([_msg(i) for i in range(45, 50)], now=NOW)
+    assert _same_reads(store, path, range(1, 53), bounds) == 5 * len(bounds)
+    store.ack("uplink", 30)
+    store.housekeeping(now=NOW, force=True)    # expires the first commit's 40 readings
+    assert _same_reads(store, path, range(1, 53), bounds) == 0
+    i = 50
+    while not store.counters["dropped.cap"] and i < 100_000:   # to the cap: trimmed
+        store.append([_msg(j) for j in range(i, i + 200)], now=NOW)
+        i += 200
+    assert store.counters["dropped.cap"] > 0
+    trimmed = store.next_seq
+    assert _same_reads(store, path, range(trimmed - 120, trimmed + 1), bounds) == 0
+    store.append([_msg(j) for j in range(i, i + 50)], now=NOW)   # below the cap again
+    assert _same_reads(store, path, range(trimmed - 120, trimmed + 51), bounds) \
+        == 50 * len(bounds)
+
+
+def test_moved_cursors_ride_on_a_due_commit(tmp_path):
+    """Cursors are made durable about once a second; a commit due then carries them, so a
+    gateway under load syncs once per group commit and not once more for the cursors."""
+    store = open_log(_cfg(tmp_path), "gw", ["uplink"])
+    store.cursor("uplink")
+    store.append([_msg(i) for i in range(3)], now=NOW)
+    store.housekeeping(now=NOW, force=True)
+    store.ack("uplink", 3)
+    store._last_housekeeping = -1e9            # a second has passed since the last save
+    store.append([_msg(3)], now=NOW)
+    saved = LogReader(tmp_path / "log.db")._conn.execute(
+        "SELECT next_seq FROM cursors WHERE sink = 'uplink'").fetchone()
+    assert saved == (3,)

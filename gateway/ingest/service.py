@@ -188,19 +188,19 @@ class IngestService:
         result = store.append(messages, now)
         self._redeliveries.logged([m.key for m in messages[:result.accepted]])
         # Acknowledge, in arrival order, everything up to the first message the log refused.
-        done = 0
-        for index in order:
-            if index >= result.accepted:
-                break
-            done += 1
+        if result.accepted == len(messages):
+            done = len(order)
+        else:
+            done = 0
+            for index in order:
+                if index >= result.accepted:
+                    break
+                done += 1
         if self._on_readings is not None and result.readings:
             durable = [reading for m in messages[:result.accepted]
                        if not isinstance(m.outcome, DeadLetter) for reading in m.outcome]
             self._on_readings(durable)
-        ack = self.link.ack
-        for msg in pending[:done]:
-            if msg.qos:
-                ack(msg)
+        self.link.ack_all(pending[:done] if done < len(pending) else pending)
         del pending[:done]
         self.link.flush()
         metrics = self._metrics

@@ -79,6 +79,7 @@ class Appended:
     result: AppendResult
     next_seq: int
     refused: bool       # the log refused the rest (when_full: refuse)
+    plain: list[tuple[int, int, bytes]]   # the telemetry rows: seq, n, body before zlib
 
 
 class _Group:
@@ -130,6 +131,8 @@ class Appender:
         dlq_cap = self._cfg.dlq_max_payload
         conn = self._conn
         ratio = self._ratio
+        plain: list[tuple[int, int, bytes]] = []
+        dumps = orjson.dumps
         group = _Group(seq)
 
         def close_group() -> None:
@@ -140,6 +143,7 @@ class Appender:
                 self._ratio = min(1.1, max(0.05, 0.8 * self._ratio + 0.2 * len(body) / len(raw)))
                 rows.append((group.seq, group.n, KIND_TELEMETRY, now, 0, body, CODEC_ZLIB,
                              group.keys.tobytes()))
+                plain.append((group.seq, group.n, raw))
             group = _Group(seq)
 
         # Room is made inside the transaction: the rows dropped at the cap and the rows
@@ -152,10 +156,14 @@ class Appender:
                              len(msg.payload), msg.payload[:dlq_cap], msg.key))
                 accepted += 1
                 continue
-            body = b",".join(
-                [orjson.dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
-                 for i, (dev, ts, metrics) in enumerate(outcome)]
-            )
+            if len(outcome) == 1:   # the common message: one reading
+                dev, ts, metrics = outcome[0]
+                body = dumps({"seq": seq, "device": dev, "ts": ts, **metrics})
+            else:
+                body = b",".join(
+                    [dumps({"seq": seq + i, "device": dev, "ts": ts, **metrics})
+                     for i, (dev, ts, metrics) in enumerate(outcome)]
+                )
             size = int(len(body) * ratio) + _KEY_BYTES
             if retention.bytes + added + size > limit - _NEAR_CAP:
                 # Near the cap estimates are not enough: write what is pending and
@@ -170,16 +178,19 @@ class Appender:
                 if retention.bytes + size > limit and not retention.make_room(size, counted):
                     refused = True
                     break
-            if group.n and (group.n + len(outcome) > _GROUP_READINGS
+            n = len(outcome)
+            if group.n and (group.n + n > _GROUP_READINGS
                             or group.raw + len(body) > _GROUP_BYTES):
                 close_group()
-            group.add(body, len(outcome), msg.key)
-            seq += len(outcome)
-            readings += len(outcome)
+            group.add(body, n, msg.key)
+            seq += n
+            readings += n
             added += size
             accepted += 1
         close_group()
-        if rows:
+        if len(rows) == 1:
+            conn.execute(_INSERT, rows[0])
+        elif rows:
             conn.executemany(_INSERT, rows)
         if readings:
             retention.hold_cap(counted)
@@ -191,7 +202,7 @@ class Appender:
             for entry in dead:
                 counted[f"dead_letters.{entry[2]}"] += 1
             retention.trim_dead_letters(len(dead), counted)
-        return Appended(AppendResult(accepted, readings, len(dead)), seq, refused)
+        return Appended(AppendResult(accepted, readings, len(dead)), seq, refused, plain)
 
     def event_rows(self, events: Sequence[Event], seq: int, now: float) -> list[EventRow]:
         """Events' rows as records ``seq``, ``seq + 1``, ... (before the transaction)."""

@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.log.recent import RecentRows
 from gateway.log.schema import CODEC_ZLIB, connect
 
 # Each reading in a body is an object that starts with its seq (the log writes it first).
@@ -50,8 +51,12 @@ class LogReader:
     """A read connection of its own; safe to use from a sink's thread."""
 
     def __init__(self, path: Path | None, *, readonly: bool = False,
-                 conn: sqlite3.Connection | None = None) -> None:
-        """Opens ``path``, or reads through ``conn`` (the writer's, for what it reads back)."""
+                 conn: sqlite3.Connection | None = None,
+                 recent: RecentRows | None = None) -> None:
+        """Opens ``path``, or reads through ``conn`` (the writer's, for what it reads back).
+        ``recent``: the writer's newest rows (``LogStore.recent``), read from memory when a
+        read starts inside them; only for a reader in the writer's thread."""
+        self._recent = recent
         if conn is not None:
             self._conn = conn
         elif path is None:
@@ -78,15 +83,18 @@ class LogReader:
         out: list[Row] = []
         readings = 0
         size = 0
-        # The row holding from_seq, if it starts before it (one step down the primary key).
-        first = [row for row in self._conn.execute(
-            "SELECT seq, n, body, kind, codec FROM records WHERE seq <= ? "
-            "ORDER BY seq DESC LIMIT 1", (from_seq,)) if row[0] + row[1] > from_seq]
-        rest = self._conn.execute(
-            "SELECT seq, n, body, kind, codec FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-            (from_seq, max(1, max_readings)),
-        ).fetchall()
-        for seq, n, body, kind, codec in first + rest:
+        kept = None if self._recent is None else self._recent.since(from_seq, max_readings)
+        if kept is None:
+            # The row holding from_seq, if it starts before it (one step down the primary
+            # key), and those after it.
+            kept = [row for row in self._conn.execute(
+                "SELECT seq, n, body, kind, codec FROM records WHERE seq <= ? "
+                "ORDER BY seq DESC LIMIT 1", (from_seq,)) if row[0] + row[1] > from_seq]
+            kept += self._conn.execute(
+                "SELECT seq, n, body, kind, codec FROM records WHERE seq > ? ORDER BY seq "
+                "LIMIT ?", (from_seq, max(1, max_readings)),
+            ).fetchall()
+        for seq, n, body, kind, codec in kept:
             if kind != 0:
                 if out:
                     break

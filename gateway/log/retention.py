@@ -46,6 +46,10 @@ class Retention:
         self._disk_retry_at = 0.0
         self._drop_episodes: dict[str, list[float]] = {}  # reason -> [readings, last drop]
         self.dlq_count: int = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        # A WAL database's page size is fixed once the file exists.
+        self._page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+        # Bumped by every deletion of records (cap, age), for readers of recent rows.
+        self.deletions = 0
         # Bytes the log occupies (used pages of the file); the cap is held against this.
         self.bytes = self.used_bytes()
 
@@ -54,8 +58,7 @@ class Retention:
         itself does not shrink; freed pages are reused, so it stays near the cap."""
         pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
         free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
-        size = self._conn.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        return int((pages - free) * self._page_size)
 
     def delivered_below(self) -> int:
         return self._cursors.lowest(self._next_seq())
@@ -121,6 +124,7 @@ class Retention:
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
                            (str(self._next_seq()),))
         self._conn.execute("DELETE FROM records WHERE seq <= ?", (last,))
+        self.deletions += 1
         self._cursors.skip_to(end, self._conn)
         self.bytes = self.used_bytes()
 

@@ -94,8 +94,10 @@ class Cursors:
             return True
 
     def reload(self, conn: sqlite3.Connection) -> None:
-        """After a rolled-back transaction: take back moves it made durable and undid."""
+        """After a rolled-back transaction: take back moves it made durable and undid, and
+        save the cursors again (the transaction may have saved them)."""
         with self._lock:
+            self._dirty = True
             self._by_sink.update(
                 (k, v) for k, v in conn.execute("SELECT sink, next_seq FROM cursors")
                 if k in self._by_sink and v > self._by_sink[k])
@@ -129,6 +131,13 @@ class Counters:
 
     def total(self) -> Counter[str]:
         return self.persisted + self.unsaved
+
+    def as_dict(self) -> dict[str, int]:
+        """``total()`` as a new plain dict (cheaper: every commit takes one)."""
+        out = dict(self.persisted)
+        for name, value in self.unsaved.items():
+            out[name] = out.get(name, 0) + value
+        return {k: v for k, v in out.items() if v > 0}
 
 
 def save_states(conn: sqlite3.Connection, states: Sequence[tuple[str, bytes]]) -> None:

@@ -33,6 +33,7 @@ from gateway.log.append import (
     EventBody,
     Message,
 )
+from gateway.log.recent import RecentRows
 from gateway.log.retention import Retention
 from gateway.log.schema import KIND_EVENT, KIND_TELEMETRY, connect
 from gateway.log.state import (
@@ -86,6 +87,8 @@ class LogStore:
         self._append = Appender(cfg, self._conn, self._retention, gateway_id, event_body)
         self._last_housekeeping = -_HOUSEKEEPING_EVERY
         self.snapshot: LogSnapshot = self._snapshot()
+        # The rows committed last, for a sink's reader in this thread (gateway.log.recent).
+        self.recent = RecentRows()
 
     @property
     def path(self) -> Path:
@@ -120,7 +123,10 @@ class LogStore:
     def ack(self, sink: str, next_seq: int) -> None:
         """Everything below ``next_seq`` was acknowledged by the sink's destination."""
         if self._cursors.ack(sink, next_seq):
-            self._publish()  # depth gauges see it now, not at the next commit
+            # Depth gauges see it now, not at the next commit; only the cursors changed.
+            old = self.snapshot
+            self.snapshot = LogSnapshot(old.next_seq, old.bytes, old.full, old.counters,
+                                        self._cursors.copy())
 
     def cursors(self) -> dict[str, int]:
         return self._cursors.copy()
@@ -139,7 +145,7 @@ class LogStore:
         return int(row[0]) if row[0] is not None else self.next_seq
 
     def _snapshot(self) -> LogSnapshot:
-        counters = dict(self._counters.total())
+        counters = self._counters.as_dict()
         counters["readings"] = readings_total(self.next_seq, counters.get("events", 0))
         return LogSnapshot(self.next_seq, self._retention.bytes, self._retention.full,
                            counters, self._cursors.copy())
@@ -186,10 +192,16 @@ class LogStore:
         """
         now = time.time() if now is None else now
         counted: Counter[str] = Counter()
+        deletions = self._retention.deletions
+        # Moved cursors due to be made durable ride on this commit: housekeeping then has
+        # nothing to write and costs no sync of its own.
+        save_cursors = time.monotonic() - self._last_housekeeping >= _HOUSEKEEPING_EVERY
         try:
             self._conn.execute("BEGIN")
             done = self._append.messages(messages, self.next_seq, now, counted)
             self._counters.write(self._conn, counted)
+            if save_cursors:
+                self._cursors.save(self._conn)
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._write_failed(err)
@@ -197,9 +209,15 @@ class LogStore:
         self._retention.dead_letters_committed(done.result.dead_letters)
         self._counters.committed(counted)
         self.next_seq = done.next_seq
-        self._retention.bytes = self._retention.used_bytes()
+        if counted or done.result.dead_letters or not done.result.readings:
+            # Otherwise the cap check measured the file last in this transaction.
+            self._retention.bytes = self._retention.used_bytes()
         if not done.refused:
             self._retention.leave_full()
+        if self._retention.deletions == deletions:
+            self.recent.committed(done.plain, self.next_seq)
+        else:
+            self.recent.clear()   # records went at the cap: read the file
         self._publish()
         return done.result
 
@@ -283,6 +301,7 @@ class LogStore:
         seqs = [row[0] for row in rows]
         if seqs:
             self.next_seq = seqs[-1] + 1
+            self.recent.clear()   # it holds telemetry only
         self._counters.committed(counted)
         self._retention.bytes = self._retention.used_bytes()
         self._publish()
@@ -294,8 +313,9 @@ class LogStore:
         """After a failed write: undo it; a full disk makes the log refuse (reported, retried
         later); any other error is raised as LogError."""
         self._rollback()
+        self.recent.clear()
         self._retention.recount()
-        self._cursors.reload(self._conn)
+        self._cursors.reload(self._conn)   # and saved again at the next housekeeping
         if not _is_disk_full(err):
             raise LogError(f"Cannot write log file {str(self._path)!r}: {err}") from err
         self._retention.enter_full("disk is full", disk=True)
@@ -322,6 +342,7 @@ class LogStore:
         self._last_housekeeping = mono
         now = time.time() if now is None else now
         counted: Counter[str] = Counter()
+        deletions = self._retention.deletions
         try:
             self._conn.execute("BEGIN")
             retry_full = self._retention.housekeeping(now, mono, counted)
@@ -332,6 +353,8 @@ class LogStore:
         except sqlite3.Error as err:
             self._write_failed(err)
             return
+        if self._retention.deletions != deletions:
+            self.recent.clear()
         self._counters.committed(counted)
         self._retention.housekeeping_done(retry_full)
         self._publish()

@@ -253,8 +253,16 @@ class MqttLink:
 
     def flush(self) -> None:
         """Send what is queued (acks, publishes) as far as the socket takes it now."""
-        if self.session.wants_write():
+        session = self.session
+        if not session.wants_write():
+            return
+        if not session.connected:
             self._step(time.monotonic(), read=False)
+            return
+        try:
+            session.flush()
+        except ConnectionLostError as err:
+            self._lost(err)
 
     def poll(self, timeout: float) -> bool:
         """Drive this link alone for up to ``timeout`` s; True if anything was read."""
@@ -412,6 +420,10 @@ class MqttLink:
         """Acknowledge a QoS 1 message (one from an earlier connection is redelivered)."""
         self.session.ack(message)
 
+    def ack_all(self, messages: Sequence[InboundMessage]) -> None:
+        """``ack`` each of ``messages`` (those of QoS 0 are skipped)."""
+        self.session.ack_all(messages)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 user_properties: list[tuple[str, str]] | None = None,
                 content_type: str | None = None, correlation_data: bytes | None = None,
@@ -472,12 +484,12 @@ def poll_links(links: Sequence[MqttLink], timeout: float, wake: Sequence[int] = 
     handing back a result); their owners drain them, and they do not count as traffic.
     """
     now = time.monotonic()
-    for link in links:
-        link.tick(now)
     readers: dict[int, MqttLink] = {}
     writers: dict[int, MqttLink] = {}
     busy = False
     for link in links:
+        link.tick(now)
+        timeout = min(timeout, link.next_wake(now))
         fd = link.fileno()
         if fd < 0:
             continue
@@ -486,7 +498,6 @@ def poll_links(links: Sequence[MqttLink], timeout: float, wake: Sequence[int] = 
             busy = busy or link.busy
         if link.wants_write():
             writers[fd] = link
-    timeout = min(timeout, *(link.next_wake(now) for link in links)) if links else timeout
     if not readers and not writers and not wake:
         if timeout > 0:
             time.sleep(timeout)

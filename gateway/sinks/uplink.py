@@ -141,7 +141,7 @@ class UplinkSink:
         # filters subscribed with the resend topic, and who gets their messages.
         self.request_filters: list[str] = []
         self.on_request: Callable[[InboundMessage], None] | None = None
-        self._reader = LogReader(cfg.log.path)
+        self._reader = LogReader(cfg.log.path, recent=store.recent)
         prefix = f"fieldgate/{cfg.gateway_id}"
         self._telemetry_topic = f"{prefix}/telemetry"
         self._status_topic = f"{prefix}/status"
