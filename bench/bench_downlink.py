@@ -36,6 +36,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -64,7 +65,10 @@ from bench.harness.children import Child  # noqa: E402
 from bench.harness.mqtt import paho_client  # noqa: E402
 from bench.harness.run import Run  # noqa: E402
 from bench.harness.table import Table, ms  # noqa: E402
+from bench.path.driver import nested  # noqa: E402
 from gateway.downlink.signing import Signer, Verifier, signed_bytes  # noqa: E402
+from gateway.mosquitto import Mosquitto  # noqa: E402
+from tests.tools import merge_sections  # noqa: E402
 
 GATEWAY_ID = "bench-dl"
 DEVICE = "fan-1"
@@ -218,8 +222,10 @@ class Operator:
 class Rig:
     """Brokers, gateway, device, relay, echo and operator, all of one run."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, *, nagle: bool, overrides: dict[str, Any]) -> None:
         self.run = run
+        self.nagle = nagle
+        self.overrides = overrides
         self.device: subprocess.Popen[bytes] | None = None
         self._op: Operator | None = None
 
@@ -231,19 +237,21 @@ class Rig:
 
     def start(self) -> Rig:
         run = self.run
-        self.site = run.broker("site")
-        self.cloud = run.broker("cloud")
+        self.site = self._broker("site")
+        self.cloud = self._broker("cloud")
         keys = run.dir / "keys"
         keys.mkdir()
         self.signer = Signer.generate(keys / "cloud.key")
         master = keys / "site-master.key"
         master.write_text(MASTER + "\n")
         master.chmod(0o600)
-        # The gateway's defaults but for what the downlink needs.
-        self.gw = run.gateway(self.site, self.cloud, gateway_id=GATEWAY_ID,
-                              commands={"key_file": str(master)},
-                              downlink={"public_keys": [self.signer.public_key],
-                                        "allow": [{"devices": "fan-*", "commands": ["fan"]}]})
+        # The gateway's defaults but for what the downlink needs (and --set).
+        sections = merge_sections({
+            "commands": {"key_file": str(master)},
+            "downlink": {"public_keys": [self.signer.public_key],
+                         "allow": [{"devices": "fan-*", "commands": ["fan"]}]},
+        }, nested(self.overrides))
+        self.gw = run.gateway(self.site, self.cloud, gateway_id=GATEWAY_ID, **sections)
         self.gw.start_connected(cloud=True)
         fleet = run.dir / "fleet.yaml"
         fleet.write_text(yaml.safe_dump({"seed": 1, "types": {"fan": {
@@ -262,6 +270,14 @@ class Rig:
         self._op = Operator(self.cloud.port, self.signer)
         self._known()
         return self
+
+    def _broker(self, name: str) -> Mosquitto:
+        """A broker with TCP_NODELAY on its sockets unless ``nagle``: Mosquitto's default
+        leaves Nagle on, and a PUBLISH it writes right after a PUBACK on the same socket
+        then waits for the client's delayed ACK (~40 ms), whichever client that is."""
+        b = Mosquitto(self.run.dir, name, extra="" if self.nagle else "set_tcp_nodelay true\n")
+        self.run.brokers.append(b)
+        return b.start()
 
     def _known(self) -> None:
         """Until the gateway takes a command for the device: it must have logged a reading
@@ -374,8 +390,9 @@ def flood(rig: Rig, n: int, kind: str, keys: Path) -> tuple[float, float]:
         # (random bytes would mostly fail OpenSSL's range check on S before any curve work).
         attacker_key = Signer.generate(keys / f"attacker-{secrets.token_hex(4)}.key")
         for i, payload in enumerate(payloads):
-            props[i] = Properties(PacketTypes.PUBLISH)
-            props[i].UserProperty = [("signature", attacker_key.sign(topic, payload))]
+            forged = Properties(PacketTypes.PUBLISH)
+            forged.UserProperty = [("signature", attacker_key.sign(topic, payload))]
+            props[i] = forged
     before = rig.gw.metric(f'fieldgate_downlink_refused_total{{reason="{kind}"}}') or 0.0
     attacker = paho_client(f"bench-attacker-{kind}")
     attacker.max_inflight_messages_set(1000)
@@ -479,18 +496,28 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="paced window (default 10, quick 4)")
     parser.add_argument("--flood", type=int, help="forged requests a kind (default 5000, "
                         "quick 2000)")
+    parser.add_argument("--mosquitto-nagle", action="store_true",
+                        help="run the brokers with Mosquitto's default set_tcp_nodelay false "
+                        "(as deploy/'s configs do): round trips then include ~40 ms stalls")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
+                        help="extra gateway config (YAML value), e.g. "
+                        "--set ingest.commit_interval=10ms")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
     n = args.commands or (60 if args.quick else 200)
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     flood_n = args.flood or (2000 if args.quick else 5000)
 
+    overrides = {k: yaml.safe_load(v) for k, _, v in
+                 (item.partition("=") for item in args.set)}
     root = Path(tempfile.mkdtemp(prefix="fieldgate-bench-downlink-", dir="/tmp"))
     run = Run(root, "downlink")
     notes: list[str] = []
     figures: dict[str, Any] = {}
-    print(f"{psutil.cpu_count()} cores; work dir {run.dir}", flush=True)
-    rig = Rig(run)
+    print(f"{psutil.cpu_count()} cores; work dir {run.dir}; Mosquitto set_tcp_nodelay "
+          f"{'false (its default)' if args.mosquitto_nagle else 'true'}; gateway overrides "
+          f"{overrides or '-'}", flush=True)
+    rig = Rig(run, nagle=args.mosquitto_nagle, overrides=overrides)
     try:
         rig.start()
         print(f"2. gateway idle {seconds:g} s, then {args.rate:g} commands/s for {seconds:g} s",
@@ -511,6 +538,7 @@ def main() -> int:
     finally:
         rig.close()
         run.close(notes)
+        shutil.rmtree(root, ignore_errors=True)
 
     table = Table()
     for q, label in ((0.5, "p50"), (0.99, "p99")):
