@@ -18,12 +18,22 @@ Response Topic and Correlation Data, and takes the replies.
    then per command at a paced rate (next to the bare relay's CPU per command at the same
    pace), and per refused forged request in a flood: unsigned, and with a well-formed but
    wrong signature (an Ed25519 verify each). The idle rate times each window's length is
-   subtracted. Also the bytes the gateway wrote to storage per command (the log's fsyncs).
+   subtracted. The paced window runs twice, before and after the round trips, so the
+   second one has more request ids and answers in the state saved with every commit; the
+   bytes the gateway wrote to storage per command and the saved state's size are printed.
 3. Signature cost in this process: Ed25519 sign and verify (``cryptography``) of a command's
    signed bytes, next to HMAC-SHA256 (stdlib) of the same bytes.
 
+The brokers run with ``set_tcp_nodelay true`` and the bench's paho clients set TCP_NODELAY
+(the gateway's and the emulator's sessions always do): with Nagle on, a PUBLISH written right
+after a PUBACK on the same socket waits for the peer's delayed ACK (~40 ms), and the bare
+baseline measured 45-90 ms of such stalls instead of its ~2 ms. ``--mosquitto-nagle`` keeps
+Mosquitto's default (as deploy/'s broker configs do). ``--set ingest.commit_interval=10ms``
+(any gateway option) shows what the loop's coalescing wait costs a command.
+
     python bench/bench_downlink.py            # ~1.5 min
     python bench/bench_downlink.py --quick    # ~45 s
+    python bench/bench_downlink.py --quick --set ingest.commit_interval=10ms
 """
 
 from __future__ import annotations
