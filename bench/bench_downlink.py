@@ -544,7 +544,7 @@ def main() -> int:
         floods = {kind: flood(rig, flood_n, kind, run.dir / "keys")
                   for kind in ("unsigned", "bad_signature")}
         print("3. signatures", flush=True)
-        sig = signature_costs(4.0 if args.quick else 8.0)
+        sig = signature_costs(1.0 if args.quick else 2.0)
     finally:
         rig.close()
         run.close(notes)
