@@ -38,6 +38,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_mqtt_codec.py
 	$(PY) bench/bench_reconnect.py
 	$(PY) bench/bench_cloud.py
+	$(PY) bench/bench_downlink.py
 
 sample: $(VENV)/.dev
 	$(PY) -m gateway config sample > deploy/gateway.example.yaml
