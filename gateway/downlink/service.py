@@ -55,6 +55,10 @@ CONTENT_TYPE = "application/json"
 
 _ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _MAX_ACTION = 64
+# Nesting of "params": a device's parameters are a flat object or nearly; the JSON writer the
+# log and the command use (orjson) stops at 255 levels, and the events wrap params in a few
+# more, so a deeper object could not be written at all.
+MAX_PARAMS_DEPTH = 32
 # Answers and events for refusals of requests not known to be authentic, per second at most.
 _REFUSAL_BUDGET = 10.0
 _MAX_REPLY_TOPIC = 1024
@@ -225,6 +229,9 @@ class Downlink:
                           f"{_MAX_ACTION} characters")
         if not isinstance(params, dict):
             raise Refusal("malformed", 'malformed: "params" must be a JSON object')
+        if _depth(params) > MAX_PARAMS_DEPTH:
+            raise Refusal("malformed", f'malformed: "params" is nested more than '
+                          f"{MAX_PARAMS_DEPTH} levels deep")
         ttl = body.get("ttl", self._cfg.default_ttl)
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) \
                 or not 0 < ttl <= self._cfg.max_ttl:
@@ -306,3 +313,16 @@ class Downlink:
             # the convenience for a waiting sender.
             log.warning("Could not send the reply to request %r on %r: %s", body.get("id"),
                         topic, err)
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in ``value`` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            stack.extend((child, level) for child in
+                         (item.values() if isinstance(item, dict) else item))
+    return deepest

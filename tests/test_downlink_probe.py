@@ -1,0 +1,56 @@
+"""Hostile requests to the downlink (docs/downlink.md), found by probing a real gateway on
+real Mosquitto: each one gets a reply that says why, the gateway keeps running, and the
+device is touched only by what was allowed and recorded."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from tests import test_downlink
+from tests.mqtt_helpers import SLACK
+from tests.test_downlink import DEVICE, GW, Operator, _events
+from tests.tools import GatewayProcess
+
+# The end-to-end rig of the downlink tests: a gateway, the emulator as gh-1, an operator.
+rig = test_downlink.rig
+signer = test_downlink.signer
+
+
+def _reply(gw: GatewayProcess, op: Operator, corr: bytes,
+           timeout: float = 60) -> dict[str, Any]:
+    """The reply to ``corr``; AssertionError at once if the gateway died meanwhile."""
+    deadline = time.monotonic() + timeout * SLACK
+    while corr not in op.replies:
+        assert gw.proc is not None and gw.proc.poll() is None, f"gateway died:\n{gw.log()}"
+        assert time.monotonic() < deadline, f"no reply; replies so far: {op.replies}"
+        time.sleep(0.02)
+    return op.replies[corr]
+
+
+def _signed(op: Operator, body: bytes, device: str = DEVICE) -> bytes:
+    return op.publish(f"fieldgate/{GW}/cmd/{device}", body)
+
+
+def test_params_nested_too_deep_are_refused_and_the_gateway_runs_on(rig):
+    gw, device, op, _ = rig
+    # Valid JSON the parser takes (it allows 1024 levels), deeper than the writer allows.
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300
+    body = (b'{"id":"%s","ts":%f,"action":"fan","params":' % (uuid.uuid4().hex.encode(),
+                                                               time.time())
+            + deep + b"}")
+    reply = _reply(gw, op, _signed(op, body))
+    assert reply["status"] == "refused", reply
+    assert reply["reason"].startswith('malformed: "params" is nested more than'), reply
+    # Just at the bound, it is taken.
+    inner: Any = 1
+    for _ in range(32 - 1):   # downlink.service.MAX_PARAMS_DEPTH
+        inner = {"x": inner}
+    ok = {"state": "on", "x": inner}
+    assert _reply(gw, op, op.command({"action": "fan", "params": ok}))["status"] == "ok"
+    assert device.fan == "on"
+    assert gw.stop() == 0
+    issued = [e["data"]["params"] for e in _events(gw)
+              if e["type"] == "io.fieldgate.command.issued"]
+    assert issued == [ok]
