@@ -54,3 +54,18 @@ def test_params_nested_too_deep_are_refused_and_the_gateway_runs_on(rig):
     issued = [e["data"]["params"] for e in _events(gw)
               if e["type"] == "io.fieldgate.command.issued"]
     assert issued == [ok]
+
+
+def test_an_absurd_ts_is_refused_with_a_readable_reason(rig):
+    gw, _, op, _ = rig
+    reasons = []
+    for ts in (1e300, -1e300, 10**40):
+        body = b'{"id":"%s","ts":%s,"action":"fan"}' % (uuid.uuid4().hex.encode(),
+                                                       repr(ts).encode())
+        reply = _reply(gw, op, _signed(op, body))
+        assert reply["status"] == "refused", reply
+        reasons.append(reply["reason"])
+    assert reasons[0].startswith("from the future: signed 1e+300 s ahead"), reasons
+    assert reasons[1].startswith("stale: signed 1e+300 s ago"), reasons
+    assert reasons[2].startswith("from the future: signed 1e+40 s ahead"), reasons
+    assert all(len(r) < 200 for r in reasons), reasons
