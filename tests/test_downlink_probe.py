@@ -4,12 +4,18 @@ device is touched only by what was allowed and recorded."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import test_downlink
-from tests.mqtt_helpers import SLACK
+from tests.mqtt_helpers import SLACK, CloudCollector
 from tests.test_downlink import DEVICE, GW, Operator, _events
 from tests.tools import GatewayProcess
 
@@ -69,3 +75,52 @@ def test_an_absurd_ts_is_refused_with_a_readable_reason(rig):
     assert reasons[1].startswith("stale: signed 1e+300 s ago"), reasons
     assert reasons[2].startswith("from the future: signed 1e+40 s ahead"), reasons
     assert all(len(r) < 200 for r in reasons), reasons
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB filesystem of its own (a tmpfs; needs root, else the test is skipped)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_command_the_log_cannot_record_is_refused_and_never_sent(
+        site, cloud, make_gateway, tmp_path, signer, small_disk):
+    key = tmp_path / "master.key"
+    key.write_text(test_downlink.MASTER + "\n")
+    key.chmod(0o600)
+    gw = make_gateway(site, cloud, log={"path": str(small_disk / "log.db")},
+                      commands={"key_file": str(key)}, downlink={
+                          "public_keys": [signer.public_key],
+                          "allow": [{"devices": "gh-*", "commands": ["fan"]}]}).start()
+    collector = CloudCollector(cloud.port, GW)
+    device = test_downlink.Device(site)
+    op = Operator(cloud.port, signer)
+    try:
+        assert collector.wait_for(
+            lambda: any(r["device"] == DEVICE for r in collector.readings), 60)
+        filler = small_disk / "filler"
+        with filler.open("wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+        reply = _reply(gw, op, op.command({"action": "fan", "params": {"state": "on"}}))
+        assert reply["status"] == "refused", reply
+        assert reply["reason"].startswith("not recorded: "), reply
+        filler.unlink()   # space again: the log takes records, the site session resumes
+        assert CloudCollector.wait_for(
+            lambda: gw.metric("fieldgate_log_full") == 0.0, 60)
+        reply = _reply(gw, op, op.command({"action": "fan", "params": {"state": "off"}}))
+        assert reply["status"] == "ok", reply
+    finally:
+        op.close()
+        device.close()
+        collector.close()
+    assert device.fan == "off"
+    assert device.sim.stats.commands_ok == 1   # the refused command never reached it
+    assert gw.stop() == 0

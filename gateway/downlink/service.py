@@ -30,7 +30,7 @@ import orjson
 
 from fieldmqtt import MqttError
 from gateway.backoff import RateBudget
-from gateway.commands import CloudOrigin, CommandSender
+from gateway.commands import CloudOrigin, CommandNotRecordedError, CommandSender
 from gateway.config import GatewayConfig
 from gateway.downlink.devices import STATE_NAME as DEVICES_STATE
 from gateway.downlink.devices import KnownDevices
@@ -216,8 +216,15 @@ class Downlink:
             "origin": "cloud"})
         origin = CloudOrigin(rid, request.reply_topic,
                              (request.correlation or b"").hex(), ttl)
-        self._commands.send(device, action, params, now=now, cloud=origin, before=[received],
-                            state=[self._replay.state()])
+        try:
+            self._commands.send(device, action, params, now=now, cloud=origin,
+                                before=[received], state=[self._replay.state()])
+        except CommandNotRecordedError:
+            self._refused(request, Refusal(
+                "not_recorded", "not recorded: the gateway's log cannot write (its disk is "
+                "full); nothing was sent to the device, send it again later"),
+                rid, authentic=True)
+            return
         self._metrics.downlink_requests.labels(Kind.COMMAND.value, "taken").inc()
 
     def _command_body(self, device: str,
