@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests import test_downlink
 from tests.mqtt_helpers import SLACK, CloudCollector
@@ -124,3 +127,26 @@ def test_a_command_the_log_cannot_record_is_refused_and_never_sent(
     assert device.fan == "off"
     assert device.sim.stats.commands_ok == 1   # the refused command never reached it
     assert gw.stop() == 0
+
+
+def test_correlation_data_is_bounded(rig):
+    gw, device, op, _ = rig
+    topic = f"fieldgate/{GW}/cmd/{DEVICE}"
+
+    def command(correlation: bytes, state: str) -> bytes:
+        payload = orjson.dumps({"id": uuid.uuid4().hex, "ts": time.time(), "action": "fan",
+                                "params": {"state": state}})
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = op.reply_topic
+        props.CorrelationData = correlation
+        props.UserProperty = [("signature", op.signer.sign(topic, payload))]  # type: ignore[union-attr]
+        op.c.publish(topic, payload, qos=1, properties=props).wait_for_publish(30)
+        return correlation
+
+    # A waiting command keeps its Correlation Data in every state the log saves.
+    reply = _reply(gw, op, command(b"\x01" * 2000, "on"))
+    assert reply["status"] == "refused", reply
+    assert reply["reason"] == "too large: Correlation Data of 2000 bytes, at most 1024"
+    assert device.fan == "off"
+    assert _reply(gw, op, command(b"\x02" * 1024, "on"))["status"] == "ok"
+    assert device.fan == "on"

@@ -62,6 +62,10 @@ MAX_PARAMS_DEPTH = 32
 # Answers and events for refusals of requests not known to be authentic, per second at most.
 _REFUSAL_BUDGET = 10.0
 _MAX_REPLY_TOPIC = 1024
+# Correlation Data kept with a waiting command (it is saved with every command and answer):
+# the operators' tools send 16 bytes; MQTT allows 64 KiB, which made each saved state grow by
+# 128 KiB per waiting command and a burst of commands slow down quadratically.
+MAX_CORRELATION_BYTES = 1024
 _MAX_SUBJECT = 128
 
 
@@ -178,6 +182,10 @@ class Downlink:
             what = "max_command_bytes" if kind is Kind.COMMAND else "max_bundle_bytes"
             raise Refusal("too_large", f"too large: {len(msg.payload)} bytes, at most {limit} "
                           f"(downlink.{what})")
+        correlation = len(msg.correlation_data or b"")
+        if correlation > MAX_CORRELATION_BYTES:
+            raise Refusal("too_large", f"too large: Correlation Data of {correlation} bytes, "
+                          f"at most {MAX_CORRELATION_BYTES}")
         signatures = [v for k, v in msg.user_properties if k == SIGNATURE_PROPERTY]
         if len(signatures) > 1:
             raise Refusal("bad_signature", "bad signature: more than one 'signature' property")
