@@ -20,7 +20,9 @@ from paho.mqtt.properties import Properties
 from tests import test_downlink
 from tests.mqtt_helpers import SLACK, CloudCollector
 from tests.test_downlink import DEVICE, GW, Operator, _events
+from tests.test_downlink_rules import _bundle, _rule
 from tests.tools import GatewayProcess
+from tests.tools import gateway as gateway_cli
 
 # The end-to-end rig of the downlink tests: a gateway, the emulator as gh-1, an operator.
 rig = test_downlink.rig
@@ -80,6 +82,13 @@ def test_an_absurd_ts_is_refused_with_a_readable_reason(rig):
     assert all(len(r) < 200 for r in reasons), reasons
 
 
+def _fill(path: Path) -> None:
+    """Write ``path`` until its disk is full."""
+    with contextlib.suppress(OSError), path.open("wb", buffering=0) as fh:
+        while True:
+            fh.write(b"\0" * 65536)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB filesystem of its own (a tmpfs; needs root, else the test is skipped)."""
@@ -109,9 +118,7 @@ def test_a_command_the_log_cannot_record_is_refused_and_never_sent(
         assert collector.wait_for(
             lambda: any(r["device"] == DEVICE for r in collector.readings), 60)
         filler = small_disk / "filler"
-        with filler.open("wb") as fh, contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 65536)
+        _fill(filler)
         reply = _reply(gw, op, op.command({"action": "fan", "params": {"state": "on"}}))
         assert reply["status"] == "refused", reply
         assert reply["reason"].startswith("not recorded: "), reply
@@ -150,3 +157,34 @@ def test_correlation_data_is_bounded(rig):
     assert device.fan == "off"
     assert _reply(gw, op, command(b"\x02" * 1024, "on"))["status"] == "ok"
     assert device.fan == "on"
+
+
+def test_a_bundle_the_log_cannot_record_is_refused_and_changes_nothing(
+        site, cloud, make_gateway, tmp_path, signer, small_disk):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "house.yaml").write_text(_rule("LocalHot", 30))
+    rules_dir = tmp_path / "deployed"   # on another disk than the log
+    gw = make_gateway(site, cloud, log={"path": str(small_disk / "log.db")},
+                      rules=[str(tmp_path / "local" / "*.yaml")],
+                      downlink={"public_keys": [signer.public_key], "rules": True,
+                                "rules_dir": str(rules_dir)}).start()
+    gw.wait_links("cloud")
+    op = Operator(cloud.port, signer)
+    try:
+        filler = small_disk / "filler"
+        _fill(filler)
+        reply = _reply(gw, op, op.publish(f"fieldgate/{GW}/rules/set",
+                                          _bundle("v1", {"house.yaml": _rule("X", 1)})))
+        assert reply["status"] == "refused", reply
+        assert reply["reason"].startswith("not recorded: "), reply
+        assert not rules_dir.exists() or not any(rules_dir.rglob("*.yaml"))
+        filler.unlink()
+        assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_log_full") == 0.0, 60)
+        reply = _reply(gw, op, op.publish(f"fieldgate/{GW}/rules/set",
+                                          _bundle("v2", {"house.yaml": _rule("Y", 1)})))
+        assert reply["status"] == "applied", reply
+    finally:
+        op.close()
+    history = gateway_cli("rules", "history", "-c", str(gw.config))
+    assert "v2" in history.stdout and "v1" not in history.stdout, history
+    assert gw.stop() == 0

@@ -36,7 +36,9 @@ from gateway.downlink.devices import STATE_NAME as DEVICES_STATE
 from gateway.downlink.devices import KnownDevices
 from gateway.downlink.replay import STATE_NAME as REPLAY_STATE
 from gateway.downlink.replay import ReplayGuard
+from gateway.downlink.rules import RECEIVED as RULES_RECEIVED
 from gateway.downlink.rules import REFUSED as RULES_REFUSED
+from gateway.downlink.rules import SUBJECT as RULES_SUBJECT
 from gateway.downlink.rules import RuleDeployer
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Verifier
 from gateway.ingest.decode import duplicate_key, valid_device_id
@@ -273,6 +275,18 @@ class Downlink:
     def _rules_request(self, request: _Request, rid: str, body: dict[str, Any],
                        now: float) -> None:
         assert self._rules is not None
+        # Recorded, with the spent id, before anything changes: the rules never change
+        # without a record (the log's disk may be full while the rules' directory is not).
+        received: dict[str, Any] = {"request": rid, "kind": request.kind.value}
+        if isinstance(body.get("version"), str):
+            received["version"] = body["version"][:_MAX_SUBJECT]
+        if not self._store.append_events_with_state(
+                [Event(RULES_RECEIVED, RULES_SUBJECT, now, received)],
+                [self._replay.state()], now):
+            self._refused(request, Refusal(
+                "not_recorded", "not recorded: the gateway's log cannot write (its disk is "
+                "full); the rules were not changed, send it again later"), rid, authentic=True)
+            return
         if request.kind is Kind.RULES_SET:
             outcome = self._rules.deploy(rid, body, now)
         else:
