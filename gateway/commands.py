@@ -119,6 +119,11 @@ class CommandDeviceError(ValueError):
         self.reason = reason
 
 
+class CommandNotRecordedError(Exception):
+    """A command from the cloud the log could not record (its disk is full): it was not
+    sent and does not wait; the caller refuses the request."""
+
+
 class CloudOrigin(NamedTuple):
     """Where a command from the cloud came from and where its outcome goes."""
 
@@ -254,11 +259,17 @@ class CommandSender:
              state: Iterable[tuple[str, bytes]] = ()) -> str:
         """Log a command as an event, remember it as waiting (one commit), publish it.
         ``before``: events logged ahead of it, ``state``: more state saved, in that commit.
-        Raises CommandDeviceError when ``device`` is no device id."""
+        Raises CommandDeviceError when ``device`` is no device id, and, for a command from
+        the cloud, CommandNotRecordedError when the log refused the commit (disk full)."""
         command = self.prepare(device, action, params, cause=cause, now=now, cloud=cloud)
         # Logged and remembered before it is published: an answer after a crash finds it.
-        self._store.append_events_with_state([*before, *command.events],
-                                             [self.state(), *state], now)
+        seqs = self._store.append_events_with_state([*before, *command.events],
+                                                    [self.state(), *state], now)
+        if not seqs and cloud is not None:
+            # Nothing from the cloud reaches a device unless it is recorded (docs/downlink.md).
+            self._pending.pop(command.id, None)
+            self._unsent.pop(command.id, None)
+            raise CommandNotRecordedError(command.id)
         self.publish(command)
         return command.id
 

@@ -118,8 +118,10 @@ def test_a_bundle_is_applied_checked_rolled_back_and_never_replayed(gw, site, cl
         op.close()
     assert gw.stop() == 0
     kinds = [e["type"] for e in _events(gw) if e["type"].startswith("io.fieldgate.rules.")]
-    assert kinds == ["io.fieldgate.rules.applied", "io.fieldgate.rules.refused",
-                     "io.fieldgate.rules.refused", "io.fieldgate.rules.rolled_back"]
+    assert kinds == ["io.fieldgate.rules.received", "io.fieldgate.rules.applied",
+                     "io.fieldgate.rules.received", "io.fieldgate.rules.refused",
+                     "io.fieldgate.rules.refused",   # the replay: never received
+                     "io.fieldgate.rules.received", "io.fieldgate.rules.rolled_back"]
 
 
 def test_an_unsigned_or_forged_bundle_changes_nothing(gw, site, cloud, tmp_path):

@@ -32,10 +32,10 @@ class ReplayGuard:
     def problem(self, rid: str, ts: float, now: float) -> tuple[str, str] | None:
         """None when the request is fresh; else (reason code, one line)."""
         if ts < now - self._skew:
-            return "stale", (f"stale: signed {now - ts:.0f} s ago, more than "
+            return "stale", (f"stale: signed {_seconds(now - ts)} s ago, more than "
                              f"downlink.max_clock_skew {self._skew:g} s")
         if ts > now + self._skew:
-            return "future", (f"from the future: signed {ts - now:.0f} s ahead of the "
+            return "future", (f"from the future: signed {_seconds(ts - now)} s ahead of the "
                               f"gateway's clock, more than downlink.max_clock_skew "
                               f"{self._skew:g} s (check both clocks)")
         if rid in self._seen:
@@ -56,3 +56,9 @@ class ReplayGuard:
 
     def state(self) -> tuple[str, bytes]:
         return STATE_NAME, orjson.dumps({"ids": list(self._seen.items())})
+
+
+def _seconds(value: float) -> str:
+    """A time difference for a reason line: whole seconds, or three digits and an exponent
+    when it is absurd (a ts of 1e300 would otherwise print 301 digits)."""
+    return f"{value:.0f}" if value < 1e12 else f"{value:.3g}"

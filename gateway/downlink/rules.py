@@ -27,6 +27,7 @@ from gateway.records import Event
 
 log = logging.getLogger(__name__)
 
+RECEIVED = "io.fieldgate.rules.received"
 APPLIED = "io.fieldgate.rules.applied"
 REFUSED = "io.fieldgate.rules.refused"
 ROLLED_BACK = "io.fieldgate.rules.rolled_back"

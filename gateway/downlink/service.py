@@ -30,13 +30,15 @@ import orjson
 
 from fieldmqtt import MqttError
 from gateway.backoff import RateBudget
-from gateway.commands import CloudOrigin, CommandSender
+from gateway.commands import CloudOrigin, CommandNotRecordedError, CommandSender
 from gateway.config import GatewayConfig
 from gateway.downlink.devices import STATE_NAME as DEVICES_STATE
 from gateway.downlink.devices import KnownDevices
 from gateway.downlink.replay import STATE_NAME as REPLAY_STATE
 from gateway.downlink.replay import ReplayGuard
+from gateway.downlink.rules import RECEIVED as RULES_RECEIVED
 from gateway.downlink.rules import REFUSED as RULES_REFUSED
+from gateway.downlink.rules import SUBJECT as RULES_SUBJECT
 from gateway.downlink.rules import RuleDeployer
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Verifier
 from gateway.ingest.decode import duplicate_key, valid_device_id
@@ -55,9 +57,17 @@ CONTENT_TYPE = "application/json"
 
 _ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _MAX_ACTION = 64
+# Nesting of "params": a device's parameters are a flat object or nearly; the JSON writer the
+# log and the command use (orjson) stops at 255 levels, and the events wrap params in a few
+# more, so a deeper object could not be written at all.
+MAX_PARAMS_DEPTH = 32
 # Answers and events for refusals of requests not known to be authentic, per second at most.
 _REFUSAL_BUDGET = 10.0
 _MAX_REPLY_TOPIC = 1024
+# Correlation Data kept with a waiting command (it is saved with every command and answer):
+# the operators' tools send 16 bytes; MQTT allows 64 KiB, which made each saved state grow by
+# 128 KiB per waiting command and a burst of commands slow down quadratically.
+MAX_CORRELATION_BYTES = 1024
 _MAX_SUBJECT = 128
 
 
@@ -174,6 +184,10 @@ class Downlink:
             what = "max_command_bytes" if kind is Kind.COMMAND else "max_bundle_bytes"
             raise Refusal("too_large", f"too large: {len(msg.payload)} bytes, at most {limit} "
                           f"(downlink.{what})")
+        correlation = len(msg.correlation_data or b"")
+        if correlation > MAX_CORRELATION_BYTES:
+            raise Refusal("too_large", f"too large: Correlation Data of {correlation} bytes, "
+                          f"at most {MAX_CORRELATION_BYTES}")
         signatures = [v for k, v in msg.user_properties if k == SIGNATURE_PROPERTY]
         if len(signatures) > 1:
             raise Refusal("bad_signature", "bad signature: more than one 'signature' property")
@@ -212,8 +226,15 @@ class Downlink:
             "origin": "cloud"})
         origin = CloudOrigin(rid, request.reply_topic,
                              (request.correlation or b"").hex(), ttl)
-        self._commands.send(device, action, params, now=now, cloud=origin, before=[received],
-                            state=[self._replay.state()])
+        try:
+            self._commands.send(device, action, params, now=now, cloud=origin,
+                                before=[received], state=[self._replay.state()])
+        except CommandNotRecordedError:
+            self._refused(request, Refusal(
+                "not_recorded", "not recorded: the gateway's log cannot write (its disk is "
+                "full); nothing was sent to the device, send it again later"),
+                rid, authentic=True)
+            return
         self._metrics.downlink_requests.labels(Kind.COMMAND.value, "taken").inc()
 
     def _command_body(self, device: str,
@@ -225,6 +246,9 @@ class Downlink:
                           f"{_MAX_ACTION} characters")
         if not isinstance(params, dict):
             raise Refusal("malformed", 'malformed: "params" must be a JSON object')
+        if _depth(params) > MAX_PARAMS_DEPTH:
+            raise Refusal("malformed", f'malformed: "params" is nested more than '
+                          f"{MAX_PARAMS_DEPTH} levels deep")
         ttl = body.get("ttl", self._cfg.default_ttl)
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) \
                 or not 0 < ttl <= self._cfg.max_ttl:
@@ -251,6 +275,18 @@ class Downlink:
     def _rules_request(self, request: _Request, rid: str, body: dict[str, Any],
                        now: float) -> None:
         assert self._rules is not None
+        # Recorded, with the spent id, before anything changes: the rules never change
+        # without a record (the log's disk may be full while the rules' directory is not).
+        received: dict[str, Any] = {"request": rid, "kind": request.kind.value}
+        if isinstance(body.get("version"), str):
+            received["version"] = body["version"][:_MAX_SUBJECT]
+        if not self._store.append_events_with_state(
+                [Event(RULES_RECEIVED, RULES_SUBJECT, now, received)],
+                [self._replay.state()], now):
+            self._refused(request, Refusal(
+                "not_recorded", "not recorded: the gateway's log cannot write (its disk is "
+                "full); the rules were not changed, send it again later"), rid, authentic=True)
+            return
         if request.kind is Kind.RULES_SET:
             outcome = self._rules.deploy(rid, body, now)
         else:
@@ -306,3 +342,16 @@ class Downlink:
             # the convenience for a waiting sender.
             log.warning("Could not send the reply to request %r on %r: %s", body.get("id"),
                         topic, err)
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in ``value`` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            stack.extend((child, level) for child in
+                         (item.values() if isinstance(item, dict) else item))
+    return deepest
