@@ -108,6 +108,10 @@ def is_ack_topic(topic: str) -> bool:
 # messages that were in flight at a crash (site.receive_maximum); more only costs state
 # bytes rewritten with every command and answer.
 _ANSWERS_KEPT = 1000
+# Seconds after a command went out during which the loop does not coalesce (sleep to let
+# messages gather): a device on the LAN answers within milliseconds, and the answer (and the
+# reply to the cloud) should not wait out a sleep.
+_ANSWER_WINDOW = 1.0
 
 
 class CommandDeviceError(ValueError):
@@ -195,6 +199,7 @@ class CommandSender:
         # Outcomes of cloud commands, handed to on_cloud_reply once their event is durable.
         self._replies: list[tuple[CloudOrigin, dict[str, Any]]] = []
         self.on_cloud_reply: CloudReply | None = None
+        self._sent_at = -_ANSWER_WINDOW   # time.monotonic() of the last command handed out
         self._load()
 
     @property
@@ -313,6 +318,12 @@ class CommandSender:
             return
         self._link.publish(command.topic, command.payload, qos=1,
                            content_type="application/json")
+        self._sent_at = time.monotonic()
+
+    def expecting(self, now: float) -> bool:
+        """A command went out less than ``_ANSWER_WINDOW`` ago and waits for its answer: the
+        loop then wakes for it rather than sleep through the device's quick answer."""
+        return now - self._sent_at < _ANSWER_WINDOW and bool(self._pending)
 
     def _hand_over(self, cid: str, payload: bytes, now: float) -> None:
         """Give a cloud command to the site link, if it is up (else ``step`` does later)."""
@@ -323,6 +334,7 @@ class CommandSender:
         pid = self._link.publish(f"devices/{waiting.device}/cmd", payload, qos=1,
                                  content_type="application/json", message_expiry=left)
         self._handed[pid] = cid
+        self._sent_at = now
 
     def published(self, packet_id: int, reason: int) -> None:
         """The site broker's PUBACK of a publish on the site link (ours or not)."""

@@ -276,7 +276,7 @@ class Gateway:
             # out in this turn (the uplink sends an event without waiting for a batch).
             for sink in sinks:
                 sink.step(woke)
-            if got and not any(link.busy for link in links):
+            if got and not any(link.busy for link in links) and not commands.expecting(woke):
                 # Coalesce: let the next messages gather instead of waking for each one,
                 # but not past a rule tick (its alerts go out in the same turn: the uplink
                 # sends an event as soon as it is in the log).
