@@ -338,8 +338,9 @@ class Downlink(Section):
     max_ttl: Duration = Field(3600.0, gt=0, description="Longest ttl a cloud command may ask")
     max_command_bytes: ByteSize = Field(16 * 1024, ge=256, le=1024**2,
                                         description="Largest command payload taken")
-    max_bundle_bytes: ByteSize = Field(1024**2, ge=1024, le=64 * 1024**2,
-                                       description="Largest rule bundle payload taken")
+    max_bundle_bytes: ByteSize = Field(
+        256 * 1024, ge=1024, le=4 * 1024**2, description="Largest rule bundle payload taken "
+        "(a bundle is checked in the gateway's loop, at seconds per MiB of rules)")
 
     @field_validator("public_keys")
     @classmethod
