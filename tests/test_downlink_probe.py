@@ -97,7 +97,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
                              capture_output=True, check=False)
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+        why = mounted.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and CAP_SYS_ADMIN): {why[0]}")
     yield where
     subprocess.run(["umount", "-l", str(where)], check=False)
 
