@@ -18,31 +18,9 @@ from gateway.downlink.signing import Signer
 from gateway.mosquitto import Mosquitto
 from tests.mqtt_helpers import CloudCollector, Publisher
 from tests.test_downlink import GW, Operator, _barrier, _events
+from tests.test_rules_deploy import BROKEN, rule
 from tests.tools import GatewayProcess
 from tests.tools import gateway as gateway_cli
-
-
-def _rule(alert: str, threshold: float) -> str:
-    return f"""\
-groups:
-  - name: house
-    match: {{device: "t-*"}}
-    rules:
-      - alert: {alert}
-        expr: last(temp, 60s) > {threshold}
-        severity: warning
-        message: "{{device}} at {{value:.1f}}"
-"""
-
-
-BROKEN = """\
-groups:
-  - name: house
-    rules:
-      - alert: Oops
-        expr: last(temp, 60s) >> 3
-        severity: warning
-"""
 
 
 def _bundle(version: str, files: dict[str, str]) -> bytes:
@@ -60,7 +38,7 @@ def _fired(gw: GatewayProcess, alert: str) -> list[str]:
 def gw(site: Mosquitto, cloud: Mosquitto, make_gateway: Any, tmp_path: Path) -> Any:
     signer = Signer.generate(tmp_path / "cloud.key")
     (tmp_path / "local").mkdir()
-    (tmp_path / "local" / "house.yaml").write_text(_rule("LocalHot", 30))
+    (tmp_path / "local" / "house.yaml").write_text(rule("LocalHot", 30))
     proc = make_gateway(site, cloud, rules=[str(tmp_path / "local" / "*.yaml")],
                         engine={"tick": "100ms", "offline_after": None},
                         downlink={"public_keys": [signer.public_key], "rules": True})
@@ -80,22 +58,22 @@ def test_a_bundle_is_applied_checked_rolled_back_and_never_replayed(gw, site, cl
         readings.publish(f"sensors/{device}/telemetry", orjson.dumps({"temp": temp}))
 
     try:
-        good = _bundle("v1", {"house.yaml": _rule("Deployed", 35)})
+        good = _bundle("v1", {"house.yaml": rule("Deployed", 35)})
         reply = op.reply(op.publish(topic, good))
         assert reply["status"] == "applied", reply
         assert (reply["version"], reply["previous"]) == ("v1", "local")
-        reading("t-1", 40)
-        assert CloudCollector.wait_for(lambda: _fired(gw, "Deployed") == ["t-1"], 60)
+        reading("gh-1", 40)
+        assert CloudCollector.wait_for(lambda: _fired(gw, "Deployed") == ["gh-1"], 60)
         assert not _fired(gw, "LocalHot")   # the deployed version runs instead
 
         # A bad bundle: refused with file:line, and the running rules keep firing.
-        bad = _bundle("v2", {"house.yaml": _rule("Deployed", 35), "broken.yaml": BROKEN})
+        bad = _bundle("v2", {"house.yaml": rule("Deployed", 35), "broken.yaml": BROKEN})
         reply = op.reply(op.publish(topic, bad))
         assert reply["status"] == "refused", reply
         assert reply["version"] == "v1"
         assert any(e.startswith("broken.yaml:5:") for e in reply["errors"]), reply
-        reading("t-2", 41)
-        assert CloudCollector.wait_for(lambda: "t-2" in _fired(gw, "Deployed"), 60)
+        reading("gh-2", 41)
+        assert CloudCollector.wait_for(lambda: "gh-2" in _fired(gw, "Deployed"), 60)
 
         # The same signed bundle again: refused, whatever it holds.
         reply = op.reply(op.publish(topic, good))
@@ -110,8 +88,8 @@ def test_a_bundle_is_applied_checked_rolled_back_and_never_replayed(gw, site, cl
         reply = op.reply(op.publish(f"fieldgate/{GW}/rules/rollback", rollback))
         assert reply["status"] == "rolled_back", reply
         assert (reply["version"], reply["previous"]) == ("local", "v1")
-        reading("t-3", 33)   # (t-1 and t-2 read above 30 in the last minute: they fire too)
-        assert CloudCollector.wait_for(lambda: "t-3" in _fired(gw, "LocalHot"), 60)
+        reading("gh-3", 33)   # (gh-1 and gh-2 read above 30 in the last minute: they fire too)
+        assert CloudCollector.wait_for(lambda: "gh-3" in _fired(gw, "LocalHot"), 60)
     finally:
         readings.close()
         collector.close()
@@ -129,8 +107,8 @@ def test_an_unsigned_or_forged_bundle_changes_nothing(gw, site, cloud, tmp_path)
     other = Signer.generate(tmp_path / "other.key")
     topic = f"fieldgate/{GW}/rules/set"
     try:
-        unsigned = op.publish(topic, _bundle("evil", {"house.yaml": _rule("X", 0)}), sign=False)
-        payload = _bundle("evil", {"house.yaml": _rule("X", 0)})
+        unsigned = op.publish(topic, _bundle("evil", {"house.yaml": rule("X", 0)}), sign=False)
+        payload = _bundle("evil", {"house.yaml": rule("X", 0)})
         forged = op.publish(topic, payload, signature=other.sign(topic, payload))
         assert op.reply(unsigned)["reason"].startswith("unsigned")
         assert op.reply(forged)["reason"].startswith("bad signature")
@@ -139,7 +117,7 @@ def test_an_unsigned_or_forged_bundle_changes_nothing(gw, site, cloud, tmp_path)
     # Someone on the site broker, even with a valid cloud signature, is not heard at all.
     site_op = Operator(site.port, gw.signer)
     try:
-        site_op.publish(topic, _bundle("evil", {"house.yaml": _rule("X", 0)}))
+        site_op.publish(topic, _bundle("evil", {"house.yaml": rule("X", 0)}))
         site_op.publish(f"fieldgate/{GW}/rules/rollback",
                         orjson.dumps({"id": uuid.uuid4().hex, "ts": time.time()}))
     finally:
@@ -161,7 +139,7 @@ def test_the_operators_cli_deploys_and_rolls_back_through_a_real_gateway(gw, clo
                                     "signing_key_file": str(tmp_path / "cloud.key")}))
     rules = tmp_path / "ops"
     rules.mkdir()
-    (rules / "house.yaml").write_text(_rule("Deployed", 35))
+    (rules / "house.yaml").write_text(rule("Deployed", 35))
     out = gateway_cli("cloud", "deploy-rules", "-c", str(conf), "--gateway", GW,
                       "--version", "ops-1", str(rules / "house.yaml"))
     assert out.returncode == 0, out.stderr
