@@ -11,6 +11,8 @@ publisher process and one subscriber process per scenario.
     python bench/bench_path.py --json out.json --scenarios 2,5
     python bench/bench_path.py --quick --scenarios 6 --baseline-src /tmp/fieldgate-old
         # latency: the defaults against the old ones (and against an older checkout)
+    python bench/bench_path.py --scenarios 4,6 --sweep ingest.commit_interval=50ms,100ms
+        # a trade-off curve: one gateway per value, interleaved
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
                     help="extra gateway config (YAML value), e.g. "
                     "--set ingest.commit_interval=20ms")
+    ap.add_argument("--sweep", default="", metavar="SECTION.OPTION=V1,V2,...",
+                    help="scenarios 4 and 6 run one gateway per value, interleaved in the "
+                    "same run, e.g. --sweep ingest.commit_interval=50ms,75ms,100ms")
     ap.add_argument("--n", type=int, default=0, help="messages in scenarios 1 and 2")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="scenario 6 also runs the gateway from this checkout (e.g. "
@@ -79,6 +84,7 @@ def main() -> int:
     print(f"Fieldgate data-path bench ({'quick' if args.quick else 'full'}): "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"batch_max_delay {args.batch_delay}, gateway overrides {bench.overrides or '-'}, "
+          f"sweep {args.sweep or '-'}, "
           f"work dir {bench.root}", flush=True)
     try:
         for key in args.scenarios.split(","):
@@ -102,7 +108,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "quick": args.quick, "cpus": os.cpu_count(), "batch_max_delay": args.batch_delay,
-            "overrides": bench.overrides,
+            "overrides": bench.overrides, "sweep": args.sweep,
             "rows": table.rows, "results": bench.results, "notes": bench.notes,
             "seconds": time.time() - started,
         }, indent=2, default=str))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 
 import orjson
@@ -513,3 +514,28 @@ def test_moved_cursors_ride_on_a_due_commit(tmp_path):
     saved = LogReader(tmp_path / "log.db")._conn.execute(
         "SELECT next_seq FROM cursors WHERE sink = 'uplink'").fetchone()
     assert saved == (3,)
+
+
+def test_a_read_steps_through_the_rows_it_returns_however_long_the_log(tmp_path):
+    """A batch read from a long backlog (the drain after an outage) steps through the rows
+    that make the batch, not through as many rows as the batch has readings: that fetched
+    (and paid for) up to 500 rows of 100 readings for each 500-reading batch."""
+    def sqlite_steps(commits: int) -> int:
+        path = tmp_path / f"log-{commits}.db"
+        store = open_log(LogSection(path=path), "gw", ["uplink"])
+        for c in range(commits):
+            store.append([_msg(c * 100 + i) for i in range(100)], now=NOW)
+        store.close()
+        conn = sqlite3.connect(path)
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+        conn.set_progress_handler(count, 1)
+        rows = LogReader(None, conn=conn).read(1, max_readings=250, max_bytes=10**9)
+        assert sum(row.n for row in rows) == 250
+        conn.close()
+        return steps[0]
+
+    assert sqlite_steps(400) <= 1.5 * sqlite_steps(4)

@@ -41,6 +41,13 @@ class Bench:
         # --set section.option=value, values in YAML
         self.overrides = {k: yaml.safe_load(v) for k, _, v in
                           (item.partition("=") for item in args.set)}
+        # --sweep section.option=v1,v2,…: scenarios 4 and 6 run one gateway per value,
+        # interleaved, as (label, dotted config) in the order given.
+        self.sweep: list[tuple[str, dict[str, Any]]] = []
+        if args.sweep:
+            key, _, values = args.sweep.partition("=")
+            self.sweep = [(v.strip(), {key.strip(): yaml.safe_load(v)})
+                          for v in values.split(",") if v.strip()]
         self.notes: list[str] = []
         q = self.quick
         self.n_single = args.n or (40_000 if q else 200_000)

@@ -24,7 +24,10 @@ RATES = (1000, 5000)
 
 def variants(b: Bench) -> list[tuple[str, Path, dict[str, Any]]]:
     """(name, checkout, config) to compare: the old defaults (batching: delay, 200 ms), the
-    defaults, and with --baseline-src an older checkout with its own defaults."""
+    defaults, and with --baseline-src an older checkout with its own defaults; with --sweep,
+    one per value instead (the first is the others' baseline in the summary)."""
+    if b.sweep:
+        return [(label, ROOT, config) for label, config in b.sweep]
     out: list[tuple[str, Path, dict[str, Any]]] = [
         ("old", ROOT, {"uplink.batching": "delay", "uplink.batch_max_delay": "200ms"}),
         ("new", ROOT, {}),
@@ -143,6 +146,9 @@ def rows(r: dict[str, Any], t: Table) -> None:
     s6 = r.get(NAME, {})
     if not s6 or "error" in s6:
         return
+    if "new" not in s6["variants"]:
+        sweep_rows(s6, t)
+        return
     bases = [base for base in ("old", "before") if base in s6["variants"]]
     for base in bases:
         tag = "old defaults" if base == "old" else "before"
@@ -168,3 +174,23 @@ def rows(r: dict[str, Any], t: Table) -> None:
               ms(s6.get(f"{base}_alert_tick_p50")))
         t.row("6 alert tick->cloud p99", ms(s6.get("new_alert_tick_p99")), "ms",
               ms(s6.get(f"{base}_alert_tick_p99")))
+
+
+def sweep_rows(s6: dict[str, Any], t: Table) -> None:
+    """--sweep: each value's figures, the first value's as the baseline."""
+    first = s6["variants"][0]
+    for name in s6["variants"]:
+        def row(label: str, key: str, unit: str = "ms", target: str = "",
+                ok: bool | None = None, name: str = name) -> None:
+            scale = ms if unit == "ms" else (lambda x: x)
+            t.row(f"6 {name} {label}", scale(s6.get(f"{name}_{key}")), unit,
+                  scale(s6.get(f"{first}_{key}")), target, ok)
+        for rate in RATES:
+            row(f"paced {rate}/s CPU", f"{rate}_cpu_us", "us/rdg")
+            row(f"{rate}/s pub->cloud p50", f"{rate}_lat_p50")
+            row(f"{rate}/s pub->cloud p99", f"{rate}_lat_p99")
+        row("alert reading->cloud p99", "alert_p99")
+        row("alert beyond the tick p50", "alert_beyond_p50")
+        beyond = s6.get(f"{name}_alert_beyond_p99")
+        row("alert beyond the tick p99", "alert_beyond_p99", "ms", "<= 100",
+            None if beyond is None else beyond <= 0.1 and not s6.get(f"{name}_alert_missing"))

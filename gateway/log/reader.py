@@ -7,12 +7,14 @@ a cursor falls inside it, so a sink never gets more than it asked for.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.log.recent import RecentRows
+from gateway.log.recent import RecentRows, StoredRow
 from gateway.log.schema import CODEC_ZLIB, connect
 
 # Each reading in a body is an object that starts with its seq (the log writes it first).
@@ -80,20 +82,29 @@ class LogReader:
         first reading is always returned even if it alone exceeds a bound, so that nothing
         can get stuck.
         """
+        kept = None if self._recent is None else self._recent.since(from_seq, max_readings)
+        if kept is not None:
+            return self._fill(from_seq, kept, max_readings, max_bytes)
+        # The row holding from_seq, if it starts before it (one step down the primary key),
+        # and those after it, stepped through only as far as the bounds take: the LIMIT
+        # counts rows, the bounds readings, so fetching all of them read (and paid for the
+        # bodies of) up to max_readings rows of 100s of readings each for one batch.
+        first = [row for row in self._conn.execute(
+            "SELECT seq, n, body, kind, codec FROM records WHERE seq <= ? "
+            "ORDER BY seq DESC LIMIT 1", (from_seq,)) if row[0] + row[1] > from_seq]
+        rest = self._conn.execute(
+            "SELECT seq, n, body, kind, codec FROM records WHERE seq > ? ORDER BY seq "
+            "LIMIT ?", (from_seq, max(1, max_readings)))
+        try:
+            return self._fill(from_seq, itertools.chain(first, rest), max_readings, max_bytes)
+        finally:
+            rest.close()
+
+    def _fill(self, from_seq: int, kept: Iterable[StoredRow], max_readings: int,
+              max_bytes: int) -> list[Row]:
         out: list[Row] = []
         readings = 0
         size = 0
-        kept = None if self._recent is None else self._recent.since(from_seq, max_readings)
-        if kept is None:
-            # The row holding from_seq, if it starts before it (one step down the primary
-            # key), and those after it.
-            kept = [row for row in self._conn.execute(
-                "SELECT seq, n, body, kind, codec FROM records WHERE seq <= ? "
-                "ORDER BY seq DESC LIMIT 1", (from_seq,)) if row[0] + row[1] > from_seq]
-            kept += self._conn.execute(
-                "SELECT seq, n, body, kind, codec FROM records WHERE seq > ? ORDER BY seq "
-                "LIMIT ?", (from_seq, max(1, max_readings)),
-            ).fetchall()
         for seq, n, body, kind, codec in kept:
             if kind != 0:
                 if out:
