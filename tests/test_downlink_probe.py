@@ -20,7 +20,8 @@ from paho.mqtt.properties import Properties
 from tests import test_downlink
 from tests.mqtt_helpers import SLACK, CloudCollector
 from tests.test_downlink import DEVICE, GW, Operator, _events
-from tests.test_downlink_rules import _bundle, _rule
+from tests.test_downlink_rules import _bundle
+from tests.test_rules_deploy import rule
 from tests.tools import GatewayProcess
 from tests.tools import gateway as gateway_cli
 
@@ -163,7 +164,7 @@ def test_correlation_data_is_bounded(rig):
 def test_a_bundle_the_log_cannot_record_is_refused_and_changes_nothing(
         site, cloud, make_gateway, tmp_path, signer, small_disk):
     (tmp_path / "local").mkdir()
-    (tmp_path / "local" / "house.yaml").write_text(_rule("LocalHot", 30))
+    (tmp_path / "local" / "house.yaml").write_text(rule("LocalHot", 30))
     rules_dir = tmp_path / "deployed"   # on another disk than the log
     gw = make_gateway(site, cloud, log={"path": str(small_disk / "log.db")},
                       rules=[str(tmp_path / "local" / "*.yaml")],
@@ -175,14 +176,14 @@ def test_a_bundle_the_log_cannot_record_is_refused_and_changes_nothing(
         filler = small_disk / "filler"
         _fill(filler)
         reply = _reply(gw, op, op.publish(f"fieldgate/{GW}/rules/set",
-                                          _bundle("v1", {"house.yaml": _rule("X", 1)})))
+                                          _bundle("v1", {"house.yaml": rule("X", 1)})))
         assert reply["status"] == "refused", reply
         assert reply["reason"].startswith("not recorded: "), reply
         assert not rules_dir.exists() or not any(rules_dir.rglob("*.yaml"))
         filler.unlink()
         assert CloudCollector.wait_for(lambda: gw.metric("fieldgate_log_full") == 0.0, 60)
         reply = _reply(gw, op, op.publish(f"fieldgate/{GW}/rules/set",
-                                          _bundle("v2", {"house.yaml": _rule("Y", 1)})))
+                                          _bundle("v2", {"house.yaml": rule("Y", 1)})))
         assert reply["status"] == "applied", reply
     finally:
         op.close()
