@@ -65,10 +65,20 @@ def adapt_config(text: str, *, port: int, directory: Path,
     return "\n".join(lines)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on now, and never one this process handed out before:
+    the kernel may give the same free port to two calls in a row (influxd takes two, and
+    failed with "address already in use" when they were equal)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 
