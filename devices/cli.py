@@ -8,8 +8,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import orjson
@@ -69,6 +70,25 @@ def _read_secret(path: Path | None, env: str | None, option: str) -> bytes | Non
     return None
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _broker_login_options(func: _F) -> _F:
+    """--username, --password-file, --password-env, --ca-file: how both run commands log in
+    to the broker."""
+    for option in reversed([
+        click.option("--username", help="Broker user name."),
+        click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Broker password (first line of the file); needs --username."),
+        click.option("--password-env", help="Broker password (environment variable)."),
+        click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="CA certificate(s) to check an mqtts:// broker with (default: "
+                     "the system's)."),
+    ]):
+        func = option(func)
+    return func
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="devices")
 def main() -> None:
@@ -107,13 +127,7 @@ def _stop_on_signals() -> threading.Event:
               help="Site master key (the gateway's commands.key_file): each device "
               "verifies commands and signs answers with its key derived from it.")
 @click.option("--key-env", help="Site master key (environment variable).")
-@click.option("--username", help="Broker user name.")
-@click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Broker password (first line of the file); needs --username.")
-@click.option("--password-env", help="Broker password (environment variable).")
-@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="CA certificate(s) to check an mqtts:// broker with (default: the "
-              "system's).")
+@_broker_login_options
 @click.option("--start", type=float, help="Epoch of the first reading (default: now).")
 @click.option("--dry-run", is_flag=True,
               help="Print the messages as JSONL instead of publishing (no broker).")
@@ -237,13 +251,7 @@ def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: s
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the run's figures as JSON: totals and, per gateway, seqs "
               "published, batches, readings, events, late and withheld ranges.")
-@click.option("--username", help="Broker user name.")
-@click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Broker password (first line of the file); needs --username.")
-@click.option("--password-env", help="Broker password (environment variable).")
-@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="CA certificate(s) to check an mqtts:// broker with (default: the "
-              "system's).")
+@_broker_login_options
 @click.option("--dry-run", is_flag=True,
               help="Print the messages as JSONL instead of publishing (no broker).")
 def simulate_gateways(count: int, rate: float, broker: str, duration: str, seed: int,
