@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import threading
@@ -78,6 +79,28 @@ def _publish(site: Mosquitto, first: int, count: int, per_message: int = 10) -> 
     pub.close()
 
 
+@contextlib.contextmanager
+def _volatile_cloud(tmp_path: Path, influx: InfluxD,
+                    prefix: str) -> Iterator[tuple[Mosquitto, str, IngestProcess]]:
+    """A cloud broker that keeps nothing on disk (killed, it forgets what it had
+    acknowledged), a fresh database and one ingest worker on them, started; the worker is
+    killed (if still running) and the broker stopped at the end."""
+    cloud = Mosquitto(tmp_path, "cloud-volatile", extra="persistence false\n").start()
+    db = _db(influx, prefix)
+    config = write_config(tmp_path / "cloud.yaml", broker_url=cloud.url,
+                          influx={"url": influx.url, "database": db},
+                          state=tmp_path / "ingest.db", gap_wait="200ms",
+                          resend_timeout="10s")
+    worker = IngestProcess(config, "ingest-0", tmp_path)
+    try:
+        worker.start()
+        yield cloud, db, worker
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.stop(signal.SIGKILL)
+        cloud.stop()
+
+
 def _in_influx(influx: InfluxD, db: str) -> list[tuple[int, int]]:
     """(time in ms, i) of every reading point, in time order."""
     data = influx.query('SELECT "i" FROM "telemetry"', db)
@@ -88,16 +111,7 @@ def _in_influx(influx: InfluxD, db: str) -> list[tuple[int, int]]:
 def test_cloud_broker_killed_after_acknowledging_the_gap_is_repaired_into_influxdb(
         site: Mosquitto, make_gateway: Any, influxd: InfluxD,  # noqa: F811
         tmp_path: Path) -> None:
-    # The cloud broker keeps nothing on disk: killed, it forgets what it had acknowledged.
-    cloud = Mosquitto(tmp_path, "cloud-volatile", extra="persistence false\n").start()
-    db = _db(influxd, "gap")
-    config = write_config(tmp_path / "cloud.yaml", broker_url=cloud.url,
-                          influx={"url": influxd.url, "database": db},
-                          state=tmp_path / "ingest.db", gap_wait="200ms",
-                          resend_timeout="10s")
-    worker = IngestProcess(config, "ingest-0", tmp_path)
-    try:
-        worker.start()
+    with _volatile_cloud(tmp_path, influxd, "gap") as (cloud, db, worker):
         gw = make_gateway(site, cloud).start()
         _publish(site, 0, 1000)
         assert wait_for(lambda: influxd.count(db, field="i") == 1000), \
@@ -145,10 +159,6 @@ def test_cloud_broker_killed_after_acknowledging_the_gap_is_repaired_into_influx
         assert [(e["rule"], e["value"]) for e in events] == [("gap_detected", 1000)]
         assert worker.stop() == 0
         assert not worker.unexpected_errors(), worker.log()
-    finally:
-        if worker.proc is not None and worker.proc.poll() is None:
-            worker.stop(signal.SIGKILL)
-        cloud.stop()
 
 
 
@@ -159,15 +169,7 @@ def test_cloud_broker_killed_mid_stream_with_the_worker_connected_loses_nothing(
     acknowledged and not delivered, and what the worker held unacknowledged, is gone from the
     cloud; gaps (if the kill made one) are repaired, and InfluxDB ends with every reading
     once (readings 1 ms apart: no two may share a written millisecond)."""
-    cloud = Mosquitto(tmp_path, "cloud-volatile", extra="persistence false\n").start()
-    db = _db(influxd, "mid")
-    config = write_config(tmp_path / "cloud.yaml", broker_url=cloud.url,
-                          influx={"url": influxd.url, "database": db},
-                          state=tmp_path / "ingest.db", gap_wait="200ms",
-                          resend_timeout="10s")
-    worker = IngestProcess(config, "ingest-0", tmp_path)
-    try:
-        worker.start()
+    with _volatile_cloud(tmp_path, influxd, "mid") as (cloud, db, worker):
         gw = make_gateway(site, cloud).start()
         sender = threading.Thread(target=_publish, args=(site, 0, 20_000))
         sender.start()
@@ -195,10 +197,6 @@ def test_cloud_broker_killed_mid_stream_with_the_worker_connected_loses_nothing(
             worker.metric('fieldgate_ingest_gap_seqs_total{outcome="detected"}')
         assert worker.stop() == 0
         assert not worker.unexpected_errors(), worker.log()
-    finally:
-        if worker.proc is not None and worker.proc.poll() is None:
-            worker.stop(signal.SIGKILL)
-        cloud.stop()
 
 # --- 2. the full loop into the dashboard ---------------------------------------------------
 
