@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -266,8 +267,6 @@ class Downlink:
         return action, params, float(ttl)
 
     def _allowed(self, device: str, action: str) -> bool:
-        from fnmatch import fnmatchcase  # noqa: PLC0415 - rarely needed
-
         return any(fnmatchcase(device, rule.devices)
                    and ("*" in rule.commands or action in rule.commands)
                    for rule in self._cfg.allow)
