@@ -253,6 +253,25 @@ def test_duplicate_keys_are_found_however_the_json_is_spaced(pairs, before, afte
         assert isinstance(out, DeadLetter) and out.reason is Reason.DUPLICATE_KEY
 
 
+@pytest.mark.parametrize(("payload", "duplicate"), [
+    # Colons inside strings (an RFC 3339 ts) outnumber the keys: the count alone cannot
+    # tell, the scan must.
+    (b'{"ts":"2027-01-15T08:00:00Z","t":1,"t":2}', True),
+    (b'{"ts":"2027-01-15T08:00:00Z","t":1,"u":2}', False),
+    (b'[{"ts":"2027-01-15T08:00:00Z","t":1},{"t":2,"t":3}]', True),
+    (b'[{"ts":"2027-01-15T08:00:00Z","t":1},{"t":2,"u":3}]', False),
+    (b'{"t":1,"t" :2}', True),
+])
+def test_duplicate_keys_are_found_beside_colons_in_strings(payload, duplicate):
+    templates = TopicTemplates([Subscription(topic="s/{device}/j", format=PayloadFormat.JSON)])
+    out = Decoder(Ingest(clock_check="off"), templates).decode(
+        "s/d/j", payload, NOW)
+    if duplicate:
+        assert isinstance(out, DeadLetter) and out.reason is Reason.DUPLICATE_KEY, out
+    else:
+        assert not isinstance(out, DeadLetter), out
+
+
 def test_readings_without_ts_that_arrive_together_get_distinct_times_in_order():
     """The clock is read once per wake-up and a backlog arrives in one: each reading without
     ts still gets its own receive time (1 ms after the device's previous one), in order,
