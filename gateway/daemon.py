@@ -14,6 +14,7 @@ site broker, commit, acknowledge, evaluate due rules, publish due batches, read 
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -217,6 +218,10 @@ class Gateway:
         log.info("Gateway %r running: site %r, %d sink(s)", self.cfg.gateway_id,
                  self.ingest.link.where, len(self.sinks))
         code = 0
+        # What was built so far lives as long as the process (config, modules, the rules):
+        # the collector's full collections need not walk it again, the loop's garbage is
+        # short-lived.
+        gc.freeze()
         try:
             self._loop()
         except FieldgateError as err:
