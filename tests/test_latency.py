@@ -96,3 +96,46 @@ def test_telemetry_goes_at_once_when_no_batch_is_in_flight(site, cloud, make_gat
     pub.close()
     up.close()
     assert gw.stop() == 0
+
+
+def test_what_is_left_after_a_full_batch_goes_in_the_same_turn(site, cloud, make_gateway):
+    """A commit of just over ``batch_max_readings`` readings: the full batch goes, and the
+    rest goes right behind it, not a turn later after the full batch's PUBACK (with the
+    cloud's answers delayed by a tap, both PUBLISH packets are on the wire before it)."""
+    import mqtt5
+
+    from tests.mqtt_helpers import MqttTap
+
+    tap = MqttTap(cloud.port, latency=0.3)
+    try:
+        gw = make_gateway(site, None, cloud={"url": tap.url},
+                          uplink={"batch_max_readings": 2, "batch_max_delay": HOUR})
+        gw.start()
+        up = Uplink(cloud.port, gw.gateway_id)
+        pub = Publisher(site.port)
+        # One message of three readings: one commit.
+        pub.publish("sensors/gh-1/telemetry", orjson.dumps([{"i": 0}, {"i": 1}, {"i": 2}]))
+        pub.wait()
+        assert CloudCollector.wait_for(lambda: len(up.readings()) == 3, 30), gw.log()
+        assert [r["i"] for r in up.readings()] == [0, 1, 2]
+
+        def sent() -> list[tuple[int, Any]]:
+            return [(i, p) for i, (way, p) in enumerate(tap.packets(1)) if way == "c2s"
+                    and isinstance(p, mqtt5.PublishPacket) and p.topic.endswith("/telemetry")]
+
+        def acked(packet_id: int) -> int | None:
+            return next((i for i, (way, p) in enumerate(tap.packets(1)) if way == "s2c"
+                         and isinstance(p, mqtt5.PubAckPacket) and p.packet_id == packet_id),
+                        None)
+
+        batches = sent()
+        assert [len(orjson.loads(p.payload)["readings"]) for _, p in batches] == [2, 1]
+        first = batches[0][1].packet_id
+        assert CloudCollector.wait_for(lambda: acked(first) is not None, 30)
+        assert batches[1][0] < (acked(first) or 0), \
+            f"the rest went after the full batch's PUBACK: {tap.packets(1)}"
+        pub.close()
+        up.close()
+        assert gw.stop() == 0
+    finally:
+        tap.close()

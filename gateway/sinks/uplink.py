@@ -340,7 +340,10 @@ class UplinkSink:
                 return sent
             if self._waiting_since is None:
                 self._waiting_since = now
-            if not drain and available < up.batch_max_readings and not self._send_now(now):
+            # Adaptive: what is left after a full batch of this turn goes with it, not a turn
+            # later behind it (a commit of just over batch_max_readings readings).
+            if not drain and available < up.batch_max_readings \
+                    and not (sent and self._adaptive) and not self._send_now(now):
                 return sent
             rows = self._reader.read(self._next, max_readings=up.batch_max_readings,
                                      max_bytes=self._batch_bytes())
