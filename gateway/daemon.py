@@ -122,6 +122,8 @@ class Gateway:
         self.commands: CommandSender | None = None
         self.rules: RuleService | None = None
         self.downlink: Downlink | None = None
+        # The link the coalescing sleep listens on for requests (cloud control), if any.
+        self._listen: MqttLink | None = None
         self.ingest = IngestService(cfg, self.store, self.metrics,
                                     answers=Answers(ACK_FILTER, is_ack_topic,
                                                     self._command_answer,
@@ -150,6 +152,7 @@ class Gateway:
                                      rules=deployer, status_changed=up.publish_status)
             up.request_filters = self.downlink.filters
             up.on_request = self.downlink.on_message
+            self._listen = up.link
         rules = self.rules
         if rules is not None:
             # The running rules version goes with the retained status.
@@ -293,7 +296,22 @@ class Gateway:
                     # a reply to the cloud (someone waits for them; the sinks flush their own).
                     for link in links:
                         link.flush()
-                    # A plain sleep: an Event's wait costs ~50 us more CPU per wake-up here
-                    # (20 a second at 1k readings/s). A stop waits for the end of it.
-                    time.sleep(rest)
+                    self._sleep(rest)
                     slept = True
+
+    def _sleep(self, seconds: float) -> None:
+        """The loop's coalescing sleep; a stop waits for the end of it.
+
+        With cloud control on it listens on the cloud link: a request ends it at once (a
+        cloud command waits for no telemetry), while the uplink's PUBACKs that come in the
+        meantime are read and the sleep goes on (one short wake-up a batch)."""
+        downlink, link = self.downlink, self._listen
+        if downlink is None or link is None:
+            # A plain sleep: an Event's wait costs ~50 us more CPU per wake-up here (10 a
+            # second at 1k readings/s).
+            time.sleep(seconds)
+            return
+        until = time.monotonic() + seconds
+        seen = downlink.requests
+        while (left := until - time.monotonic()) > 0 and downlink.requests == seen:
+            poll_links([link], left)

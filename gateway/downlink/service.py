@@ -116,6 +116,9 @@ class Downlink:
         self._budget = RateBudget(_REFUSAL_BUDGET)
         self._logged_codes: set[str] = set()
         self._commands_on = bool(cfg.downlink.allow)
+        # Messages taken on the request topics, authentic or not (the loop's sleep ends
+        # when this moves: see gateway.daemon).
+        self.requests = 0
         self.filters: list[str] = []
         if self._commands_on:
             self.filters.append(self._prefix + "cmd/+")
@@ -139,6 +142,7 @@ class Downlink:
     # -- requests -------------------------------------------------------------------------
 
     def on_message(self, msg: InboundMessage) -> None:
+        self.requests += 1
         request = self._route(msg)
         if request is None:
             return
