@@ -225,8 +225,8 @@ def simulate(fleet_path: Path | None, broker: str, seed: int | None, duration: s
 @click.option("--start", type=float, help="Epoch of the first reading (default: now).")
 @click.option("--prefix", default="gw-", show_default=True,
               help="Gateway ids are PREFIX001, PREFIX002, ...")
-@click.option("--batch-interval", default="50ms", show_default=True,
-              help="How often a gateway sends a batch: its group commit (50 ms) with the "
+@click.option("--batch-interval", default="100ms", show_default=True,
+              help="How often a gateway sends a batch: its group commit (100 ms) with the "
               "uplink's adaptive batching on a near broker; longer models a far broker or "
               "`batching: delay`.")
 @click.option("--batch", "batch_max", default=BATCH_MAX_READINGS, show_default=True,

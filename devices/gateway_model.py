@@ -2,10 +2,10 @@
 
 What is modelled (the gateway's defaults, README "Latency"): a gateway takes ``rate``
 readings/s from its devices and writes them to its log in group commits every
-``ingest.commit_interval`` (50 ms); with ``uplink.batching: adaptive`` and a near broker the
+``ingest.commit_interval`` (100 ms); with ``uplink.batching: adaptive`` and a near broker the
 uplink sends one telemetry batch per commit (what the commit holds, at most
-``batch_max_readings`` = 500 per message). So a gateway at R readings/s sends about 20
-batches/s of R/20 readings each, and none in a commit that holds nothing (R < 20). Every
+``batch_max_readings`` = 500 per message). So a gateway at R readings/s sends about 10
+batches/s of R/10 readings each, and none in a commit that holds nothing (R < 10). Every
 gateway commits on its own phase (seeded), so a fleet's batches are spread evenly over time.
 An event (``--events-every N``: one after every N readings of a gateway, alternately
 ``io.fieldgate.alert.fired`` and ``…resolved``) takes the next seq, cuts the batch it falls
@@ -31,7 +31,7 @@ import orjson
 from devices import uplink_wire as wire
 
 # A gateway's group commit interval (ingest.commit_interval's default): one batch per commit.
-COMMIT_INTERVAL = 0.05
+COMMIT_INTERVAL = 0.1
 # uplink.batch_max_readings's default: a commit with more readings goes as several messages.
 BATCH_MAX_READINGS = 500
 # Devices behind each gateway, each reporting temp and hum in turn.

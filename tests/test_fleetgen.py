@@ -133,7 +133,7 @@ def test_every_gateway_sends_the_uplink_format_with_continuous_seqs(cloud, tmp_p
     sub = Cloud(cloud.port)
     proc, report = _run(cloud, tmp_path, "--count", "6", "--rate", "60", "--duration",
                         "2s", "--events-every", "25", "--gzip", "--seed", "3",
-                        "--start", str(START))
+                        "--batch-interval", "50ms", "--start", str(START))
     total = report["batches"] + report["events"]
     sub.wait_for(lambda: sum("/status" not in m["topic"] for m in sub.snapshot()) >= total)
     messages = sub.snapshot()
@@ -177,7 +177,7 @@ def test_every_gateway_sends_the_uplink_format_with_continuous_seqs(cloud, tmp_p
 def test_gap_every_leaves_exactly_the_gaps_it_reports(cloud, tmp_path):
     sub = Cloud(cloud.port)
     _, report = _run(cloud, tmp_path, "--count", "4", "--rate", "100", "--duration", "2s",
-                     "--gap-every", "5", "--connections", "4")
+                     "--gap-every", "5", "--connections", "4", "--batch-interval", "50ms")
     total = report["batches"] + report["events"]
     sub.wait_for(lambda: sum("/status" not in m["topic"] for m in sub.snapshot()) >= total)
     seqs = _seqs_by_gateway(sub.snapshot())
@@ -229,7 +229,7 @@ def test_resend_answers_a_gap_from_its_history(cloud, tmp_path):
 
     sub.on_message = on_message  # type: ignore[method-assign]
     _, report = _run(cloud, tmp_path, "--count", "2", "--rate", "100", "--duration", "3s",
-                     "--gap-every", "10", "--resend")
+                     "--gap-every", "10", "--resend", "--batch-interval", "50ms")
     sub.wait_for(lambda: bool(replies))
     messages = sub.snapshot()
     sub.close()
@@ -250,7 +250,7 @@ def test_resend_answers_a_gap_from_its_history(cloud, tmp_path):
 def test_dry_run_is_deterministic_by_seed():
     args = [sys.executable, "-m", "devices", "simulate-gateways", "--count", "3", "--rate",
             "40", "--dry-run", "--duration", "1s", "--start", str(START),
-            "--events-every", "10"]
+            "--events-every", "10", "--batch-interval", "50ms"]
     one = subprocess.run([*args, "--seed", "5"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     two = subprocess.run([*args, "--seed", "5"], cwd=ROOT, capture_output=True, text=True,

@@ -199,7 +199,7 @@ class Ingest(Section):
         "kernel's NTP status alone), off (always trust the clock)",
     )
     commit_interval: Duration = Field(
-        0.05, gt=0, le=1,
+        0.1, gt=0, le=1,
         description="Group commit: how often received readings are made durable and "
         "acknowledged; longer costs latency, shorter costs CPU per reading (each commit "
         "wakes the gateway and fsyncs)",
