@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway.commands import ACK_FILTER, CommandSender, is_ack_topic
 from gateway.config import GatewayConfig
-from gateway.downlink.rules import RuleDeployer
-from gateway.downlink.service import Downlink
 from gateway.errors import FieldgateError
 from gateway.events import Event, render
 from gateway.ingest.service import Answers, IngestService
@@ -38,6 +36,7 @@ from gateway.mqtt.link import MqttLink, poll_links
 from gateway.records import Reading
 
 if TYPE_CHECKING:
+    from gateway.downlink.service import Downlink
     from gateway.rule_service import RuleService
 from gateway.sinks import influx, uplink
 
@@ -142,6 +141,10 @@ class Gateway:
 
             self.rules = RuleService(cfg, self.store, self.commands, self.metrics)
         if cfg.downlink.enabled:
+            # Imported only when the downlink is on: `cryptography` costs ~8 MB of RSS.
+            from gateway.downlink.rules import RuleDeployer  # noqa: PLC0415
+            from gateway.downlink.service import Downlink  # noqa: PLC0415
+
             # Commands and rule bundles from the cloud come on the uplink's cloud link.
             up = next(s for s in self.sinks if isinstance(s, uplink.UplinkSink))
             deployer = None

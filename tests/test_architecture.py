@@ -283,3 +283,16 @@ def test_the_emulator_uses_the_shared_mqtt_layer_only():
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
         used |= modules
     assert any(m.split(".")[0] == "fieldmqtt" for m in used)
+
+
+def test_a_plain_gateway_loads_neither_numpy_nor_cryptography():
+    """What `gateway run` imports before its config asks for more: the rule engine (numpy,
+    ~15 MB of RSS) only with rules, `cryptography` (~8 MB) only with cloud control."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, gateway.cli, gateway.daemon; "
+             "print(sorted(m for m in ('numpy', 'cryptography') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "[]", f"loaded at start: {out}"
