@@ -39,6 +39,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_reconnect.py
 	$(PY) bench/bench_cloud.py
 	$(PY) bench/bench_downlink.py
+	$(PY) bench/bench_cold_turn.py
 
 sample: $(VENV)/.dev
 	$(PY) -m gateway config sample > deploy/gateway.example.yaml
