@@ -226,7 +226,7 @@ class Gateway:
         code = 0
         # What was built so far lives as long as the process (config, modules, the rules):
         # the collector's full collections need not walk it again, the loop's garbage is
-        # short-lived.
+        # short-lived. (A rules reload thaws it for one collection: RuleService.install.)
         gc.freeze()
         try:
             self._loop()

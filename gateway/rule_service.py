@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import gc
 import logging
 import time
 from pathlib import Path
@@ -128,6 +129,13 @@ class RuleService:
         that did not change is kept) and save the state. ConfigError, with the running rules
         untouched, when its files do not load."""
         report = self.engine.reload(self._load())
+        if gc.get_freeze_count():
+            # The daemon froze what start-up built (gc.freeze: never collected). What the
+            # old rules held may be cyclic garbage now: let a full collection have it, then
+            # freeze what lives on.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         log.info("Rules reloaded (version %r): %s", self.version, report)
         self.save()
         return report
