@@ -75,6 +75,11 @@ def main() -> int:
                     help="scenarios 4 and 6 run one gateway per value, interleaved in the "
                     "same run, e.g. --sweep ingest.commit_interval=50ms,75ms,100ms")
     ap.add_argument("--n", type=int, default=0, help="messages in scenarios 1 and 2")
+    ap.add_argument("--paced-seconds", type=float, default=0.0,
+                    help="seconds each paced rate runs in scenarios 4 and 6 (default 10, "
+                    "3 with --quick); longer evens out a noisy machine")
+    ap.add_argument("--paced-rates", default="1000,5000",
+                    help="scenario 4's paced rates, readings/s (default 1000,5000)")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="scenario 6 also runs the gateway from this checkout (e.g. "
                     "`git archive <commit> | tar -x -C DIR`) with its own defaults")

@@ -52,7 +52,8 @@ class Bench:
         q = self.quick
         self.n_single = args.n or (40_000 if q else 200_000)
         self.n_array_readings = 200_000 if q else 1_000_000
-        self.paced_seconds = 3.0 if q else 10.0
+        self.paced_seconds = args.paced_seconds or (3.0 if q else 10.0)
+        self.paced_rates = tuple(int(r) for r in args.paced_rates.split(",") if r.strip())
         self.n_drain = 200_000 if q else 1_000_000
         self.full_cap = 40.0 if q else 90.0   # seconds any one full-speed publish may take
 

@@ -41,7 +41,7 @@ def measure(b: Bench, run: Run) -> dict[str, Any]:
     for s in (bare, *(sub for _, _, sub in gws.values())):
         s.expect("connecting", 15)
         s.expect("ready", 15)
-    out: dict[str, Any] = {"gateways": list(gws)}
+    out: dict[str, Any] = {"gateways": list(gws), "rates": list(b.paced_rates)}
     # Idle cost (wake-ups with no traffic), which a paced load pays on top of the work.
     idle = 2.0 if b.quick else 5.0
     time.sleep(0.5)
@@ -55,7 +55,7 @@ def measure(b: Bench, run: Run) -> dict[str, Any]:
         b.say(f"    idle {label}: {out[f'{label}_idle_disk_bytes_per_s']:.0f} bytes/s "
               "written to disk")
     out["bare_idle_cpu_ms_per_s"] = (bare.cpu() - b0) / idle * 1000
-    for rate in RATES:
+    for rate in b.paced_rates:
         n = int(rate * secs)
         # Interleaved: the baseline and the gateways at the same rate one after the other.
         targets: list[tuple[str, Subscriber, int, BenchGateway | None]] = [
@@ -109,7 +109,7 @@ def rows(r: dict[str, Any], t: Table) -> None:
         return
     for label in s4["gateways"]:
         tag = "" if label == "gw" else f" {label[3:]}"
-        for rate in RATES:
+        for rate in s4.get("rates", RATES):
             v = s4.get(f"{label}_{rate}_cpu_us")
             t.row(f"4 paced {rate}/s{tag} gateway CPU", v, "us/rdg",
                   s4.get(f"bare_{rate}_cpu_us"), "<= 30", None if v is None else v <= 30)
