@@ -294,13 +294,21 @@ def test_a_replayed_request_is_refused_after_a_restart_too(rig):
     assert reply["status"] == "refused" and reply["reason"].startswith("replayed"), reply
 
 
-def test_a_command_waits_for_the_site_broker_then_goes_out(rig, site):
-    gw, device, op, _ = rig
+def _command_while_site_is_away(rig: Any, site: Mosquitto, ttl: int) -> bytes:
+    """Stop the site broker, send a fan command, and wait until the gateway has logged it
+    as received (the uplink's event shows it); returns its correlation data."""
+    gw, _, op, _ = rig
     site.stop()
-    corr = op.command({"action": "fan", "params": {"state": "on"}, "ttl": 120})
-    # Received and logged while the site broker is away (the uplink's event shows it) ...
+    corr = op.command({"action": "fan", "params": {"state": "on"}, "ttl": ttl})
     assert CloudCollector.wait_for(lambda: any(
         e["type"] == "io.fieldgate.command.received" for e in _events(gw)), 60)
+    return corr
+
+
+def test_a_command_waits_for_the_site_broker_then_goes_out(rig, site):
+    _, device, op, _ = rig
+    # Received and logged while the site broker is away ...
+    corr = _command_while_site_is_away(rig, site, ttl=120)
     assert corr not in op.replies
     site.start()
     reply = op.reply(corr)   # ... and delivered once it is back
@@ -310,10 +318,7 @@ def test_a_command_waits_for_the_site_broker_then_goes_out(rig, site):
 
 def test_a_waiting_command_survives_a_sigkill_and_its_reply_still_comes(rig, site):
     gw, device, op, _ = rig
-    site.stop()
-    corr = op.command({"action": "fan", "params": {"state": "on"}, "ttl": 300})
-    assert CloudCollector.wait_for(lambda: any(
-        e["type"] == "io.fieldgate.command.received" for e in _events(gw)), 60)
+    corr = _command_while_site_is_away(rig, site, ttl=300)
     gw.kill()          # taken (PUBACKed to the cloud) and durable, not yet sent
     site.start()
     gw.start()
