@@ -27,19 +27,11 @@ from fieldmqtt import Message, MqttSession, Published, SessionConfig, Subscribed
 from gateway.downlink.signing import SIGNATURE_PROPERTY, Verifier
 from gateway.mosquitto import Mosquitto, free_port
 from tests.mqtt_helpers import SLACK
+from tests.test_rules_cli import RULE
 from tests.tools import ROOT, gateway
 
 GW = "gh-1"
 PASSWORD = b"pw-for-tests"
-RULE = """\
-groups:
-  - name: house
-    rules:
-      - alert: Hot
-        expr: avg(temp, 10s) > 30
-        severity: warning
-        message: "{device} mean {value:.1f}"
-"""
 
 # What the responder sends back for one request: (payload, correlation data) pairs.
 Answer = Callable[[Message], list[tuple[bytes, bytes | None]]]
